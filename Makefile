@@ -1,0 +1,38 @@
+# The two commands of the README: `make run` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test check lint typecheck unit clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.examples: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[examples]'
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.examples
+
+## Start the server on http://127.0.0.1:8888 (SQLite in ./.cortex) with the example API deployed.
+run: $(VENV)/.examples
+	scripts/run.sh
+
+## Lint, type-check and run the whole test suite.
+test: $(VENV)/.test lint typecheck
+	$(BIN)/pytest
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
+
+typecheck: $(VENV)/.test
+	$(BIN)/mypy
+
+check: test
+
+clean:
+	rm -rf $(VENV) .cortex .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,89 @@
+"""`create_app(settings)`: the FastAPI application, its lifespan and its error mapping."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cortex import errors, launchers
+from cortex.api import public, worker
+from cortex.reconciler import Reconciler
+from cortex.service import Service
+from cortex.settings import Settings
+from cortex.store import Store
+
+log = logging.getLogger("cortex.server")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.resolved_store_url)
+        store.create_schema()
+        launcher = launchers.create(settings.launcher)
+        service = Service(settings, store, launcher)
+        reconciler = Reconciler(service)
+        reconciler.start()
+        app.state.service = service
+        log.info("cortex server ready at %s", settings.resolved_public_url)
+        try:
+            yield
+        finally:
+            reconciler.close()
+            # Workers outlive a server restart on purpose (they retry and hold their leases);
+            # only a deliberate shutdown of the whole service would stop them.
+            store.close()
+
+    app = FastAPI(
+        title="Cortex Batch",
+        summary="A self-hosted Batch API for ML inference",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+
+    @app.exception_handler(errors.CortexError)
+    async def cortex_error(_request: Request, err: errors.CortexError) -> JSONResponse:
+        return JSONResponse(err.to_dict(), status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}".strip(": ")
+        return JSONResponse(
+            {"kind": errors.InvalidRequest.kind, "message": message}, status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "request.not_found", 405: "request.method_not_allowed"}.get(
+            err.status_code, "request.invalid"
+        )
+        return JSONResponse(
+            {"kind": kind, "message": str(err.detail)},
+            status_code=err.status_code,
+            headers=getattr(err, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(
+            {"kind": "internal.unexpected_error", "message": "the server hit an unexpected error"},
+            status_code=500,
+        )
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.include_router(worker.router)
+    app.include_router(public.router)
+    return app

@@ -1,0 +1,31 @@
+"""Reading request bodies within a size limit."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+
+from cortex import errors
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request's JSON body, refusing more than `max_bytes` before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise errors.BodyTooLarge(f"the request body is larger than the {max_bytes} byte limit")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise errors.BodyTooLarge(f"the request body is larger than the {max_bytes} byte limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise errors.InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise errors.InvalidRequest(f"the request body is not valid JSON: {err}") from None

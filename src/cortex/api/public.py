@@ -1,0 +1,144 @@
+"""The public API: deploy, submit, status, stop, list (spec §4)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
+
+from cortex import errors, views
+from cortex.api import deps
+from cortex.api.body import read_json
+from cortex.jobs import JobStatus
+from cortex.project import MAX_ARCHIVE_BYTES
+from cortex.service import Service
+from cortex.store import Job
+
+router = APIRouter()
+ServiceDep = Annotated[Service, Depends(deps.service)]
+BaseUrl = Annotated[str, Depends(deps.base_url)]
+# The spec's job list holds every in-progress job, topped up with the newest others to 10.
+_JOBS_PER_API = 10
+
+
+def status_json(service: Service, job: Job, base_url: str) -> dict[str, Any]:
+    api_spec = service.api_spec_for(job)
+    running = job.status is JobStatus.RUNNING
+    return {
+        "job_status": views.job_status_json(
+            job,
+            api_spec,
+            batches_in_queue=service.store.batches_in_queue(job.job_id)
+            if job.status.in_progress
+            else 0,
+            worker_counts=service.store.worker_counts(job.job_id) if running else None,
+        ),
+        "api_spec": api_spec,
+        "endpoint": f"{base_url}/{job.api_name}/{job.job_id}",
+    }
+
+
+def _api_summary(service: Service, name: str, base_url: str, limit: int) -> dict[str, Any]:
+    api = service.get_api(name)
+    jobs = service.list_jobs(name, limit)
+    return {
+        **views.api_json(api, base_url),
+        "job_statuses": [status_json(service, job, base_url)["job_status"] for job in jobs],
+    }
+
+
+@router.post("/deploy")
+async def deploy(
+    service: ServiceDep,
+    spec: Annotated[str, Form(description="the API's entry of cortex.yaml, as JSON")],
+    project: Annotated[UploadFile, File(description="the project folder as .tar.gz")],
+) -> dict[str, str]:
+    try:
+        spec_data = json.loads(spec)
+    except json.JSONDecodeError as err:
+        raise errors.InvalidRequest(f"spec: not valid JSON: {err}") from None
+    archive = await project.read(MAX_ARCHIVE_BYTES + 1)
+    if len(archive) > MAX_ARCHIVE_BYTES:
+        raise errors.BodyTooLarge(f"the project archive is over {MAX_ARCHIVE_BYTES} bytes")
+    result, name = await run_in_threadpool(service.deploy, spec_data, archive)
+    message = {
+        "created": f"created {name} (BatchAPI)",
+        "updated": f"updated {name} (BatchAPI)",
+        "up_to_date": f"{name} (BatchAPI) is up to date",
+    }[result]
+    return {"message": message, "result": result, "api_name": name}
+
+
+@router.get("/get")
+def get_all(service: ServiceDep, base_url: BaseUrl) -> dict[str, Any]:
+    return {
+        "batch_apis": [_api_summary(service, api.name, base_url, 1) for api in service.list_apis()]
+    }
+
+
+@router.get("/get/{api_name}")
+def get_one(api_name: str, service: ServiceDep, base_url: BaseUrl) -> dict[str, Any]:
+    return {"batch_api": _api_summary(service, api_name, base_url, _JOBS_PER_API)}
+
+
+@router.delete("/delete/{api_name}")
+def delete_api(api_name: str, service: ServiceDep) -> dict[str, str]:
+    service.delete_api(api_name)
+    return {"message": f"deleting {api_name}"}
+
+
+@router.post("/{api_name}", response_model=None)
+async def submit(
+    api_name: str,
+    request: Request,
+    service: ServiceDep,
+    dry_run: Annotated[bool, Query(alias="dryRun")] = False,
+) -> dict[str, Any] | PlainTextResponse:
+    data = await read_json(request, service.settings.max_body_bytes)
+    job = await run_in_threadpool(service.submit, api_name, data, dry_run)
+    if job is None:
+        return PlainTextResponse("validations passed\n")
+    return views.job_spec_json(job, service.api_spec_for(job))
+
+
+@router.get("/{api_name}")
+def get_job_or_list(
+    api_name: str,
+    service: ServiceDep,
+    base_url: BaseUrl,
+    job_id: Annotated[str | None, Query(alias="jobID")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    if job_id is not None:
+        return status_json(service, service.get_job(api_name, job_id), base_url)
+    jobs = service.list_jobs(api_name, limit)
+    return {
+        "api_name": api_name,
+        "job_statuses": [status_json(service, job, base_url)["job_status"] for job in jobs],
+    }
+
+
+@router.get("/{api_name}/{job_id}")
+def get_job(api_name: str, job_id: str, service: ServiceDep, base_url: BaseUrl) -> dict[str, Any]:
+    return status_json(service, service.get_job(api_name, job_id), base_url)
+
+
+@router.delete("/{api_name}")
+def stop_job_query(
+    api_name: str,
+    service: ServiceDep,
+    job_id: Annotated[str | None, Query(alias="jobID")] = None,
+) -> dict[str, str]:
+    if job_id is None:
+        raise errors.InvalidRequest("jobID: required (DELETE /<api>?jobID=<job id>)")
+    service.stop_job(api_name, job_id)
+    return {"message": f"stopped job {job_id}"}
+
+
+@router.delete("/{api_name}/{job_id}")
+def stop_job(api_name: str, job_id: str, service: ServiceDep) -> dict[str, str]:
+    service.stop_job(api_name, job_id)
+    return {"message": f"stopped job {job_id}"}

@@ -1,0 +1,121 @@
+"""The worker API: how workers lease batches and report results, with a job-scoped token."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+import pydantic
+from fastapi import APIRouter, Depends, Header, Response
+
+from cortex import errors
+from cortex.api import deps
+from cortex.jobs import WorkerState
+from cortex.service import Service
+from cortex.store import Job
+from cortex.store.records import BatchResult
+
+router = APIRouter(prefix="/worker/v1/jobs/{job_id}", include_in_schema=False)
+ServiceDep = Annotated[Service, Depends(deps.service)]
+
+
+def _job(
+    job_id: str, service: ServiceDep, authorization: Annotated[str | None, Header()] = None
+) -> Job:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise errors.Unauthorized("a worker token is required (Authorization: Bearer <token>)")
+    return service.authorize_worker(job_id, token)
+
+
+JobDep = Annotated[Job, Depends(_job)]
+
+
+class StateBody(pydantic.BaseModel):
+    worker_id: str = pydantic.Field(max_length=128)
+    state: Literal["initializing", "running", "failed"]
+    pid: int | None = None
+    has_hook: bool | None = None
+    error: str | None = None
+    traceback: str | None = None
+
+
+class ResultBody(pydantic.BaseModel):
+    batch_id: str
+    ok: bool
+    duration_s: float = 0.0
+    error: str | None = None
+    traceback: str | None = None
+
+
+class LeaseBody(pydantic.BaseModel):
+    worker_id: str = pydantic.Field(max_length=128)
+    results: list[ResultBody] = []
+    max_batches: int = 1
+
+
+class WorkerBody(pydantic.BaseModel):
+    worker_id: str = pydantic.Field(max_length=128)
+
+
+class HookBody(pydantic.BaseModel):
+    worker_id: str = pydantic.Field(max_length=128)
+    error: str | None = None
+    traceback: str | None = None
+
+
+def _own_worker(job: Job, worker_id: str) -> None:
+    if not worker_id.startswith(f"{job.job_id}-"):
+        raise errors.Forbidden(f"worker {worker_id} does not belong to job {job.job_id}")
+
+
+@router.get("/spec")
+def spec(job: JobDep, service: ServiceDep) -> dict[str, Any]:
+    return service.worker_spec(job)
+
+
+@router.post("/state")
+def state(body: StateBody, job: JobDep, service: ServiceDep) -> dict[str, bool]:
+    _own_worker(job, body.worker_id)
+    service.worker_state(
+        job,
+        body.worker_id,
+        WorkerState(body.state),
+        pid=body.pid,
+        has_hook=body.has_hook,
+        error=body.error,
+        traceback=body.traceback,
+    )
+    return {"ok": True}
+
+
+@router.post("/lease")
+def lease(body: LeaseBody, job: JobDep, service: ServiceDep) -> Response:
+    _own_worker(job, body.worker_id)
+    results = [
+        BatchResult(r.batch_id, r.ok, r.duration_s, r.error, r.traceback) for r in body.results
+    ]
+    leased = service.lease(job, body.worker_id, results, body.max_batches)
+    # Payloads are stored as JSON text: splice them in rather than parse and re-encode them.
+    batches = ",".join(
+        f'{{"batch_id":{json.dumps(b.batch_id)},"attempt":{b.attempt},"payload":{b.payload}}}'
+        for b in leased.batches
+    )
+    content = (
+        f'{{"batches":[{batches}],"run_hook":{json.dumps(leased.run_hook)},'
+        f'"done":{json.dumps(leased.done)}}}'
+    )
+    return Response(content, media_type="application/json")
+
+
+@router.post("/heartbeat")
+def heartbeat(body: WorkerBody, job: JobDep, service: ServiceDep) -> dict[str, bool]:
+    _own_worker(job, body.worker_id)
+    return {"ok": service.heartbeat(job, body.worker_id)}
+
+
+@router.post("/hook")
+def hook(body: HookBody, job: JobDep, service: ServiceDep) -> dict[str, str]:
+    _own_worker(job, body.worker_id)
+    status = service.finish_hook(job, body.worker_id, body.error, body.traceback)
+    return {"status": status.value}

@@ -1,0 +1,281 @@
+"""The `cortex` command: a thin shell over `cortex.client` (and `cortex serve`, `cortex worker`).
+
+Exit codes: 0 ok, 1 an error or a failed job, 2 bad usage, 3 the server is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console, RenderableType
+from rich.live import Live
+
+from cortex import display, errors
+from cortex.client import Client
+from cortex.jobs import JobStatus
+from cortex.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_URL
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+url_option = click.option(
+    "--url",
+    envvar="CORTEX_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="The cortex server (env CORTEX_URL).",
+)
+output_option = click.option(
+    "-o", "--output", type=click.Choice(["pretty", "json"]), default="pretty", show_default=True
+)
+
+
+@contextmanager
+def _client(url: str) -> Iterator[Client]:
+    """A client whose errors become one line on stderr and a meaningful exit code."""
+    try:
+        with Client(url) as client:
+            yield client
+    except errors.ConnectionFailed as err:
+        err_console.print(f"error: {err.message}", style="red", markup=False)
+        sys.exit(EXIT_UNREACHABLE)
+    except errors.CortexError as err:
+        err_console.print(f"error: {err.message}", style="red", markup=False)
+        sys.exit(EXIT_FAILED)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _watch(render: Callable[[], tuple[RenderableType, bool]]) -> None:
+    """Re-render every 2 s until `render` says the view is final (or Ctrl-C)."""
+    with Live(render()[0], console=console, auto_refresh=False) as live:
+        while True:
+            time.sleep(2)
+            view, final = render()
+            live.update(view, refresh=True)
+            if final:
+                return
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cortex-batch")
+def cli() -> None:
+    """Cortex Batch: deploy predictors as Batch APIs and run batch inference jobs."""
+
+
+@cli.command()
+@click.option("--host", envvar="CORTEX_HOST", default=DEFAULT_HOST, show_default=True)
+@click.option("--port", envvar="CORTEX_PORT", default=DEFAULT_PORT, show_default=True, type=int)
+@click.option(
+    "--data-dir",
+    envvar="CORTEX_DATA_DIR",
+    default=".cortex",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the SQLite store, unpacked projects and worker output live.",
+)
+@click.option(
+    "--store",
+    "store_url",
+    envvar="CORTEX_STORE",
+    default="",
+    help="SQLAlchemy URL of the store (default: SQLite in the data dir).",
+)
+@click.option("--launcher", envvar="CORTEX_LAUNCHER", default="local", type=click.Choice(["local"]))
+@click.option(
+    "--public-url",
+    envvar="CORTEX_PUBLIC_URL",
+    default="",
+    help="The address workers use to reach this server (default: from host and port).",
+)
+@click.option("--max-body-bytes", envvar="CORTEX_MAX_BODY_BYTES", default=10 << 20, type=int)
+@click.option("--lease-s", envvar="CORTEX_LEASE_S", default=30.0, type=float)
+@click.option("--heartbeat-s", envvar="CORTEX_HEARTBEAT_S", default=5.0, type=float)
+@click.option("--worker-grace-s", envvar="CORTEX_WORKER_GRACE_S", default=3.0, type=float)
+@click.option("--log-level", envvar="CORTEX_LOG_LEVEL", default="info")
+def serve(
+    host: str,
+    port: int,
+    data_dir: Path,
+    store_url: str,
+    launcher: str,
+    public_url: str,
+    max_body_bytes: int,
+    lease_s: float,
+    heartbeat_s: float,
+    worker_grace_s: float,
+    log_level: str,
+) -> None:
+    """Run the server (the public API, the worker API and the reconciler)."""
+    import logging
+
+    import uvicorn
+
+    from cortex.api.app import create_app
+    from cortex.settings import Settings
+
+    settings = Settings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        store_url=store_url,
+        launcher=launcher,
+        public_url=public_url,
+        max_body_bytes=max_body_bytes,
+        lease_s=lease_s,
+        heartbeat_s=heartbeat_s,
+        worker_grace_s=worker_grace_s,
+    )
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=log_level == "debug",
+    )
+
+
+@cli.command()
+@click.argument("config", default="cortex.yaml", type=click.Path(path_type=Path))
+@url_option
+@output_option
+def deploy(config: Path, url: str, output: str) -> None:
+    """Validate CONFIG (cortex.yaml), package its folder and deploy its APIs."""
+    with _client(url) as client:
+        results = client.deploy(config)
+    if output == "json":
+        _print_json(results)
+        return
+    for result in results:
+        click.echo(result["message"])
+
+
+@cli.command()
+@click.argument("api", required=False)
+@click.argument("job_id", required=False)
+@url_option
+@output_option
+@click.option("-w", "--watch", is_flag=True, help="Re-run every 2 s (a job: until it ends).")
+def get(api: str | None, job_id: str | None, url: str, output: str, watch: bool) -> None:
+    """List APIs, the jobs of API, or one job."""
+    with _client(url) as client:
+
+        def fetch() -> tuple[Any, bool]:
+            if api is None:
+                return client.get_all(), False
+            if job_id is None:
+                return client.get_api(api)["batch_api"], False
+            data = client.get_job(api, job_id)
+            return data, JobStatus(data["job_status"]["status"]).terminal
+
+        def render() -> tuple[RenderableType, bool]:
+            data, final = fetch()
+            if api is None:
+                return display.apis_table(data), final
+            if job_id is None:
+                return display.jobs_table(data), final
+            return display.job_view(data), final
+
+        if output == "json":
+            _print_json(fetch()[0])
+        elif watch:
+            _watch(render)
+        else:
+            console.print(render()[0])
+        if job_id is not None and api is not None:
+            status = JobStatus(client.get_job(api, job_id)["job_status"]["status"])
+            if status.terminal and status is not JobStatus.SUCCEEDED and watch:
+                sys.exit(EXIT_FAILED)
+
+
+@cli.command()
+@click.argument("api")
+@click.argument("submission", type=click.File("r"))
+@url_option
+@click.option("--dry-run", is_flag=True, help="Validate only; create nothing.")
+@click.option("--workers", type=int, default=None, help="Override the submission's workers.")
+@output_option
+def submit(
+    api: str, submission: Any, url: str, dry_run: bool, workers: int | None, output: str
+) -> None:
+    """Submit a job to API: SUBMISSION is a JSON file (or - for stdin), as for POST /<api>."""
+    try:
+        body = json.load(submission)
+    except json.JSONDecodeError as err:
+        raise click.UsageError(f"{submission.name} is not valid JSON: {err}") from None
+    if workers is not None:
+        if not isinstance(body, dict):
+            raise click.UsageError(f"{submission.name} must hold a JSON object")
+        body["workers"] = workers
+    with _client(url) as client:
+        result = client.submit(api, body, dry_run=dry_run)
+    if dry_run:
+        click.echo(result, nl=False)
+    elif output == "json":
+        _print_json(result)
+    else:
+        click.echo(f"submitted job {result['job_id']}")
+        click.echo(f"follow it with: cortex get {api} {result['job_id']} --watch")
+
+
+@cli.command()
+@click.argument("api")
+@click.argument("job_id", required=False)
+@url_option
+@output_option
+@click.option("-f", "--force", is_flag=True, help="Do not ask before deleting an API.")
+def delete(api: str, job_id: str | None, url: str, output: str, force: bool) -> None:
+    """Stop job JOB_ID of API, or delete API (stopping its jobs first)."""
+    with _client(url) as client:
+        if job_id is not None:
+            result = client.stop_job(api, job_id)
+        else:
+            if not force and sys.stdin.isatty():
+                click.confirm(
+                    f"deleting {api} stops its running jobs and erases its job history; continue?",
+                    abort=True,
+                )
+            result = client.delete_api(api)
+    if output == "json":
+        _print_json(result)
+    else:
+        click.echo(result["message"])
+
+
+@cli.command()
+def worker() -> None:
+    """Run one worker (started by a launcher; configured by CORTEX_* variables)."""
+    from cortex.worker import runtime
+
+    sys.exit(runtime.main())
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(EXIT_FAILED)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(EXIT_USAGE)
+    except errors.CortexError as err:
+        err_console.print(f"error: {err.message}", style="red", markup=False)
+        sys.exit(EXIT_FAILED)

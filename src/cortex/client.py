@@ -1,0 +1,126 @@
+"""A Python client for the public REST API; the CLI is a thin shell over it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cortex import errors, project, spec
+from cortex.settings import DEFAULT_URL
+
+
+def default_url() -> str:
+    return os.environ.get("CORTEX_URL", DEFAULT_URL)
+
+
+class Client:
+    def __init__(self, url: str | None = None, timeout_s: float = 60.0) -> None:
+        self.url = (url or default_url()).rstrip("/")
+        headers = {}
+        token = os.environ.get("CORTEX_AUTH_TOKEN")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as err:
+            raise errors.ConnectionFailed(
+                f"cannot reach the cortex server at {self.url} ({err.__class__.__name__}); "
+                "is `cortex serve` running? (set --url or CORTEX_URL)"
+            ) from None
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                kind, message = body["kind"], body["message"]
+            except (ValueError, KeyError, TypeError):
+                kind, message = "request.failed", f"{response.status_code}: {response.text}"
+            error = errors.CortexError(message, kind=kind)
+            error.status_code = response.status_code
+            raise error
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
+
+    def healthz(self) -> bool:
+        return bool(self._request("GET", "/healthz").status_code == 200)
+
+    def deploy(self, config_path: Path) -> list[dict[str, str]]:
+        """Validate cortex.yaml, package its folder, and upload each API in it."""
+        config_path = Path(config_path)
+        if config_path.is_dir():
+            config_path = config_path / "cortex.yaml"
+        if not config_path.is_file():
+            raise errors.InvalidSpec(f"{config_path}: no such file")
+        apis = spec.load_config_file(config_path.read_text(), str(config_path))
+        root = config_path.parent
+        files = {name for name, _ in project.iter_files(root, config_path)}
+        for api in apis:
+            if api.predictor.path not in files:
+                raise errors.InvalidSpec(
+                    f"{config_path}: api {api.name!r}: predictor.path: {api.predictor.path} "
+                    "is not a file in the project folder (or is excluded by .cortexignore)"
+                )
+            if api.predictor.python_path and not (root / api.predictor.python_path).is_dir():
+                raise errors.InvalidSpec(
+                    f"{config_path}: api {api.name!r}: predictor.python_path: "
+                    f"{api.predictor.python_path} is not a folder in the project"
+                )
+        archive = project.build_archive(root, config_path)
+        results = []
+        for api in apis:
+            results.append(
+                self._json(
+                    "POST",
+                    "/deploy",
+                    data={"spec": json.dumps(api.to_json())},
+                    files={"project": ("project.tar.gz", archive, "application/gzip")},
+                )
+            )
+        return results
+
+    def get_all(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/get")
+        return result
+
+    def get_api(self, api_name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", f"/get/{api_name}")
+        return result
+
+    def delete_api(self, api_name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("DELETE", f"/delete/{api_name}")
+        return result
+
+    def submit(self, api_name: str, submission: Any, dry_run: bool = False) -> Any:
+        params = {"dryRun": "true"} if dry_run else None
+        response = self._request("POST", f"/{api_name}", json=submission, params=params)
+        if dry_run:
+            return response.text
+        return response.json()
+
+    def get_job(self, api_name: str, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", f"/{api_name}", params={"jobID": job_id})
+        return result
+
+    def list_jobs(self, api_name: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._json("GET", f"/{api_name}")["job_statuses"]
+        return result
+
+    def stop_job(self, api_name: str, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("DELETE", f"/{api_name}", params={"jobID": job_id})
+        return result

@@ -1,0 +1,182 @@
+"""How the CLI shows APIs and jobs: the tables of the spec §7."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from typing import Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from cortex.jobs import JobStatus
+
+
+def _ts(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def duration(seconds: float) -> str:
+    """Go-style durations truncated to seconds: 45s, 5m20s, 1h2m3s."""
+    total = int(max(0, seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def ms_duration(seconds: float | None) -> str:
+    """Go-style durations truncated to milliseconds: 250ms, 1.5s, 2m3.25s."""
+    if seconds is None:
+        return "-"
+    ms = int(seconds * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest_ms = divmod(ms, 60_000)
+    secs = f"{rest_ms // 1000}.{rest_ms % 1000:03d}".rstrip("0").rstrip(".") + "s"
+    return f"{minutes}m{secs}" if minutes else secs
+
+
+def start_time(value: str | None) -> str:
+    ts = _ts(value)
+    if ts is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts).astimezone().strftime("%d %b %Y %H:%M:%S %Z")
+
+
+def job_duration(status: dict[str, Any]) -> str:
+    start = _ts(status.get("start_time"))
+    if start is None:
+        return "-"
+    end = _ts(status.get("end_time")) or time.time()
+    return duration(end - start)
+
+
+def status_text(code: str) -> str:
+    try:
+        return JobStatus(code).text
+    except ValueError:
+        return code
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
+def apis_table(data: dict[str, Any]) -> RenderableType:
+    apis = data.get("batch_apis", [])
+    if not apis:
+        return Text("no apis are deployed")
+    table = _table("batch api", "running jobs", "latest job id", "last update")
+    for api in apis:
+        jobs = api["job_statuses"]
+        running = sum(1 for job in jobs if JobStatus(job["status"]).in_progress)
+        latest = "-"
+        if jobs:
+            newest = max(jobs, key=lambda job: job["start_time"])
+            start = _ts(newest["start_time"]) or time.time()
+            latest = f"{newest['job_id']} (submitted {duration(time.time() - start)} ago)"
+        updated = _ts(api["updated_at"]) or time.time()
+        table.add_row(api["spec"]["name"], str(running), latest, duration(time.time() - updated))
+    return table
+
+
+def jobs_table(api: dict[str, Any]) -> RenderableType:
+    jobs = api["job_statuses"]
+    parts: list[RenderableType] = []
+    if not jobs:
+        parts.append(Text("no submitted jobs"))
+    else:
+        show_failed = any(job["batch_metrics"]["failed"] for job in jobs)
+        columns = ["job id", "status", "progress"]
+        if show_failed:
+            columns.append("failed")
+        table = _table(*columns, "start time", "duration")
+        for job in jobs:
+            metrics = job["batch_metrics"]
+            row = [
+                job["job_id"],
+                status_text(job["status"]),
+                f"{metrics['succeeded']}/{job['total_batch_count']}",
+            ]
+            if show_failed:
+                row.append(str(metrics["failed"]))
+            row += [start_time(job["start_time"]), job_duration(job)]
+            table.add_row(*row)
+        parts.append(table)
+    parts.append(Text(f"\nendpoint: {api['endpoint']}"))
+    return Group(*parts)
+
+
+def job_view(data: dict[str, Any]) -> RenderableType:
+    job = data["job_status"]
+    code = JobStatus(job["status"])
+    metrics = job["batch_metrics"]
+    lines: list[RenderableType] = [
+        Text(f"job id: {job['job_id']}"),
+        Text(f"status: {code.text}"),
+        Text(""),
+        Text(f"start time: {start_time(job['start_time'])}"),
+        Text(f"end time: {start_time(job['end_time']) if job['end_time'] else '-'}"),
+        Text(f"duration: {job_duration(job)}"),
+        Text(""),
+    ]
+    stats = _table("total", "succeeded", "failed", "avg time per batch")
+    stats.add_row(
+        str(job["total_batch_count"]),
+        str(metrics["succeeded"]),
+        str(metrics["failed"]),
+        ms_duration(metrics["average_time_per_batch"]),
+    )
+    lines += [Text("batch stats"), stats, Text(""), Text("worker stats")]
+    counts = job.get("worker_counts")
+    if code is JobStatus.ENQUEUING:
+        lines.append(Text("still enqueuing, workers have not been allocated for this job yet"))
+    elif code is not JobStatus.RUNNING:
+        lines.append(
+            Text("worker stats are not available because this job is not currently running")
+        )
+    elif not counts:
+        lines.append(Text("unable to get worker stats"))
+    else:
+        columns = ["requested"]
+        values = [str(job["workers"])]
+        for name in ("pending", "initializing", "stalled", "running", "failed", "succeeded"):
+            if name in ("running", "succeeded") or counts.get(name):
+                columns.append(name)
+                values.append(str(counts.get(name, 0)))
+        workers = _table(*columns)
+        workers.add_row(*values)
+        lines.append(workers)
+    if job.get("error"):
+        lines += [Text(""), Text(f"error: {job['error']['message']}", style="red")]
+        if job["error"].get("traceback"):
+            lines.append(Text(job["error"]["traceback"].rstrip()))
+    lines += [Text(""), Text(f"job endpoint: {data['endpoint']}"), Text("")]
+    lines += [Text("job configuration"), Text(json.dumps(_job_spec(job), indent=2))]
+    return Group(*lines)
+
+
+_RUNTIME_KEYS = {
+    "status",
+    "end_time",
+    "batches_in_queue",
+    "batch_metrics",
+    "worker_counts",
+    "error",
+}
+
+
+def _job_spec(job: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in job.items() if key not in _RUNTIME_KEYS}

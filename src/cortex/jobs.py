@@ -1,0 +1,122 @@
+"""Job, batch and worker states: the spec's status codes and the transitions between them."""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+
+
+class JobStatus(enum.StrEnum):
+    UNKNOWN = "status_unknown"
+    ENQUEUING = "status_enqueuing"
+    RUNNING = "status_running"
+    ENQUEUE_FAILED = "status_enqueue_failed"
+    COMPLETED_WITH_FAILURES = "status_completed_with_failures"
+    SUCCEEDED = "status_succeeded"
+    UNEXPECTED_ERROR = "status_unexpected_error"
+    WORKER_ERROR = "status_worker_error"
+    WORKER_OOM = "status_worker_oom"
+    STOPPED = "status_stopped"
+    TIMED_OUT = "status_timed_out"
+
+    @property
+    def in_progress(self) -> bool:
+        return self in IN_PROGRESS
+
+    @property
+    def terminal(self) -> bool:
+        return self not in IN_PROGRESS and self is not JobStatus.UNKNOWN
+
+    @property
+    def text(self) -> str:
+        """The words the CLI prints for this status (spec §5.1)."""
+        return _TEXT[self]
+
+
+IN_PROGRESS = frozenset({JobStatus.ENQUEUING, JobStatus.RUNNING})
+
+_TEXT = {
+    JobStatus.UNKNOWN: "unknown",
+    JobStatus.ENQUEUING: "enqueuing",
+    JobStatus.RUNNING: "running",
+    JobStatus.ENQUEUE_FAILED: "failed while enqueuing",
+    JobStatus.COMPLETED_WITH_FAILURES: "completed with failures",
+    JobStatus.SUCCEEDED: "succeeded",
+    JobStatus.UNEXPECTED_ERROR: "unexpected error",
+    JobStatus.WORKER_ERROR: "worker error",
+    JobStatus.WORKER_OOM: "out of memory",
+    JobStatus.STOPPED: "stopped",
+    JobStatus.TIMED_OUT: "timed out",
+}
+
+# Enqueuing ends in running or a failure; running ends in any terminal status except an
+# enqueue failure. A terminal status never changes: whoever writes first wins, and the loser's
+# write is refused by the store (that is how a stop racing the last batch stays a stop).
+_ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.ENQUEUING: frozenset(
+        {
+            JobStatus.RUNNING,
+            JobStatus.ENQUEUE_FAILED,
+            JobStatus.UNEXPECTED_ERROR,
+            JobStatus.STOPPED,
+            JobStatus.TIMED_OUT,
+        }
+    ),
+    JobStatus.RUNNING: frozenset(
+        {
+            JobStatus.SUCCEEDED,
+            JobStatus.COMPLETED_WITH_FAILURES,
+            JobStatus.UNEXPECTED_ERROR,
+            JobStatus.WORKER_ERROR,
+            JobStatus.WORKER_OOM,
+            JobStatus.STOPPED,
+            JobStatus.TIMED_OUT,
+        }
+    ),
+}
+
+
+def can_transition(current: JobStatus, new: JobStatus) -> bool:
+    return new in _ALLOWED.get(current, frozenset())
+
+
+class BatchState(enum.StrEnum):
+    QUEUED = "queued"
+    LEASED = "leased"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class WorkerState(enum.StrEnum):
+    """A worker's life as `worker_counts` reports it (spec §5.3)."""
+
+    PENDING = "pending"  # launched, its process has not said hello yet
+    INITIALIZING = "initializing"  # process up, predictor __init__ running
+    RUNNING = "running"  # predictor loaded, leasing batches
+    SUCCEEDED = "succeeded"  # exited 0
+    FAILED = "failed"  # exited non-zero, or was killed
+    STALLED = "stalled"
+    UNKNOWN = "unknown"
+
+    @property
+    def alive(self) -> bool:
+        return self in (WorkerState.PENDING, WorkerState.INITIALIZING, WorkerState.RUNNING)
+
+
+_MAX_INT64 = (1 << 63) - 1
+_id_lock = threading.Lock()
+_last_id_ns = 0
+
+
+def new_job_id() -> str:
+    """The spec's job id: lowercase hex of MaxInt64 - now in ns, so newer ids sort first.
+
+    Generation is serialised and strictly monotonic, so two submissions in the same nanosecond
+    (or after a clock step back) still get distinct ids.
+    """
+    global _last_id_ns
+    with _id_lock:
+        now_ns = max(time.time_ns(), _last_id_ns + 1)
+        _last_id_ns = now_ns
+    return format(_MAX_INT64 - now_ns, "x")

@@ -1,0 +1,61 @@
+"""The launcher interface: start the worker entrypoint somewhere, report exits, stop."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Protocol
+
+from cortex import spec
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerLaunch:
+    job_id: str
+    worker_id: str
+    project_dir: Path
+    log_path: Path
+    compute: spec.Compute
+    # The complete environment variables the worker adds to its own (CORTEX_*, the API's env).
+    env: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerExit:
+    job_id: str
+    worker_id: str
+    exit_code: int | None  # None: the exit code could not be known (an adopted process)
+
+    @property
+    def reason(self) -> str:
+        if self.exit_code is None:
+            return "exited (exit code unknown)"
+        if self.exit_code < 0:
+            import signal
+
+            try:
+                name = signal.Signals(-self.exit_code).name
+            except ValueError:
+                name = f"signal {-self.exit_code}"
+            return f"was killed by {name}"
+        return f"exited with code {self.exit_code}"
+
+
+class Launcher(Protocol):
+    def start(self, launch: WorkerLaunch) -> int | None:
+        """Start one worker; returns its pid where there is one."""
+
+    def adopt(self, job_id: str, worker_id: str, pid: int) -> bool:
+        """Take over a worker started by an earlier server process; False if it is gone."""
+
+    def poll(self) -> list[WorkerExit]:
+        """Workers that ended since the last call."""
+
+    def job_ids(self) -> set[str]:
+        """Jobs that have live workers."""
+
+    def stop_job(self, job_id: str, grace_s: float) -> None:
+        """Stop every worker of the job: ask, wait up to `grace_s`, then kill. Blocks."""
+
+    def close(self, grace_s: float) -> None:
+        """Stop everything (server shutdown)."""

@@ -1,0 +1,129 @@
+"""Workers as local processes, each in its own process session with unbuffered output."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from cortex.launchers.base import WorkerExit, WorkerLaunch
+
+
+@dataclass
+class _Proc:
+    job_id: str
+    popen: subprocess.Popen[bytes] | None
+    pid: int
+
+
+class LocalLauncher:
+    def __init__(self) -> None:
+        self._procs: dict[str, _Proc] = {}
+        self._lock = threading.Lock()
+
+    def start(self, launch: WorkerLaunch) -> int | None:
+        env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
+        launch.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(launch.log_path, "ab") as log_file:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "cortex.worker"],
+                cwd=launch.project_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                # Its own session: a stop signals the worker and anything it started, and a
+                # Ctrl-C at the server's terminal does not reach it.
+                start_new_session=True,
+            )
+        with self._lock:
+            self._procs[launch.worker_id] = _Proc(launch.job_id, popen, popen.pid)
+        return popen.pid
+
+    def adopt(self, job_id: str, worker_id: str, pid: int) -> bool:
+        try:
+            proc = psutil.Process(pid)
+            ours = any("cortex.worker" in part for part in proc.cmdline())
+            if not ours or proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            if proc.environ().get("CORTEX_WORKER_ID") != worker_id:
+                return False
+        except (psutil.Error, OSError):
+            return False
+        with self._lock:
+            self._procs[worker_id] = _Proc(job_id, None, pid)
+        return True
+
+    def poll(self) -> list[WorkerExit]:
+        exits: list[WorkerExit] = []
+        with self._lock:
+            for worker_id, proc in list(self._procs.items()):
+                if proc.popen is not None:
+                    code = proc.popen.poll()
+                    if code is None:
+                        continue
+                    exits.append(WorkerExit(proc.job_id, worker_id, code))
+                elif _alive(proc.pid):
+                    continue
+                else:
+                    exits.append(WorkerExit(proc.job_id, worker_id, None))
+                del self._procs[worker_id]
+        return exits
+
+    def job_ids(self) -> set[str]:
+        with self._lock:
+            return {proc.job_id for proc in self._procs.values()}
+
+    def stop_job(self, job_id: str, grace_s: float) -> None:
+        with self._lock:
+            procs = [p for p in self._procs.values() if p.job_id == job_id]
+        _stop(procs, grace_s)
+
+    def close(self, grace_s: float) -> None:
+        with self._lock:
+            procs = list(self._procs.values())
+        _stop(procs, grace_s)
+        self.poll()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _stop(procs: list[_Proc], grace_s: float) -> None:
+    for proc in procs:
+        _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            if proc.popen is not None:
+                proc.popen.wait(remaining)
+            else:
+                psutil.Process(proc.pid).wait(remaining)
+        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+            pass
+        except psutil.Error:
+            pass
+    # Whatever is left in the worker's session, the worker included, is killed: a predictor's
+    # own child processes must not outlive the job.
+    for proc in procs:
+        _signal_group(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        if proc.popen is not None:
+            proc.popen.wait()

@@ -1,0 +1,84 @@
+"""Load a user's predictor and call its methods with the arguments they declare (spec §3)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+CLASS_NAME = "PythonPredictor"
+
+_ALLOWED_ARGS = {
+    "__init__": ({"config"}, {"job_spec", "python_client"}),
+    "predict": (set(), {"payload", "batch_id", "headers", "query_params"}),
+    "on_job_complete": (set(), set()),
+}
+
+
+class PredictorError(Exception):
+    """The predictor module or class does not follow the interface."""
+
+
+def _check_signature(method: Callable[..., Any], name: str) -> list[str]:
+    required, optional = _ALLOWED_ARGS[name]
+    params = list(inspect.signature(method).parameters.values())
+    if not params or params[0].name != "self":
+        raise PredictorError(f"{CLASS_NAME}.{name}: the first argument must be self")
+    names = [p.name for p in params[1:]]
+    for arg in names:
+        if arg not in required | optional:
+            allowed = ", ".join(sorted(required | optional)) or "none"
+            raise PredictorError(
+                f"{CLASS_NAME}.{name}: unexpected argument '{arg}' (allowed: {allowed})"
+            )
+    for arg in required:
+        if arg not in names:
+            raise PredictorError(f"{CLASS_NAME}.{name}: missing required argument '{arg}'")
+    return names
+
+
+def load_class(path: Path) -> type:
+    """Import the module at `path` and return its PythonPredictor class, checked."""
+    if not path.is_file():
+        raise PredictorError(f"predictor file {path} does not exist")
+    module_name = "cortex_predictor"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise PredictorError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    cls = getattr(module, CLASS_NAME, None)
+    if not inspect.isclass(cls):
+        raise PredictorError(f"{path.name} must define a class named {CLASS_NAME}")
+    for method in ("__init__", "predict"):
+        _check_signature(getattr(cls, method), method)
+    if hasattr(cls, "on_job_complete"):
+        _check_signature(cls.on_job_complete, "on_job_complete")
+    return cls
+
+
+class Predictor:
+    """An instance of the user's class, with calls that pass only the declared arguments."""
+
+    def __init__(self, cls: type, config: dict[str, Any], job_spec: Mapping[str, Any]) -> None:
+        init_args = _check_signature(cls.__init__, "__init__")  # type: ignore[misc]
+        available = {"config": config, "job_spec": dict(job_spec), "python_client": None}
+        self.instance = cls(**{name: available[name] for name in init_args})
+        self._predict_args = _check_signature(cls.predict, "predict")  # type: ignore[attr-defined]
+        self.has_hook = callable(getattr(self.instance, "on_job_complete", None))
+
+    def predict(self, payload: Any, batch_id: str) -> Any:
+        available = {
+            "payload": payload,
+            "batch_id": batch_id,
+            "headers": None,
+            "query_params": None,
+        }
+        return self.instance.predict(**{name: available[name] for name in self._predict_args})
+
+    def on_job_complete(self) -> None:
+        self.instance.on_job_complete()

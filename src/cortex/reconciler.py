@@ -1,0 +1,151 @@
+"""The reconciler: acts on worker exits, expired leases, timeouts and ended jobs.
+
+It runs on a short tick and is woken at once by status changes, so a stop or a failure takes
+effect in well under a second rather than on a minute-long cron.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from cortex.jobs import JobStatus, WorkerState
+from cortex.launchers import WorkerExit
+from cortex.service import Service
+
+log = logging.getLogger("cortex.server")
+
+# Workers of a job that completed normally exit by themselves; they are only signalled if they
+# are still there this long after the final status.
+_NATURAL_EXIT_GRACE_S = 5.0
+_NATURAL_END = (JobStatus.SUCCEEDED, JobStatus.COMPLETED_WITH_FAILURES)
+
+
+class Reconciler:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.settings = service.settings
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._stopping: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="cortex-reconciler", daemon=True)
+        service.wake = self._wake.set
+
+    def start(self) -> None:
+        self.recover()
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._wake.wait(self.settings.reconcile_s)
+            self._wake.clear()
+            try:
+                self.tick()
+            except Exception:  # one bad tick must not end reconciling
+                log.exception("reconcile tick failed")
+
+    def tick(self) -> None:
+        store = self.service.store
+        for ended in self.service.launcher.poll():
+            self._on_exit(ended)
+        store.expire_leases()
+        now = time.time()
+        for job in store.in_progress_jobs():
+            if job.timeout_s is not None and now >= job.start_time + job.timeout_s:
+                self.service._end(
+                    job.job_id,
+                    JobStatus.TIMED_OUT,
+                    "batchapi.timed_out",
+                    f"terminating job after exceeding the specified timeout of {job.timeout_s} "
+                    "seconds",
+                )
+        for job_id in self.service.launcher.job_ids():
+            owner = store.get_job(job_id)
+            if owner is None or not owner.status.terminal:
+                continue
+            ended_at = owner.end_time or now
+            if owner.status in _NATURAL_END and now - ended_at < _NATURAL_EXIT_GRACE_S:
+                continue
+            self._stop_async(job_id)
+
+    def _on_exit(self, ended: WorkerExit) -> None:
+        store = self.service.store
+        if ended.exit_code is None:
+            # An adopted worker (started by an earlier server) is gone and its exit code
+            # cannot be known: do not blame the job, make sure someone finishes it.
+            store.update_worker(ended.worker_id, WorkerState.UNKNOWN, error_message=ended.reason)
+            store.release_worker_leases(ended.job_id, ended.worker_id)
+            job = store.get_job(ended.job_id)
+            if (
+                job is not None
+                and job.status is JobStatus.RUNNING
+                and ended.job_id not in self.service.launcher.job_ids()
+            ):
+                self.service.launch_workers(job, job.workers)
+            return
+        ok = ended.exit_code == 0
+        state = WorkerState.SUCCEEDED if ok else WorkerState.FAILED
+        store.update_worker(
+            ended.worker_id,
+            state,
+            exit_code=ended.exit_code,
+            error_message=None if ok else f"worker {ended.reason}",
+        )
+        if ok:
+            return
+        store.release_worker_leases(ended.job_id, ended.worker_id)
+        job = store.get_job(ended.job_id)
+        if job is not None and job.status.in_progress:
+            self.service._end(
+                job.job_id,
+                JobStatus.WORKER_ERROR,
+                "batchapi.worker_exited",
+                f"worker {ended.worker_id} {ended.reason}",
+            )
+
+    def _stop_async(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._stopping:
+                return
+            self._stopping.add(job_id)
+
+        def stop() -> None:
+            try:
+                self.service.launcher.stop_job(job_id, self.settings.worker_grace_s)
+            finally:
+                with self._lock:
+                    self._stopping.discard(job_id)
+                self._wake.set()
+
+        threading.Thread(target=stop, name=f"cortex-stop-{job_id}", daemon=True).start()
+
+    def recover(self) -> None:
+        """At start-up: adopt the workers an earlier server started, and restart the workers
+        of a job that lost all of them while no server was running."""
+        store = self.service.store
+        for job in store.in_progress_jobs():
+            alive = 0
+            for worker in store.list_workers(job.job_id):
+                if not worker.state.alive:
+                    continue
+                if worker.pid is not None and self.service.launcher.adopt(
+                    job.job_id, worker.worker_id, worker.pid
+                ):
+                    alive += 1
+                    continue
+                store.update_worker(
+                    worker.worker_id,
+                    WorkerState.UNKNOWN,
+                    error_message="the worker was gone when the server started",
+                )
+                store.release_worker_leases(job.job_id, worker.worker_id)
+            if alive == 0 and job.status is JobStatus.RUNNING:
+                log.info("job %s: no live workers after a restart; starting new ones", job.job_id)
+                self.service.launch_workers(job, job.workers)

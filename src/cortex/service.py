@@ -1,0 +1,255 @@
+"""The one place that coordinates the store, the launcher and the worker API."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+from cortex import errors, project, spec, views
+from cortex.jobs import JobStatus, WorkerState, new_job_id
+from cortex.launchers import Launcher, WorkerLaunch
+from cortex.settings import Settings
+from cortex.store import ApiRecord, Job, LeaseResult, Store
+from cortex.store.records import BatchResult
+
+log = logging.getLogger("cortex.server")
+
+
+class Service:
+    def __init__(self, settings: Settings, store: Store, launcher: Launcher) -> None:
+        self.settings = settings
+        self.store = store
+        self.launcher = launcher
+        # Set by the reconciler so that a status change acts at once, not on the next tick.
+        self.wake: Any = lambda: None
+
+    # -- APIs -------------------------------------------------------------------------------
+
+    def deploy(self, spec_data: Any, archive: bytes) -> tuple[str, str]:
+        """Validate and store an API; returns (result, name), result as `put_api` gives it."""
+        api = spec.parse_api_spec(spec_data)
+        names = project.archive_names(archive)
+        if api.predictor.path not in names:
+            raise errors.InvalidSpec(
+                f"api {api.name!r}: predictor.path: {api.predictor.path} is not in the project "
+                "folder (or is excluded by .cortexignore)"
+            )
+        spec_json = api.to_json()
+        spec_id = spec.digest(spec.canonical_json(spec_json), archive)[:32]
+        return self.store.put_api(api.name, spec_id, spec_json, archive), api.name
+
+    def get_api(self, name: str) -> ApiRecord:
+        api = self.store.get_api(name)
+        if api is None:
+            raise errors.ApiNotDeployed(name)
+        return api
+
+    def list_apis(self) -> list[ApiRecord]:
+        return self.store.list_apis()
+
+    def delete_api(self, name: str) -> None:
+        self.get_api(name)
+        for job in self.store.list_jobs(name, limit=1_000_000):
+            if job.status.in_progress:
+                self._end(job.job_id, JobStatus.STOPPED)
+        for job_id in self.launcher.job_ids():
+            other = self.store.get_job(job_id)
+            if other is not None and other.api_name == name:
+                self.launcher.stop_job(job_id, self.settings.worker_grace_s)
+        self.store.delete_api(name)
+        log.info("deleted api %s", name)
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def submit(self, api_name: str, data: Any, dry_run: bool = False) -> Job | None:
+        submission = spec.parse_submission(data)
+        api = self.get_api(api_name)
+        assert submission.item_list is not None
+        item_list = submission.item_list
+        payloads = spec.item_batches(item_list.items, item_list.batch_size)
+        if dry_run:
+            for _ in payloads:  # the size checks run as the batches are built
+                pass
+            return None
+        job = self.store.create_job(
+            job_id=new_job_id(),
+            api_name=api_name,
+            spec_id=api.spec_id,
+            workers=submission.workers,
+            config=submission.config,
+            timeout_s=submission.timeout,
+            max_attempts=submission.max_attempts,
+            worker_token=secrets.token_urlsafe(32),
+            payloads=payloads,
+        )
+        log.info(
+            "job %s (%s api): partitioned %d items into %d batches of size %d",
+            job.job_id,
+            api_name,
+            len(item_list.items),
+            job.total_batch_count,
+            item_list.batch_size,
+        )
+        self.launch_workers(job, job.workers)
+        return job
+
+    def get_job(self, api_name: str, job_id: str) -> Job:
+        self.get_api(api_name)
+        job = self.store.get_job(job_id)
+        if job is None or job.api_name != api_name:
+            raise errors.JobNotFound(api_name, job_id)
+        return job
+
+    def list_jobs(self, api_name: str, limit: int = 100) -> list[Job]:
+        self.get_api(api_name)
+        return self.store.list_jobs(api_name, limit)
+
+    def stop_job(self, api_name: str, job_id: str) -> None:
+        job = self.get_job(api_name, job_id)
+        if not job.status.in_progress or not self._end(job_id, JobStatus.STOPPED):
+            raise errors.JobNotInProgress()
+        log.info("job %s (%s api): request received to stop job", job_id, api_name)
+
+    def _end(
+        self,
+        job_id: str,
+        status: JobStatus,
+        kind: str | None = None,
+        message: str | None = None,
+        trace: str | None = None,
+    ) -> bool:
+        ended = self.store.set_status(
+            job_id, status, error_kind=kind, error_message=message, error_traceback=trace
+        )
+        if ended:
+            log.info("job %s: %s%s", job_id, status.value, f": {message}" if message else "")
+            self.wake()
+        return ended
+
+    def api_spec_for(self, job: Job) -> dict[str, Any]:
+        return self.store.get_spec(job.spec_id)[0]
+
+    # -- launching --------------------------------------------------------------------------
+
+    def project_dir(self, spec_id: str) -> Path:
+        dest = (self.settings.data_dir / "projects" / spec_id).resolve()
+        if dest.is_dir():
+            return dest
+        _, archive = self.store.get_spec(spec_id)
+        return project.extract(archive, dest)
+
+    def launch_workers(self, job: Job, count: int) -> None:
+        api_spec = spec.APISpec.model_validate(self.api_spec_for(job))
+        project_dir = self.project_dir(job.spec_id)
+        python_path = [str(project_dir)]
+        if api_spec.predictor.python_path:
+            python_path.insert(0, str(project_dir / api_spec.predictor.python_path))
+        existing = len(self.store.list_workers(job.job_id))
+        for index in range(existing, existing + count):
+            worker_id = f"{job.job_id}-{index}"
+            env = {
+                **api_spec.predictor.env,
+                "CORTEX_URL": self.settings.resolved_public_url,
+                "CORTEX_API_NAME": job.api_name,
+                "CORTEX_JOB_ID": job.job_id,
+                "CORTEX_WORKER_ID": worker_id,
+                "CORTEX_WORKER_TOKEN": job.worker_token,
+                "CORTEX_PROJECT_DIR": str(project_dir),
+                "PYTHONPATH": ":".join(python_path),
+            }
+            self.store.add_worker(job.job_id, worker_id)
+            log_path = self.settings.data_dir.resolve() / "logs" / job.job_id / f"{worker_id}.log"
+            try:
+                pid = self.launcher.start(
+                    WorkerLaunch(
+                        job_id=job.job_id,
+                        worker_id=worker_id,
+                        project_dir=project_dir,
+                        log_path=log_path,
+                        compute=api_spec.compute,
+                        env=env,
+                    )
+                )
+            except Exception as err:
+                log.exception("job %s: cannot start worker %s", job.job_id, worker_id)
+                self.store.update_worker(worker_id, WorkerState.FAILED, error_message=str(err))
+                self._end(
+                    job.job_id,
+                    JobStatus.UNEXPECTED_ERROR,
+                    "batchapi.launch_failed",
+                    f"cannot start worker {worker_id}: {err}",
+                )
+                return
+            if pid is not None:
+                self.store.update_worker(worker_id, WorkerState.PENDING, pid=pid)
+        log.info("job %s: started %d workers", job.job_id, count)
+
+    # -- the worker API ---------------------------------------------------------------------
+
+    def authorize_worker(self, job_id: str, token: str) -> Job:
+        """The job a worker token belongs to; the token is compared in constant time."""
+        job = self.store.get_job(job_id)
+        if job is None:
+            # Same answer as a wrong token: a worker token reveals nothing about other jobs.
+            raise errors.Forbidden("this token is not valid for that job")
+        if not hmac.compare_digest(job.worker_token.encode(), token.encode()):
+            raise errors.Forbidden("this token is not valid for that job")
+        return job
+
+    def worker_spec(self, job: Job) -> dict[str, Any]:
+        api_spec = self.api_spec_for(job)
+        return {
+            "job_spec": views.job_spec_json(job, api_spec),
+            "api_spec": api_spec,
+            "config": spec.deep_merge(api_spec["predictor"]["config"], job.config),
+            "heartbeat_s": self.settings.heartbeat_s,
+            "lease_s": self.settings.lease_s,
+        }
+
+    def worker_state(
+        self,
+        job: Job,
+        worker_id: str,
+        state: WorkerState,
+        *,
+        pid: int | None = None,
+        has_hook: bool | None = None,
+        error: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        self.store.update_worker(worker_id, state, pid=pid, error_message=error)
+        if has_hook is not None:
+            self.store.set_has_hook(job.job_id, has_hook)
+        if state is WorkerState.FAILED:
+            self._end(
+                job.job_id,
+                JobStatus.WORKER_ERROR,
+                "batchapi.worker_init_failed",
+                f"worker {worker_id} failed to initialise the predictor: {error}",
+                traceback,
+            )
+
+    def lease(
+        self, job: Job, worker_id: str, results: list[BatchResult], max_batches: int
+    ) -> LeaseResult:
+        max_batches = max(0, min(max_batches, self.settings.max_lease_batches))
+        result = self.store.lease(
+            job.job_id, worker_id, results, max_batches, self.settings.lease_s
+        )
+        if result.done and not result.batches:
+            self.wake()
+        return result
+
+    def heartbeat(self, job: Job, worker_id: str) -> bool:
+        return self.store.heartbeat(job.job_id, worker_id, self.settings.lease_s)
+
+    def finish_hook(
+        self, job: Job, worker_id: str, error: str | None, traceback: str | None
+    ) -> JobStatus:
+        status = self.store.finish_hook(job.job_id, worker_id, error, traceback)
+        log.info("job %s: on_job_complete finished on %s; %s", job.job_id, worker_id, status)
+        self.wake()
+        return status

@@ -1,0 +1,54 @@
+"""Server settings: one typed object, filled from flags or `CORTEX_*` environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8888
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    data_dir: Path = Path(".cortex")
+    # SQLAlchemy URL of the store; empty means SQLite in `data_dir`.
+    store_url: str = ""
+    launcher: str = "local"
+    # The address workers (and hooks that chain jobs) use to reach this server; empty means
+    # derived from host and port.
+    public_url: str = ""
+    max_body_bytes: int = 10 << 20
+    # A leased batch whose worker stops heartbeating becomes leasable again after `lease_s`.
+    lease_s: float = 30.0
+    heartbeat_s: float = 5.0
+    # The reconciler's safety tick: timeouts, exited workers, stop requests.
+    reconcile_s: float = 0.25
+    # How long a stopped worker gets between SIGTERM and SIGKILL.
+    worker_grace_s: float = 3.0
+    # Most batches one lease request may take.
+    max_lease_batches: int = 32
+
+    @property
+    def resolved_store_url(self) -> str:
+        if self.store_url:
+            return self.store_url
+        return f"sqlite:///{(self.data_dir / 'cortex.db').resolve()}"
+
+    @property
+    def resolved_public_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.host
+        try:
+            if ipaddress.ip_address(host).is_unspecified:
+                host = "127.0.0.1"
+        except ValueError:
+            pass
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"

@@ -1,0 +1,352 @@
+"""The two documents users write: `cortex.yaml` (an API spec) and a job submission.
+
+Both are validated here, once, by the CLI before upload and by the server on receipt. Errors
+name the field that is wrong (`predictor.path: ...`), so a user can fix the file without
+guessing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import posixpath
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+from cortex import errors
+
+MAX_NAME_LENGTH = 42
+MAX_ITEM_BYTES = 262144  # one item's raw JSON (spec §4: 256 KiB)
+DEFAULT_MAX_ATTEMPTS = 3
+
+# Names that would shadow the server's own paths, now or in the near future.
+RESERVED_NAMES = frozenset(
+    {
+        "healthz",
+        "readyz",
+        "docs",
+        "redoc",
+        "openapi",
+        "metrics",
+        "deploy",
+        "get",
+        "delete",
+        "logs",
+        "batch",
+        "apis",
+        "jobs",
+        "workers",
+        "worker",
+        "static",
+        "version",
+        "info",
+        "admin",
+    }
+)
+
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_SUFFIX = {
+    None: 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+}
+
+
+def parse_quantity(value: str | int | float) -> float:
+    """A Kubernetes-style quantity (`200m`, `1`, `512Mi`, `2G`) as a number."""
+    if isinstance(value, bool):
+        raise ValueError("must be a quantity such as 500m, 1, 2Gi")
+    if isinstance(value, int | float):
+        if value < 0 or math.isnan(value) or math.isinf(value):
+            raise ValueError("must be a positive quantity")
+        return float(value)
+    match = _QUANTITY.match(str(value).strip())
+    if not match:
+        raise ValueError(f"'{value}' is not a quantity (examples: 500m, 1, 2Gi)")
+    return float(match.group(1)) * _SUFFIX[match.group(2)]
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+def _relative_path(value: str, what: str) -> str:
+    if not value or value.startswith("/") or "\\" in value:
+        raise ValueError(f"{what} must be a relative path inside the project folder")
+    normal = posixpath.normpath(value)
+    if normal == ".." or normal.startswith("../"):
+        raise ValueError(f"{what} must stay inside the project folder")
+    return normal
+
+
+class Predictor(_Strict):
+    type: Literal["python"]
+    path: str
+    config: dict[str, Any] = pydantic.Field(default_factory=dict)
+    python_path: str | None = None
+    env: dict[str, str] = pydantic.Field(default_factory=dict)
+
+    @pydantic.field_validator("config", mode="before")
+    @classmethod
+    def _null_config(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @pydantic.field_validator("env", mode="before")
+    @classmethod
+    def _null_env(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @pydantic.field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        path = _relative_path(value, "the predictor path")
+        if not path.endswith(".py"):
+            raise ValueError("must be a .py file")
+        return path
+
+    @pydantic.field_validator("python_path")
+    @classmethod
+    def _check_python_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.strip() in (".", "./", "./."):
+            raise ValueError("may not be the project root (it is on the path already)")
+        return _relative_path(value, "python_path") + "/"
+
+    @pydantic.field_validator("env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key.upper().startswith("CORTEX_"):
+                raise ValueError(f"'{key}': keys may not start with CORTEX_")
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"'{key}' is not a valid environment variable name")
+        return value
+
+
+class Compute(_Strict):
+    cpu: str | int | float = "200m"
+    mem: str | int | None = None
+    gpu: int = pydantic.Field(default=0, ge=0)
+
+    @pydantic.field_validator("cpu")
+    @classmethod
+    def _check_cpu(cls, value: str | int | float) -> str | int | float:
+        if parse_quantity(value) < 0.02:
+            raise ValueError("must be at least 20m")
+        return value
+
+    @pydantic.field_validator("mem")
+    @classmethod
+    def _check_mem(cls, value: str | int | None) -> str | int | None:
+        if value is not None and parse_quantity(value) < 20 * (1 << 20):
+            raise ValueError("must be at least 20Mi")
+        return value
+
+    @property
+    def cpu_cores(self) -> float:
+        return parse_quantity(self.cpu)
+
+    @property
+    def mem_bytes(self) -> int | None:
+        return None if self.mem is None else int(parse_quantity(self.mem))
+
+
+class APISpec(_Strict):
+    """One entry of cortex.yaml with `kind: BatchAPI` (spec §2)."""
+
+    name: str
+    kind: Literal["BatchAPI"]
+    predictor: Predictor
+    compute: Compute = pydantic.Field(default_factory=Compute)
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if len(value) > MAX_NAME_LENGTH:
+            raise ValueError(f"must be at most {MAX_NAME_LENGTH} characters")
+        if not _DNS_1035.match(value):
+            raise ValueError(
+                "must be a DNS-1035 label: lowercase letters, digits and '-', starting with a "
+                "letter and ending with a letter or digit"
+            )
+        if value in RESERVED_NAMES:
+            raise ValueError(f"'{value}' is reserved for the server's own paths")
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_error(err: pydantic.ValidationError, prefix: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    elif first["type"] == "literal_error" and first["loc"][-1:] == ("kind",):
+        msg = "must be BatchAPI (the only kind this server runs)"
+    msg = msg.removeprefix("Value error, ")
+    where = f"{prefix}{loc}" if loc else prefix.rstrip(": ")
+    return f"{where}: {msg}"
+
+
+def parse_api_spec(data: Any, where: str = "") -> APISpec:
+    """Validate one API document; errors name the field (`predictor.path: ...`)."""
+    if not isinstance(data, Mapping):
+        raise errors.InvalidSpec(f"{where}an API must be a mapping of keys to values")
+    name = data.get("name")
+    prefix = f"{where}api {name!r}: " if isinstance(name, str) else where
+    try:
+        return APISpec.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise errors.InvalidSpec(_format_error(err, prefix)) from None
+
+
+def load_config_file(text: str, filename: str = "cortex.yaml") -> list[APISpec]:
+    """Parse cortex.yaml: a list of APIs (or one API as a mapping)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise errors.InvalidSpec(f"{filename}: not valid YAML: {err}") from None
+    if isinstance(data, Mapping):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise errors.InvalidSpec(f"{filename}: expected a list of APIs")
+    specs = [parse_api_spec(item, f"{filename}: ") for item in data]
+    names = [spec.name for spec in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise errors.InvalidSpec(f"{filename}: api {name!r} is defined more than once")
+    return specs
+
+
+def digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A deep copy of `base` with `override` merged in: nested dicts merge, anything else is
+    replaced (spec §3: the job's config wins over the API's)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in (override or {}).items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Job submissions (spec §4.1)
+
+DATASET_KEYS = ("item_list", "file_path_lister", "delimited_files")
+
+
+class ItemList(pydantic.BaseModel):
+    items: list[Any]
+    batch_size: int
+
+
+class Submission(pydantic.BaseModel):
+    """A validated job submission. Unknown keys are ignored, as in the spec."""
+
+    workers: int = 0
+    config: dict[str, Any] | None = None
+    item_list: ItemList | None = None
+    timeout: int | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+    model_config = pydantic.ConfigDict(extra="ignore")
+
+
+def _invalid(kind: str, message: str) -> errors.InvalidSubmission:
+    return errors.InvalidSubmission(message, kind=kind)
+
+
+def parse_submission(data: Any) -> Submission:
+    """Validate a submission in the spec's order, with the spec's error kinds."""
+    if not isinstance(data, dict):
+        raise errors.InvalidRequest("the request body must be a JSON object")
+    present = [key for key in DATASET_KEYS if data.get(key) is not None]
+    if not present:
+        raise _invalid(
+            "batchapi.specify_exactly_one_key",
+            "specify exactly one of the following keys: item_list, file_path_lister, or "
+            "delimited_files",
+        )
+    if len(present) > 1:
+        raise _invalid(
+            "batchapi.conflicting_fields",
+            f"please specify exactly one of the following keys: {', '.join(present)}",
+        )
+    if present[0] != "item_list":
+        raise _invalid(
+            "batchapi.dataset_not_supported",
+            f"{present[0]} datasets are not supported by this server yet; use item_list",
+        )
+    try:
+        sub = Submission.model_validate(data, strict=False)
+    except pydantic.ValidationError as err:
+        raise errors.InvalidRequest(_format_error(err, "")) from None
+    for name in ("workers", "timeout", "max_attempts"):
+        value = data.get(name)
+        if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+            raise errors.InvalidRequest(f"{name}: must be an integer")
+    assert sub.item_list is not None
+    if not sub.item_list.items:
+        raise _invalid("batchapi.empty_item_list", "item_list.items: must not be empty")
+    if sub.item_list.batch_size < 1:
+        raise _invalid("batchapi.invalid_batch_size", "item_list.batch_size: must be at least 1")
+    if sub.workers < 1:
+        raise _invalid("batchapi.invalid_workers", "workers: must be at least 1")
+    if sub.timeout is not None and sub.timeout < 1:
+        raise _invalid("batchapi.invalid_timeout", "timeout: must be at least 1 second")
+    if sub.max_attempts < 1:
+        raise _invalid("batchapi.invalid_max_attempts", "max_attempts: must be at least 1")
+    return sub
+
+
+def item_batches(items: list[Any], batch_size: int) -> Iterator[str]:
+    """The JSON payload of each batch, in order, checking the spec's per-item size limit.
+
+    An item can only be over the limit if its batch is, so items are measured one by one only
+    in batches whose JSON is larger than the limit: the common case serialises once.
+    """
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        payload = json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)
+        if len(payload) > MAX_ITEM_BYTES:
+            for offset, item in enumerate(chunk):
+                size = len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
+                if size > MAX_ITEM_BYTES:
+                    raise _invalid(
+                        "batchapi.item_size_exceeds_limit",
+                        f"item {start + offset} has size {size} bytes which exceeds the limit "
+                        f"({MAX_ITEM_BYTES} bytes)",
+                    )
+        yield payload

@@ -1,0 +1,111 @@
+"""Frozen records the store hands out. Wire shapes live in `cortex.api.schemas`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from cortex.jobs import JobStatus, WorkerState
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiRecord:
+    name: str
+    spec_id: str
+    spec: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    job_id: str
+    api_name: str
+    spec_id: str
+    status: JobStatus
+    workers: int
+    config: dict[str, Any] | None
+    timeout_s: int | None
+    max_attempts: int
+    start_time: float
+    end_time: float | None
+    total_batch_count: int
+    succeeded: int
+    failed: int
+    succeeded_time_s: float
+    enqueue_done: bool
+    has_hook: bool | None
+    completion_state: str | None
+    completion_worker: str | None
+    error_kind: str | None
+    error_message: str | None
+    error_traceback: str | None
+    worker_token: str
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        m = row._mapping
+        return cls(
+            job_id=m["job_id"],
+            api_name=m["api_name"],
+            spec_id=m["spec_id"],
+            status=JobStatus(m["status"]),
+            workers=m["workers"],
+            config=None if m["config_json"] is None else json.loads(m["config_json"]),
+            timeout_s=m["timeout_s"],
+            max_attempts=m["max_attempts"],
+            start_time=m["start_time"],
+            end_time=m["end_time"],
+            total_batch_count=m["total_batch_count"],
+            succeeded=m["succeeded"],
+            failed=m["failed"],
+            succeeded_time_s=m["succeeded_time_s"],
+            enqueue_done=bool(m["enqueue_done"]),
+            has_hook=None if m["has_hook"] is None else bool(m["has_hook"]),
+            completion_state=m["completion_state"],
+            completion_worker=m["completion_worker"],
+            error_kind=m["error_kind"],
+            error_message=m["error_message"],
+            error_traceback=m["error_traceback"],
+            worker_token=m["worker_token"],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerRecord:
+    worker_id: str
+    job_id: str
+    state: WorkerState
+    pid: int | None
+    exit_code: int | None
+    error_message: str | None
+    started_at: float
+    updated_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LeasedBatch:
+    batch_id: str
+    payload: str  # the batch's JSON array, as stored
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    """What a worker reports for one leased batch."""
+
+    batch_id: str
+    ok: bool
+    duration_s: float
+    error: str | None = None
+    traceback: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseResult:
+    batches: list[LeasedBatch]
+    # The worker holding this lease must run on_job_complete and report back.
+    run_hook: bool = False
+    # Nothing is left for this worker: the job ended, or every batch has ended.
+    done: bool = False

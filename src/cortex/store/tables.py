@@ -1,0 +1,90 @@
+"""Table definitions shared by SQLite and PostgreSQL. Times are UNIX seconds (float)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+apis = sa.Table(
+    "apis",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("spec_id", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# Every deployed version of an API, kept while a job uses it: a running job keeps the spec
+# and the code it started with, whatever is deployed later.
+api_specs = sa.Table(
+    "api_specs",
+    metadata,
+    sa.Column("spec_id", sa.String(64), primary_key=True),
+    sa.Column("api_name", sa.String(64), nullable=False, index=True),
+    sa.Column("spec_json", sa.Text, nullable=False),
+    sa.Column("archive", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("job_id", sa.String(32), primary_key=True),
+    sa.Column("api_name", sa.String(64), nullable=False),
+    sa.Column("spec_id", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(40), nullable=False),
+    sa.Column("workers", sa.Integer, nullable=False),
+    sa.Column("config_json", sa.Text, nullable=True),
+    sa.Column("timeout_s", sa.Integer, nullable=True),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("start_time", sa.Float, nullable=False),
+    sa.Column("end_time", sa.Float, nullable=True),
+    sa.Column("total_batch_count", sa.Integer, nullable=False, server_default="0"),
+    # Counters change in the same transaction as the batch rows they count.
+    sa.Column("succeeded", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("succeeded_time_s", sa.Float, nullable=False, server_default="0"),
+    sa.Column("enqueue_done", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("has_hook", sa.Boolean, nullable=True),
+    # null: not claimed; "claimed": a worker is running on_job_complete; "done".
+    sa.Column("completion_state", sa.String(16), nullable=True),
+    sa.Column("completion_worker", sa.String(64), nullable=True),
+    sa.Column("error_kind", sa.String(64), nullable=True),
+    sa.Column("error_message", sa.Text, nullable=True),
+    sa.Column("error_traceback", sa.Text, nullable=True),
+    sa.Column("worker_token", sa.String(64), nullable=False),
+    sa.Index("ix_jobs_api_start", "api_name", "start_time"),
+    sa.Index("ix_jobs_status", "status"),
+)
+
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("job_id", sa.String(32), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("batch_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("state", sa.String(12), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", sa.Float, nullable=True),
+    sa.Column("duration_s", sa.Float, nullable=True),
+    sa.Column("error_message", sa.Text, nullable=True),
+    sa.Column("error_traceback", sa.Text, nullable=True),
+    sa.Index("ix_batches_job_state_seq", "job_id", "state", "seq"),
+    sa.Index("ix_batches_lease", "state", "lease_expires_at"),
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("worker_id", sa.String(64), primary_key=True),
+    sa.Column("job_id", sa.String(32), nullable=False, index=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("exit_code", sa.Integer, nullable=True),
+    sa.Column("error_message", sa.Text, nullable=True),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)

@@ -1,0 +1,76 @@
+"""The JSON the public API answers with (spec §4), built from store records."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from cortex import spec
+from cortex.store import ApiRecord, Job
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def job_spec_json(job: Job, api_spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec's Job object, plus our additive fields (`timeout`, `max_attempts`)."""
+    return {
+        "job_id": job.job_id,
+        "api_name": job.api_name,
+        "workers": job.workers,
+        "config": job.config,
+        "api_id": job.spec_id,
+        "spec_id": job.spec_id,
+        "predictor_id": spec.digest(spec.canonical_json(api_spec["predictor"]))[:32],
+        "sqs_url": None,
+        "total_batch_count": job.total_batch_count,
+        "start_time": rfc3339(job.start_time),
+        "timeout": job.timeout_s,
+        "sqs_dead_letter_queue": None,
+        "max_attempts": job.max_attempts,
+    }
+
+
+def job_status_json(
+    job: Job,
+    api_spec: dict[str, Any],
+    *,
+    batches_in_queue: int,
+    worker_counts: dict[str, int] | None,
+) -> dict[str, Any]:
+    average = job.succeeded_time_s / job.succeeded if job.succeeded else None
+    status: dict[str, Any] = {
+        **job_spec_json(job, api_spec),
+        "status": job.status.value,
+        "end_time": rfc3339(job.end_time),
+        "batches_in_queue": batches_in_queue if job.status.in_progress else 0,
+        "batch_metrics": {
+            "succeeded": job.succeeded,
+            "failed": job.failed,
+            "average_time_per_batch": average,
+        },
+        "worker_counts": worker_counts,
+        # Additive: why a job failed, as data (kind, message, traceback).
+        "error": None
+        if job.error_kind is None
+        else {
+            "kind": job.error_kind,
+            "message": job.error_message,
+            "traceback": job.error_traceback,
+        },
+    }
+    return status
+
+
+def api_json(api: ApiRecord, base_url: str) -> dict[str, Any]:
+    return {
+        "spec": api.spec,
+        "spec_id": api.spec_id,
+        "created_at": rfc3339(api.created_at),
+        "updated_at": rfc3339(api.updated_at),
+        "endpoint": f"{base_url}/{api.name}",
+    }

@@ -1,0 +1,5 @@
+import sys
+
+from cortex.worker import runtime
+
+sys.exit(runtime.main())

@@ -1,0 +1,158 @@
+"""The worker loop: load the predictor once, then lease, predict and report until done.
+
+Configuration comes from the environment the launcher sets: CORTEX_URL, CORTEX_JOB_ID,
+CORTEX_WORKER_ID, CORTEX_WORKER_TOKEN and CORTEX_PROJECT_DIR.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from cortex import predictor as predictor_mod
+from cortex.worker.queue import JobGone, WorkerQueue
+
+log = logging.getLogger("cortex")
+
+# Lease enough batches for about this much work per request: many cheap batches travel
+# together, while long batches go one at a time so idle workers are not starved at the end.
+_PREFETCH_WORK_S = 0.1
+_MAX_PREFETCH = 32
+_IDLE_POLL_MAX_S = 0.25
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s:cortex:pid-%(process)d:%(levelname)s:%(message)s")
+    )
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps this worker's leases alive while a long batch runs."""
+
+    def __init__(self, queue: WorkerQueue, period_s: float) -> None:
+        super().__init__(name="cortex-heartbeat", daemon=True)
+        self.queue = queue
+        self.period_s = period_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period_s):
+            try:
+                self.queue.heartbeat()
+            except Exception as err:  # the next beat may get through; leases last longer
+                log.warning("heartbeat failed: %s", err)
+
+
+def _error_line(err: BaseException) -> str:
+    return f"{err.__class__.__name__}: {err}"
+
+
+def run(queue: WorkerQueue, project_dir: Path) -> int:
+    queue.set_state("initializing", pid=os.getpid())
+    info = queue.spec()
+    job_spec: dict[str, Any] = info["job_spec"]
+    try:
+        cls = predictor_mod.load_class(project_dir / info["api_spec"]["predictor"]["path"])
+        predictor = predictor_mod.Predictor(cls, info["config"], job_spec)
+    except BaseException as err:
+        trace = traceback.format_exc()
+        log.error("failed to initialise the predictor\n%s", trace.rstrip())
+        queue.set_state("failed", error=_error_line(err), traceback=trace)
+        return 1
+    queue.set_state("running", has_hook=predictor.has_hook)
+    log.info("polling for batches...")
+
+    beat = _Heartbeat(queue, float(info["heartbeat_s"]))
+    beat.start()
+    try:
+        return _loop(queue, predictor)
+    finally:
+        beat.stopped.set()
+
+
+def _loop(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
+    results: list[dict[str, Any]] = []
+    avg_s: float | None = None
+    idle_s = 0.01
+    while True:
+        want = 1 if avg_s is None else int(_PREFETCH_WORK_S / max(avg_s, 1e-6))
+        want = max(1, min(_MAX_PREFETCH, want))
+        reply = queue.lease(results, want)
+        results = []
+        if reply.get("run_hook"):
+            return _run_hook(queue, predictor)
+        batches = reply["batches"]
+        if not batches:
+            if reply.get("done"):
+                log.info("no batches left in queue, exiting...")
+                return 0
+            time.sleep(idle_s)  # other workers hold the last batches; one may come back
+            idle_s = min(idle_s * 2, _IDLE_POLL_MAX_S)
+            continue
+        idle_s = 0.01
+        for batch in batches:
+            batch_id = batch["batch_id"]
+            log.info("processing batch %s", batch_id)
+            started = time.perf_counter()
+            try:
+                predictor.predict(batch["payload"], batch_id)
+            except Exception as err:
+                duration = time.perf_counter() - started
+                trace = traceback.format_exc()
+                log.error("failed to process batch %s\n%s", batch_id, trace.rstrip())
+                results.append(
+                    {
+                        "batch_id": batch_id,
+                        "ok": False,
+                        "duration_s": duration,
+                        "error": _error_line(err),
+                        "traceback": trace,
+                    }
+                )
+            else:
+                duration = time.perf_counter() - started
+                results.append({"batch_id": batch_id, "ok": True, "duration_s": duration})
+            avg_s = duration if avg_s is None else 0.8 * avg_s + 0.2 * duration
+
+
+def _run_hook(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
+    log.info("executing on_job_complete")
+    try:
+        predictor.on_job_complete()
+    except Exception as err:
+        trace = traceback.format_exc()
+        log.error("on_job_complete failed\n%s", trace.rstrip())
+        queue.finish_hook(_error_line(err), trace)
+        return 1
+    queue.finish_hook(None, None)
+    log.info("no batches left in queue, job has been completed")
+    return 0
+
+
+def main() -> int:
+    _configure_logging()
+    env = os.environ
+    queue = WorkerQueue(
+        env["CORTEX_URL"],
+        env["CORTEX_JOB_ID"],
+        env["CORTEX_WORKER_ID"],
+        env["CORTEX_WORKER_TOKEN"],
+    )
+    try:
+        return run(queue, Path(env.get("CORTEX_PROJECT_DIR", ".")))
+    except JobGone as err:
+        log.info("the server ended this worker's job: %s", err)
+        return 0
+    finally:
+        queue.close()
