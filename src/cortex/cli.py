@@ -279,3 +279,7 @@ def main() -> None:
     except errors.CortexError as err:
         err_console.print(f"error: {err.message}", style="red", markup=False)
         sys.exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    main()

@@ -142,3 +142,15 @@ def stop_job_query(
 def stop_job(api_name: str, job_id: str, service: ServiceDep) -> dict[str, str]:
     service.stop_job(api_name, job_id)
     return {"message": f"stopped job {job_id}"}
+
+
+@router.get("/{api_name}/{job_id}/failed_batches")
+def failed_batches(
+    api_name: str,
+    job_id: str,
+    service: ServiceDep,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> dict[str, Any]:
+    """The batches that used all their attempts, with the last error and traceback."""
+    job = service.get_job(api_name, job_id)
+    return {"job_id": job.job_id, "failed_batches": service.store.failed_batches(job_id, limit)}

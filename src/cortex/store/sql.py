@@ -515,7 +515,15 @@ class Store:
                 .order_by(t.batches.c.seq)
                 .limit(limit)
             ).all()
-        return [dict(row._mapping) for row in rows]
+        return [
+            {
+                "batch_id": row.batch_id,
+                "attempts": row.attempts,
+                "error": row.error_message,
+                "traceback": row.error_traceback,
+            }
+            for row in rows
+        ]
 
 
 # -- helpers that run inside a caller's transaction ---------------------------------------------
