@@ -58,8 +58,8 @@ class Server:
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30)
 
-    def worker_processes(self) -> list[psutil.Process]:
-        """Live worker processes this server started."""
+    def worker_processes(self, job_id: str | None = None) -> list[psutil.Process]:
+        """Live worker processes this server started (of one job, if given)."""
         try:
             children = psutil.Process(self.process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -70,7 +70,8 @@ class Server:
                 if child.status() != psutil.STATUS_ZOMBIE and any(
                     "cortex.worker" in part for part in child.cmdline()
                 ):
-                    alive.append(child)
+                    if job_id is None or child.environ().get("CORTEX_JOB_ID") == job_id:
+                        alive.append(child)
             except psutil.Error:
                 continue
         return alive

@@ -28,7 +28,11 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+
+def _error_line(message: str) -> None:
+    """Errors are one line on stderr, never wrapped, so scripts can read them."""
+    click.secho(f"error: {' '.join(message.split())}", err=True, fg="red")
 
 url_option = click.option(
     "--url",
@@ -49,10 +53,10 @@ def _client(url: str) -> Iterator[Client]:
         with Client(url) as client:
             yield client
     except errors.ConnectionFailed as err:
-        err_console.print(f"error: {err.message}", style="red", markup=False)
+        _error_line(err.message)
         sys.exit(EXIT_UNREACHABLE)
     except errors.CortexError as err:
-        err_console.print(f"error: {err.message}", style="red", markup=False)
+        _error_line(err.message)
         sys.exit(EXIT_FAILED)
 
 
@@ -271,13 +275,13 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        err_console.print("aborted")
+        _error_line("aborted")
         sys.exit(EXIT_FAILED)
     except click.ClickException as err:
         err.show()
         sys.exit(EXIT_USAGE)
     except errors.CortexError as err:
-        err_console.print(f"error: {err.message}", style="red", markup=False)
+        _error_line(err.message)
         sys.exit(EXIT_FAILED)
 
 

@@ -28,6 +28,12 @@ def _check_signature(method: Callable[..., Any], name: str) -> list[str]:
     if not params or params[0].name != "self":
         raise PredictorError(f"{CLASS_NAME}.{name}: the first argument must be self")
     names = [p.name for p in params[1:]]
+    for param in params[1:]:
+        if param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+            raise PredictorError(
+                f"{CLASS_NAME}.{name}: argument '{param.name}' must be a plain named argument "
+                "(it is passed by name)"
+            )
     for arg in names:
         if arg not in required | optional:
             allowed = ", ".join(sorted(required | optional)) or "none"

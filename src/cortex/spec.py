@@ -123,9 +123,10 @@ class Predictor(_Strict):
     def _check_python_path(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if value.strip() in (".", "./", "./."):
+        path = _relative_path(value, "python_path")
+        if value.strip() in (".", "./", "./.") or path == ".":
             raise ValueError("may not be the project root (it is on the path already)")
-        return _relative_path(value, "python_path") + "/"
+        return path + "/"
 
     @pydantic.field_validator("env")
     @classmethod
@@ -133,7 +134,7 @@ class Predictor(_Strict):
         for key in value:
             if key.upper().startswith("CORTEX_"):
                 raise ValueError(f"'{key}': keys may not start with CORTEX_")
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"'{key}' is not a valid environment variable name")
         return value
 
@@ -142,6 +143,13 @@ class Compute(_Strict):
     cpu: str | int | float = "200m"
     mem: str | int | None = None
     gpu: int = pydantic.Field(default=0, ge=0)
+
+    @pydantic.field_validator("cpu", "mem", "gpu", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number or a quantity, not true/false")
+        return value
 
     @pydantic.field_validator("cpu")
     @classmethod
@@ -179,7 +187,7 @@ class APISpec(_Strict):
     def _check_name(cls, value: str) -> str:
         if len(value) > MAX_NAME_LENGTH:
             raise ValueError(f"must be at most {MAX_NAME_LENGTH} characters")
-        if not _DNS_1035.match(value):
+        if not _DNS_1035.fullmatch(value):
             raise ValueError(
                 "must be a DNS-1035 label: lowercase letters, digits and '-', starting with a "
                 "letter and ending with a letter or digit"
@@ -313,8 +321,10 @@ def parse_submission(data: Any) -> Submission:
         sub = Submission.model_validate(data, strict=False)
     except pydantic.ValidationError as err:
         raise errors.InvalidRequest(_format_error(err, "")) from None
-    for name in ("workers", "timeout", "max_attempts"):
-        value = data.get(name)
+    raw = {name: data.get(name) for name in ("workers", "timeout", "max_attempts")}
+    if isinstance(data["item_list"], dict):
+        raw["item_list.batch_size"] = data["item_list"].get("batch_size")
+    for name, value in raw.items():
         if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
             raise errors.InvalidRequest(f"{name}: must be an integer")
     assert sub.item_list is not None
@@ -340,7 +350,7 @@ def item_batches(items: list[Any], batch_size: int) -> Iterator[str]:
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         payload = json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)
-        if len(payload) > MAX_ITEM_BYTES:
+        if len(payload.encode()) > MAX_ITEM_BYTES:
             for offset, item in enumerate(chunk):
                 size = len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
                 if size > MAX_ITEM_BYTES:

@@ -1,0 +1,180 @@
+"""The `cortex` command as a user runs it: a real process against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import FIXTURES, Server, deploy_fixture, free_port, wait_for
+from cortex.client import Client
+
+
+def cortex(
+    server_url: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cortex.cli", *args],
+        env={**os.environ, "CORTEX_URL": server_url, "COLUMNS": "200"},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _project(tmp_path: Path, name: str, **predictor: object) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "predictor.py").write_text((FIXTURES / "recorder" / "predictor.py").read_text())
+    api = {
+        "name": name,
+        "kind": "BatchAPI",
+        "predictor": {
+            "type": "python",
+            "path": "predictor.py",
+            "config": {"out": "x"},
+            **predictor,
+        },
+    }
+    (folder / "cortex.yaml").write_text(yaml.safe_dump([api]))
+    return folder / "cortex.yaml"
+
+
+def test_deploy_reports_created_up_to_date_and_updated(server: Server, tmp_path: Path) -> None:
+    config = _project(tmp_path, "cli-deploy")
+    assert cortex(server.url, "deploy", str(config)).stdout == "created cli-deploy (BatchAPI)\n"
+    assert (
+        cortex(server.url, "deploy", str(config)).stdout == "cli-deploy (BatchAPI) is up to date\n"
+    )
+    (config.parent / "helper.py").write_text("X = 1\n")
+    assert cortex(server.url, "deploy", str(config)).stdout == "updated cli-deploy (BatchAPI)\n"
+    # Files the project does not ship do not change it.
+    (config.parent / ".hidden").write_text("secret")
+    (config.parent / ".cortexignore").write_text("data/\n")
+    (config.parent / "data").mkdir()
+    (config.parent / "data" / "big.bin").write_bytes(b"0" * 1000)
+    assert "is up to date" in cortex(server.url, "deploy", str(config)).stdout
+
+
+def test_deploy_refuses_bad_files_with_one_line(server: Server, tmp_path: Path) -> None:
+    cases = {
+        "unknown-key": ({"bogus": 1}, "predictor.bogus: unknown key"),
+        "missing-file": ({"path": "nope.py"}, "predictor.path: nope.py is not a file"),
+        "bad-env": ({"env": {"CORTEX_X": "1"}}, "keys may not start with CORTEX_"),
+        "bad-pypath": ({"python_path": "."}, "predictor.python_path"),
+    }
+    for name, (predictor, expected) in cases.items():
+        result = cortex(server.url, "deploy", str(_project(tmp_path, name, **predictor)))
+        assert result.returncode == 1, result
+        assert expected in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    reserved = _project(tmp_path, "healthz")
+    result = cortex(server.url, "deploy", str(reserved))
+    assert result.returncode == 1 and "reserved" in result.stderr
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("- name: [unclosed\n")
+    result = cortex(server.url, "deploy", str(bad_yaml))
+    assert result.returncode == 1 and "not valid YAML" in result.stderr
+    result = cortex(server.url, "deploy", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_submit_get_and_watch(server: Server, client: Client, tmp_path: Path) -> None:
+    api = deploy_fixture(client, "recorder", tmp_path)
+    submission = tmp_path / "job.json"
+    submission.write_text(
+        json.dumps({"workers": 1, "item_list": {"items": [1, 2, 3], "batch_size": 2}})
+    )
+
+    dry = cortex(server.url, "submit", api.name, str(submission), "--dry-run")
+    assert dry.stdout == "validations passed\n"
+    result = cortex(server.url, "submit", api.name, str(submission))
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.split()[2]
+    assert f"cortex get {api.name} {job_id} --watch" in result.stdout
+
+    watch = cortex(server.url, "get", api.name, job_id, "--watch")
+    assert watch.returncode == 0, watch.stderr
+    assert "status: succeeded" in watch.stdout
+
+    one = cortex(server.url, "get", api.name, job_id).stdout
+    for expected in (
+        "job id: " + job_id,
+        "batch stats",
+        "avg time per batch",
+        "worker stats are not available",
+        "job configuration",
+    ):
+        assert expected in one
+    table = cortex(server.url, "get", api.name).stdout
+    assert "job id" in table and job_id in table and "succeeded" in table and "2/2" in table
+    assert f"endpoint: {server.url}/{api.name}" in table
+    everything = cortex(server.url, "get").stdout
+    assert api.name in everything and "latest job id" in everything
+
+    raw = json.loads(cortex(server.url, "get", api.name, job_id, "-o", "json").stdout)
+    assert raw["job_status"]["status"] == "status_succeeded"
+    assert json.loads(cortex(server.url, "get", "-o", "json").stdout)["batch_apis"]
+
+
+def test_get_of_a_failed_job_with_watch_exits_1(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
+    api = deploy_fixture(client, "failing_init", tmp_path)
+    job_id = client.submit(api.name, {"workers": 1, "item_list": {"items": [1], "batch_size": 1}})[
+        "job_id"
+    ]
+    result = cortex(server.url, "get", api.name, job_id, "--watch")
+    assert result.returncode == 1
+    assert "worker error" in result.stdout
+    assert "model weights missing" in result.stdout
+
+
+def test_delete_stops_jobs_and_removes_the_api(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
+    api = deploy_fixture(client, "recorder", tmp_path)
+    body = {"workers": 1, "item_list": {"items": [{"sleep": 0.2}] * 50, "batch_size": 1}}
+    first = client.submit(api.name, body)["job_id"]
+    second = client.submit(api.name, body)["job_id"]
+
+    stop = cortex(server.url, "delete", api.name, first)
+    assert stop.stdout == f"stopped job {first}\n"
+    assert client.get_job(api.name, first)["job_status"]["status"] == "status_stopped"
+
+    result = cortex(server.url, "delete", api.name, "--force")
+    assert result.stdout == f"deleting {api.name}\n"
+    gone = cortex(server.url, "get", api.name)
+    assert gone.returncode == 1
+    assert gone.stderr.strip() == f"error: {api.name} is not deployed"
+    # Deleting the API stopped its other job's workers too.
+    wait_for(
+        lambda: (
+            not [p for p in server.worker_processes() if p.environ().get("CORTEX_JOB_ID") == second]
+        ),
+        5,
+        "the deleted API's workers to stop",
+    )
+
+
+def test_errors_are_one_line_with_meaningful_exit_codes(server: Server, tmp_path: Path) -> None:
+    missing = cortex(server.url, "get", "no-such-api", "abc")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "error: no-such-api is not deployed"
+
+    unreachable = cortex(f"http://127.0.0.1:{free_port()}", "get")
+    assert unreachable.returncode == 3
+    assert len(unreachable.stderr.strip().splitlines()) == 1
+    assert "cannot reach the cortex server" in unreachable.stderr
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    usage = cortex(server.url, "submit", "x", str(bad))
+    assert usage.returncode == 2
+    assert "not valid JSON" in usage.stderr
+    assert cortex(server.url, "frobnicate").returncode == 2
