@@ -34,6 +34,7 @@ def _error_line(message: str) -> None:
     """Errors are one line on stderr, never wrapped, so scripts can read them."""
     click.secho(f"error: {' '.join(message.split())}", err=True, fg="red")
 
+
 url_option = click.option(
     "--url",
     envvar="CORTEX_URL",

@@ -37,7 +37,7 @@ def ms_duration(seconds: float | None) -> str:
     """Go-style durations truncated to milliseconds: 250ms, 1.5s, 2m3.25s."""
     if seconds is None:
         return "-"
-    ms = int(seconds * 1e9) // 1_000_000  # as Go: to whole ns first, then truncate to ms
+    ms = round(seconds * 1e9) // 1_000_000  # whole ns first: 1.025 s is not 1.024 s
     if ms == 0:
         return "0s"
     if ms < 1000:

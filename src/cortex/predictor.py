@@ -61,6 +61,8 @@ def load_class(path: Path) -> type:
     if not inspect.isclass(cls):
         raise PredictorError(f"{path.name} must define a class named {CLASS_NAME}")
     for method in ("__init__", "predict"):
+        if not callable(getattr(cls, method, None)):
+            raise PredictorError(f"{CLASS_NAME} must define a method named {method}")
         _check_signature(getattr(cls, method), method)
     if hasattr(cls, "on_job_complete"):
         _check_signature(cls.on_job_complete, "on_job_complete")

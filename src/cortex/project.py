@@ -57,6 +57,8 @@ def iter_files(root: Path, config_file: Path | None = None) -> Iterator[tuple[st
                 target = full.resolve()
                 if not target.is_relative_to(root) or not target.is_file():
                     continue
+                if any(part.startswith(".") for part in target.relative_to(root).parts):
+                    continue  # a link must not ship what the folder itself would not
             if config is not None and full.resolve() == config:
                 continue
             if full.is_file():

@@ -108,7 +108,15 @@ class Predictor(_Strict):
     @pydantic.field_validator("env", mode="before")
     @classmethod
     def _null_env(cls, value: Any) -> Any:
-        return {} if value is None else value
+        if value is None:
+            return {}
+        if isinstance(value, Mapping):
+            # YAML reads `THREADS: 4` as a number; an environment holds text.
+            return {
+                key: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                for key, v in value.items()
+            }
+        return value
 
     @pydantic.field_validator("path")
     @classmethod
@@ -350,7 +358,15 @@ def item_batches(items: list[Any], batch_size: int) -> Iterator[str]:
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         payload = json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)
-        if len(payload.encode()) > MAX_ITEM_BYTES:
+        try:
+            encoded_size = len(payload.encode())
+        except UnicodeEncodeError as err:
+            raise _invalid(
+                "batchapi.invalid_item",
+                f"item_list.items: an item in batch {start // batch_size} holds text that is "
+                f"not valid unicode ({err.reason})",
+            ) from None
+        if encoded_size > MAX_ITEM_BYTES:
             for offset, item in enumerate(chunk):
                 size = len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
                 if size > MAX_ITEM_BYTES:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from conftest import FIXTURES, Server, deploy_fixture, free_port, wait_for
 from cortex.client import Client
+from helpers import FIXTURES, Server, deploy_fixture, free_port, wait_for
 
 
 def cortex(

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Server, deploy_fixture
 from cortex.client import Client
+from helpers import Server, deploy_fixture
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DeployedApi, Server, deploy_fixture, wait_for, wait_for_status
 from cortex.client import Client
+from helpers import DeployedApi, Server, deploy_fixture, wait_for, wait_for_status
 
 
 def _submit(client: Client, api: str, items: list, batch_size: int = 1, **extra) -> str:

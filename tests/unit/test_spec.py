@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cortex import errors
+from cortex import errors, spec
 from cortex.spec import (
     MAX_ITEM_BYTES,
     MAX_NAME_LENGTH,
@@ -712,3 +712,18 @@ class TestParseQuantity:
     def test_booleans(self, value: bool) -> None:
         with pytest.raises(ValueError):
             parse_quantity(value)
+
+
+def test_lone_surrogates_are_refused_as_invalid_items() -> None:
+    batches = spec.item_batches(["ok", "\ud800"], 1)
+    assert next(batches) == '["ok"]'
+    with pytest.raises(errors.InvalidSubmission) as err:
+        next(batches)
+    assert err.value.kind == "batchapi.invalid_item"
+
+
+def test_numeric_env_values_become_text() -> None:
+    [api] = spec.load_config_file(
+        "- name: a\n  kind: BatchAPI\n  predictor: {type: python, path: p.py, env: {N: 4}}\n"
+    )
+    assert api.predictor.env == {"N": "4"}
