@@ -67,13 +67,12 @@ def _print_json(data: Any) -> None:
 
 def _watch(render: Callable[[], tuple[RenderableType, bool]]) -> None:
     """Re-render every 2 s until `render` says the view is final (or Ctrl-C)."""
-    with Live(render()[0], console=console, auto_refresh=False) as live:
-        while True:
+    view, final = render()
+    with Live(view, console=console, auto_refresh=False) as live:
+        while not final:
             time.sleep(2)
             view, final = render()
             live.update(view, refresh=True)
-            if final:
-                return
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -177,7 +176,13 @@ def deploy(config: Path, url: str, output: str) -> None:
 @click.argument("job_id", required=False)
 @url_option
 @output_option
-@click.option("-w", "--watch", is_flag=True, help="Re-run every 2 s (a job: until it ends).")
+@click.option(
+    "-w",
+    "--watch",
+    is_flag=True,
+    help="Re-run every 2 s: for an API until none of its jobs is in progress, for a job until "
+    "it ends, for the list until Ctrl-C.",
+)
 def get(api: str | None, job_id: str | None, url: str, output: str, watch: bool) -> None:
     """List APIs, the jobs of API, or one job."""
     with _client(url) as client:
@@ -186,7 +191,11 @@ def get(api: str | None, job_id: str | None, url: str, output: str, watch: bool)
             if api is None:
                 return client.get_all(), False
             if job_id is None:
-                return client.get_api(api)["batch_api"], False
+                summary = client.get_api(api)["batch_api"]
+                active = any(
+                    JobStatus(job["status"]).in_progress for job in summary["job_statuses"]
+                )
+                return summary, not active
             data = client.get_job(api, job_id)
             return data, JobStatus(data["job_status"]["status"]).terminal
 

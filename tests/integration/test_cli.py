@@ -114,6 +114,9 @@ def test_submit_get_and_watch(server: Server, client: Client, tmp_path: Path) ->
     table = cortex(server.url, "get", api.name).stdout
     assert "job id" in table and job_id in table and "succeeded" in table and "2/2" in table
     assert f"endpoint: {server.url}/{api.name}" in table
+    # Watching an API ends once none of its jobs is in progress.
+    watched = cortex(server.url, "get", api.name, "--watch")
+    assert watched.returncode == 0 and job_id in watched.stdout
     everything = cortex(server.url, "get").stdout
     assert api.name in everything and "latest job id" in everything
 
