@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 an error or a failed job, 2 bad usage, 3 the server is unrea
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 import time
@@ -110,6 +111,19 @@ def cli() -> None:
 @click.option("--lease-s", envvar="CORTEX_LEASE_S", default=30.0, type=float)
 @click.option("--heartbeat-s", envvar="CORTEX_HEARTBEAT_S", default=5.0, type=float)
 @click.option("--worker-grace-s", envvar="CORTEX_WORKER_GRACE_S", default=3.0, type=float)
+@click.option("--max-workers", envvar="CORTEX_MAX_WORKERS", default=64, type=int)
+@click.option(
+    "--auth-token",
+    envvar="CORTEX_AUTH_TOKEN",
+    default="",
+    help="Require `Authorization: Bearer <token>` on every public endpoint but /healthz.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    envvar="CORTEX_INSECURE",
+    help="Allow listening on a non-loopback address without --auth-token.",
+)
 @click.option("--log-level", envvar="CORTEX_LOG_LEVEL", default="info")
 def serve(
     host: str,
@@ -122,9 +136,17 @@ def serve(
     lease_s: float,
     heartbeat_s: float,
     worker_grace_s: float,
+    max_workers: int,
+    auth_token: str,
+    insecure: bool,
     log_level: str,
 ) -> None:
     """Run the server (the public API, the worker API and the reconciler)."""
+    if not auth_token and not insecure and not _is_loopback(host):
+        raise click.UsageError(
+            f"refusing to listen on {host} without a token: anyone who can reach it could run "
+            "code on this machine. Set --auth-token (or CORTEX_AUTH_TOKEN), or pass --insecure."
+        )
     import logging
 
     import uvicorn
@@ -143,6 +165,8 @@ def serve(
         lease_s=lease_s,
         heartbeat_s=heartbeat_s,
         worker_grace_s=worker_grace_s,
+        max_workers=max_workers,
+        auth_token=auth_token,
     )
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -154,6 +178,15 @@ def serve(
         log_level=log_level,
         access_log=log_level == "debug",
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @cli.command()

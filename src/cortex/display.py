@@ -174,6 +174,7 @@ _RUNTIME_KEYS = {
     "status",
     "end_time",
     "batches_in_queue",
+    "batch_counts",
     "batch_metrics",
     "worker_counts",
     "error",

@@ -77,37 +77,60 @@ class Reconciler:
 
     def _on_exit(self, ended: WorkerExit) -> None:
         store = self.service.store
+        worker = store.get_worker(ended.worker_id)
+        if ended.exit_code == 0:
+            store.update_worker(ended.worker_id, WorkerState.SUCCEEDED, exit_code=0)
+            return
         if ended.exit_code is None:
             # An adopted worker (started by an earlier server) is gone and its exit code
             # cannot be known: do not blame the job, make sure someone finishes it.
             store.update_worker(ended.worker_id, WorkerState.UNKNOWN, error_message=ended.reason)
-            store.release_worker_leases(ended.job_id, ended.worker_id)
-            job = store.get_job(ended.job_id)
-            if (
-                job is not None
-                and job.status is JobStatus.RUNNING
-                and ended.job_id not in self.service.launcher.job_ids()
-            ):
-                self.service.launch_workers(job, job.workers)
-            return
-        ok = ended.exit_code == 0
-        state = WorkerState.SUCCEEDED if ok else WorkerState.FAILED
-        store.update_worker(
-            ended.worker_id,
-            state,
-            exit_code=ended.exit_code,
-            error_message=None if ok else f"worker {ended.reason}",
-        )
-        if ok:
-            return
-        store.release_worker_leases(ended.job_id, ended.worker_id)
+        else:
+            store.update_worker(
+                ended.worker_id,
+                WorkerState.FAILED,
+                exit_code=ended.exit_code,
+                error_message=f"worker {ended.reason}",
+            )
         job = store.get_job(ended.job_id)
-        if job is not None and job.status.in_progress:
+        if job is None or not job.status.in_progress:
+            return
+        reason = f"worker {ended.worker_id} {ended.reason}"
+        if job.completion_state == "claimed" and job.completion_worker == ended.worker_id:
+            # The hook may have half run; running it again could repeat its side effects.
+            self.service._end(
+                job.job_id,
+                JobStatus.WORKER_OOM if ended.oom else JobStatus.WORKER_ERROR,
+                "batchapi.hook_worker_died",
+                f"{reason} while running on_job_complete",
+            )
+            return
+        kind = "worker_oom" if ended.oom else "worker_died"
+        store.release_worker_leases(job.job_id, ended.worker_id, kind, reason)
+        if ended.oom:
+            self.service._end(job.job_id, JobStatus.WORKER_OOM, "batchapi.worker_oom", reason)
+            return
+        if worker is not None and worker.state in (WorkerState.PENDING, WorkerState.INITIALIZING):
+            # It died before its predictor was loaded: another worker would most likely too.
             self.service._end(
                 job.job_id,
                 JobStatus.WORKER_ERROR,
                 "batchapi.worker_exited",
-                f"worker {ended.worker_id} {ended.reason}",
+                f"{reason} before the predictor was loaded (see the worker's log)",
+            )
+            return
+        # A running worker died (killed, crashed): its batches were given back above; start a
+        # replacement, within a budget so that a job whose workers keep dying still ends.
+        budget = max(3, job.workers * job.max_attempts)
+        if store.count_restart(job.job_id, budget):
+            log.warning("job %s: %s; starting a replacement", job.job_id, reason)
+            self.service.launch_workers(job, 1)
+        else:
+            self.service._end(
+                job.job_id,
+                JobStatus.WORKER_ERROR,
+                "batchapi.worker_exited",
+                f"{reason}; {budget} workers were already replaced, giving up",
             )
 
     def _stop_async(self, job_id: str) -> None:
@@ -127,25 +150,42 @@ class Reconciler:
         threading.Thread(target=stop, name=f"cortex-stop-{job_id}", daemon=True).start()
 
     def recover(self) -> None:
-        """At start-up: adopt the workers an earlier server started, and restart the workers
-        of a job that lost all of them while no server was running."""
+        """At start-up: adopt the workers an earlier server started, and start new workers for
+        a running job that lost all of its workers while no server was running."""
         store = self.service.store
         for job in store.in_progress_jobs():
-            alive = 0
+            alive = set()
             for worker in store.list_workers(job.job_id):
                 if not worker.state.alive:
                     continue
                 if worker.pid is not None and self.service.launcher.adopt(
                     job.job_id, worker.worker_id, worker.pid
                 ):
-                    alive += 1
+                    alive.add(worker.worker_id)
+                    # Heartbeats failed while the server was down: the worker still holds its
+                    # batches, so its leases must not expire on the first tick.
+                    store.extend_worker_leases(job.job_id, worker.worker_id, self.settings.lease_s)
                     continue
                 store.update_worker(
                     worker.worker_id,
                     WorkerState.UNKNOWN,
                     error_message="the worker was gone when the server started",
                 )
-                store.release_worker_leases(job.job_id, worker.worker_id)
-            if alive == 0 and job.status is JobStatus.RUNNING:
+                store.release_worker_leases(
+                    job.job_id,
+                    worker.worker_id,
+                    "worker_died",
+                    "the worker died while the server was down",
+                )
+            if job.completion_state == "claimed" and job.completion_worker not in alive:
+                # As when a hook's worker dies under a running server: no second run.
+                self.service._end(
+                    job.job_id,
+                    JobStatus.WORKER_ERROR,
+                    "batchapi.hook_worker_died",
+                    f"worker {job.completion_worker} died while running on_job_complete",
+                )
+                continue
+            if not alive and job.status is JobStatus.RUNNING:
                 log.info("job %s: no live workers after a restart; starting new ones", job.job_id)
                 self.service.launch_workers(job, job.workers)

@@ -66,6 +66,7 @@ class Service:
 
     def submit(self, api_name: str, data: Any, dry_run: bool = False) -> Job | None:
         submission = spec.parse_submission(data)
+        self._check_workers(submission.workers)
         api = self.get_api(api_name)
         assert submission.item_list is not None
         item_list = submission.item_list
@@ -92,6 +93,55 @@ class Service:
             len(item_list.items),
             job.total_batch_count,
             item_list.batch_size,
+        )
+        self.launch_workers(job, job.workers)
+        return job
+
+    def _check_workers(self, workers: int) -> None:
+        if workers > self.settings.max_workers:
+            raise errors.InvalidSubmission(
+                f"workers: {workers} is more than this server allows per job "
+                f"({self.settings.max_workers}; set CORTEX_MAX_WORKERS to change it)",
+                kind="batchapi.too_many_workers",
+            )
+
+    def retry_failed(self, api_name: str, job_id: str, workers: int | None = None) -> Job:
+        """A new job, linked to `job_id` by `retry_of`, that runs only its failed batches.
+
+        The old job's record stays as it was: history is not rewritten, and the new job has
+        its own status, counters and hook run.
+        """
+        old = self.get_job(api_name, job_id)
+        if old.status.in_progress:
+            raise errors.InvalidSubmission(
+                f"job {job_id} is still in progress; retry its failed batches once it ends",
+                kind="batchapi.job_is_in_progress",
+            )
+        if old.failed == 0:
+            raise errors.InvalidSubmission(
+                f"job {job_id} has no failed batches", kind="batchapi.no_failed_batches"
+            )
+        workers = workers or old.workers
+        self._check_workers(workers)
+        api = self.get_api(api_name)
+        job = self.store.create_job(
+            job_id=new_job_id(),
+            api_name=api_name,
+            spec_id=api.spec_id,
+            workers=workers,
+            config=old.config,
+            timeout_s=old.timeout_s,
+            max_attempts=old.max_attempts,
+            worker_token=secrets.token_urlsafe(32),
+            payloads=self.store.failed_payloads(job_id),
+            retry_of=job_id,
+        )
+        log.info(
+            "job %s (%s api): retrying the %d failed batches of job %s",
+            job.job_id,
+            api_name,
+            job.total_batch_count,
+            job_id,
         )
         self.launch_workers(job, job.workers)
         return job

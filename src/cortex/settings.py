@@ -32,6 +32,15 @@ class Settings:
     worker_grace_s: float = 3.0
     # Most batches one lease request may take.
     max_lease_batches: int = 32
+    # Most workers one job may ask for: a typo must not start a thousand processes.
+    max_workers: int = 64
+    # With a token set, every public endpoint but /healthz requires `Authorization: Bearer`.
+    auth_token: str = ""
+
+    def __repr__(self) -> str:  # never print the token
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["auth_token"] = "***" if self.auth_token else ""
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     @property
     def resolved_store_url(self) -> str:

@@ -32,6 +32,7 @@ def job_spec_json(job: Job, api_spec: dict[str, Any]) -> dict[str, Any]:
         "timeout": job.timeout_s,
         "sqs_dead_letter_queue": None,
         "max_attempts": job.max_attempts,
+        "retry_of": job.retry_of,
     }
 
 
@@ -39,7 +40,7 @@ def job_status_json(
     job: Job,
     api_spec: dict[str, Any],
     *,
-    batches_in_queue: int,
+    batch_counts: dict[str, int],
     worker_counts: dict[str, int] | None,
 ) -> dict[str, Any]:
     average = job.succeeded_time_s / job.succeeded if job.succeeded else None
@@ -47,7 +48,11 @@ def job_status_json(
         **job_spec_json(job, api_spec),
         "status": job.status.value,
         "end_time": rfc3339(job.end_time),
-        "batches_in_queue": batches_in_queue if job.status.in_progress else 0,
+        "batches_in_queue": batch_counts["queued"] + batch_counts["leased"]
+        if job.status.in_progress
+        else 0,
+        # Additive: every batch by state (queued, leased, succeeded, failed).
+        "batch_counts": batch_counts,
         "batch_metrics": {
             "succeeded": job.succeeded,
             "failed": job.failed,

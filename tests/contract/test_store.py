@@ -58,7 +58,7 @@ def test_a_job_is_durable_and_running_once_created(store: Store) -> None:
     assert job is not None
     assert job.status is JobStatus.RUNNING
     assert job.total_batch_count == 5
-    assert store.batches_in_queue(job_id) == 5
+    assert store.batch_counts(job_id) == {"queued": 5, "leased": 0, "succeeded": 0, "failed": 0}
 
 
 def test_create_job_writes_nothing_when_the_payloads_fail(store: Store) -> None:

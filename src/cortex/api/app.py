@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cortex import errors, launchers
 from cortex.api import public, worker
+from cortex.api.auth import BearerAuth
 from cortex.reconciler import Reconciler
 from cortex.service import Service
 from cortex.settings import Settings
@@ -86,4 +87,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(worker.router)
     app.include_router(public.router)
+    if settings.auth_token:
+        app.add_middleware(BearerAuth, token=settings.auth_token)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
+import pydantic
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
@@ -31,9 +32,7 @@ def status_json(service: Service, job: Job, base_url: str) -> dict[str, Any]:
         "job_status": views.job_status_json(
             job,
             api_spec,
-            batches_in_queue=service.store.batches_in_queue(job.job_id)
-            if job.status.in_progress
-            else 0,
+            batch_counts=service.store.batch_counts(job.job_id),
             worker_counts=service.store.worker_counts(job.job_id) if running else None,
         ),
         "api_spec": api_spec,
@@ -154,3 +153,16 @@ def failed_batches(
     """The batches that used all their attempts, with the last error and traceback."""
     job = service.get_job(api_name, job_id)
     return {"job_id": job.job_id, "failed_batches": service.store.failed_batches(job_id, limit)}
+
+
+class RetryBody(pydantic.BaseModel):
+    workers: int | None = pydantic.Field(default=None, ge=1)
+
+
+@router.post("/{api_name}/{job_id}/retry_failed")
+def retry_failed(
+    api_name: str, job_id: str, service: ServiceDep, body: RetryBody | None = None
+) -> dict[str, Any]:
+    """Re-run only the failed batches of a finished job, as a new job (`retry_of` links them)."""
+    job = service.retry_failed(api_name, job_id, body.workers if body else None)
+    return views.job_spec_json(job, service.api_spec_for(job))

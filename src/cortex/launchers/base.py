@@ -25,9 +25,14 @@ class WorkerExit:
     job_id: str
     worker_id: str
     exit_code: int | None  # None: the exit code could not be known (an adopted process)
+    # The launcher killed it for using more memory than the API's compute.mem.
+    oom: bool = False
+    detail: str = ""
 
     @property
     def reason(self) -> str:
+        if self.oom:
+            return f"was killed for using too much memory ({self.detail})"
         if self.exit_code is None:
             return "exited (exit code unknown)"
         if self.exit_code < 0:

@@ -1,4 +1,10 @@
-"""Workers as local processes, each in its own process session with unbuffered output."""
+"""Workers as local processes, each in its own process session with unbuffered output.
+
+`compute.mem` is enforced by a watchdog: on every poll (the reconciler's tick, 4 times a
+second) the resident memory of each worker's process tree is measured, and a worker over its
+limit is killed with its whole session and reported as out of memory. A kernel cgroup would be
+exact; this needs no privileges and works on any machine.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ class _Proc:
     job_id: str
     popen: subprocess.Popen[bytes] | None
     pid: int
+    mem_limit_bytes: int | None = None
+    oom_detail: str = ""
 
 
 class LocalLauncher:
@@ -44,7 +52,9 @@ class LocalLauncher:
                 start_new_session=True,
             )
         with self._lock:
-            self._procs[launch.worker_id] = _Proc(launch.job_id, popen, popen.pid)
+            self._procs[launch.worker_id] = _Proc(
+                launch.job_id, popen, popen.pid, launch.compute.mem_bytes
+            )
         return popen.pid
 
     def adopt(self, job_id: str, worker_id: str, pid: int) -> bool:
@@ -65,15 +75,25 @@ class LocalLauncher:
         exits: list[WorkerExit] = []
         with self._lock:
             for worker_id, proc in list(self._procs.items()):
+                if proc.mem_limit_bytes is not None and not proc.oom_detail:
+                    _enforce_memory(proc)
                 if proc.popen is not None:
                     code = proc.popen.poll()
                     if code is None:
                         continue
-                    exits.append(WorkerExit(proc.job_id, worker_id, code))
                 elif _alive(proc.pid):
                     continue
                 else:
-                    exits.append(WorkerExit(proc.job_id, worker_id, None))
+                    code = None
+                exits.append(
+                    WorkerExit(
+                        proc.job_id,
+                        worker_id,
+                        code,
+                        oom=bool(proc.oom_detail),
+                        detail=proc.oom_detail,
+                    )
+                )
                 del self._procs[worker_id]
         return exits
 
@@ -91,6 +111,30 @@ class LocalLauncher:
             procs = list(self._procs.values())
         _stop(procs, grace_s)
         self.poll()
+
+
+def _tree_rss_bytes(pid: int) -> int:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total
+
+
+def _enforce_memory(proc: _Proc) -> None:
+    assert proc.mem_limit_bytes is not None
+    rss = _tree_rss_bytes(proc.pid)
+    if rss > proc.mem_limit_bytes:
+        proc.oom_detail = (
+            f"{rss / (1 << 20):.0f} MiB resident, over its limit of "
+            f"{proc.mem_limit_bytes / (1 << 20):.0f} MiB"
+        )
+        _signal_group(proc.pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

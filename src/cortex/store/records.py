@@ -42,6 +42,8 @@ class Job:
     error_message: str | None
     error_traceback: str | None
     worker_token: str
+    retry_of: str | None = None
+    worker_restarts: int = 0
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -69,6 +71,8 @@ class Job:
             error_message=m["error_message"],
             error_traceback=m["error_traceback"],
             worker_token=m["worker_token"],
+            retry_of=m["retry_of"],
+            worker_restarts=m["worker_restarts"],
         )
 
 

@@ -160,6 +160,7 @@ class Store:
         max_attempts: int,
         worker_token: str,
         payloads: Iterable[str],
+        retry_of: str | None = None,
     ) -> Job:
         """Store a job and all of its batches in one transaction, then mark it running.
 
@@ -181,6 +182,7 @@ class Store:
                     max_attempts=max_attempts,
                     start_time=now,
                     worker_token=worker_token,
+                    retry_of=retry_of,
                 )
             )
             total = 0
@@ -234,17 +236,6 @@ class Store:
         with self._read() as conn:
             rows = conn.execute(sa.select(t.jobs).where(t.jobs.c.status.in_(in_progress))).all()
         return [Job.from_row(row) for row in rows]
-
-    def batches_in_queue(self, job_id: str) -> int:
-        """Batches not yet ended: queued, or leased to a worker."""
-        with self._read() as conn:
-            return int(
-                conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(t.batches)
-                    .where(t.batches.c.job_id == job_id, t.batches.c.state.in_(_ACTIVE))
-                ).scalar_one()
-            )
 
     def set_status(
         self,
@@ -308,6 +299,13 @@ class Store:
                 .values(has_hook=has_hook)
             )
 
+    def get_worker(self, worker_id: str) -> WorkerRecord | None:
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(t.workers).where(t.workers.c.worker_id == worker_id)
+            ).first()
+        return None if row is None else _worker_record(row)
+
     def list_workers(self, job_id: str) -> list[WorkerRecord]:
         with self._read() as conn:
             rows = conn.execute(
@@ -315,19 +313,7 @@ class Store:
                 .where(t.workers.c.job_id == job_id)
                 .order_by(t.workers.c.started_at)
             ).all()
-        return [
-            WorkerRecord(
-                worker_id=r.worker_id,
-                job_id=r.job_id,
-                state=WorkerState(r.state),
-                pid=r.pid,
-                exit_code=r.exit_code,
-                error_message=r.error_message,
-                started_at=r.started_at,
-                updated_at=r.updated_at,
-            )
-            for r in rows
-        ]
+        return [_worker_record(r) for r in rows]
 
     def worker_counts(self, job_id: str) -> dict[str, int]:
         counts = {state.value: 0 for state in WorkerState}
@@ -444,53 +430,43 @@ class Store:
             return _get_job(conn, job_id).status
 
     def expire_leases(self) -> int:
-        """Make batches whose lease ran out leasable again, or failed if they have used all
-        their attempts (a batch that keeps killing its worker must not loop forever)."""
-        now = time.time()
+        """End the attempt of every batch whose lease ran out: it is queued again, or failed if
+        it has used all its attempts (a batch that keeps killing its worker must not loop)."""
         with self._write() as conn:
             rows = conn.execute(
-                sa.select(
-                    t.batches.c.job_id, t.batches.c.seq, t.batches.c.attempts, t.jobs.c.max_attempts
-                )
-                .join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
-                .where(
+                _leased_rows().where(
                     t.batches.c.state == BatchState.LEASED.value,
-                    t.batches.c.lease_expires_at < now,
+                    t.batches.c.lease_expires_at < time.time(),
                 )
             ).all()
             for row in rows:
-                where = sa.and_(t.batches.c.job_id == row.job_id, t.batches.c.seq == row.seq)
-                if row.attempts >= row.max_attempts:
-                    conn.execute(
-                        t.batches.update()
-                        .where(where)
-                        .values(
-                            state=BatchState.FAILED.value,
-                            lease_owner=None,
-                            lease_expires_at=None,
-                            error_message="the lease expired: the worker stopped heartbeating "
-                            "(it crashed or was killed) on the last allowed attempt",
-                        )
-                    )
-                    conn.execute(
-                        t.jobs.update()
-                        .where(t.jobs.c.job_id == row.job_id)
-                        .values(failed=t.jobs.c.failed + 1)
-                    )
-                else:
-                    conn.execute(
-                        t.batches.update()
-                        .where(where)
-                        .values(
-                            state=BatchState.QUEUED.value,
-                            lease_owner=None,
-                            lease_expires_at=None,
-                        )
-                    )
+                _end_attempt(
+                    conn,
+                    row,
+                    "lease_expired",
+                    "the lease expired: the worker stopped heartbeating (it hung, crashed or "
+                    "lost the server)",
+                )
             return len(rows)
 
-    def release_worker_leases(self, job_id: str, worker_id: str) -> None:
-        """A worker is known dead: its leases need not wait to expire."""
+    def release_worker_leases(
+        self, job_id: str, worker_id: str, kind: str = "worker_died", reason: str = ""
+    ) -> int:
+        """A worker is known dead: end the attempts it held now rather than at lease expiry."""
+        with self._write() as conn:
+            rows = conn.execute(
+                _leased_rows().where(
+                    t.batches.c.job_id == job_id,
+                    t.batches.c.state == BatchState.LEASED.value,
+                    t.batches.c.lease_owner == worker_id,
+                )
+            ).all()
+            for row in rows:
+                _end_attempt(conn, row, kind, reason or f"worker {worker_id} died")
+            return len(rows)
+
+    def extend_worker_leases(self, job_id: str, worker_id: str, lease_s: float) -> None:
+        """Renew a worker's leases without checking the job (used when adopting workers)."""
         with self._write() as conn:
             conn.execute(
                 t.batches.update()
@@ -499,17 +475,62 @@ class Store:
                     t.batches.c.state == BatchState.LEASED.value,
                     t.batches.c.lease_owner == worker_id,
                 )
-                .values(lease_expires_at=0.0)
+                .values(lease_expires_at=time.time() + lease_s)
             )
+
+    def count_restart(self, job_id: str, limit: int) -> bool:
+        """Take one worker restart from the job's budget; False when it is spent."""
+        with self._write() as conn:
+            updated = conn.execute(
+                t.jobs.update()
+                .where(t.jobs.c.job_id == job_id, t.jobs.c.worker_restarts < limit)
+                .values(worker_restarts=t.jobs.c.worker_restarts + 1)
+            )
+            return updated.rowcount == 1
+
+    def batch_counts(self, job_id: str) -> dict[str, int]:
+        counts = {state.value: 0 for state in BatchState}
+        with self._read() as conn:
+            for state, n in conn.execute(
+                sa.select(t.batches.c.state, sa.func.count())
+                .where(t.batches.c.job_id == job_id)
+                .group_by(t.batches.c.state)
+            ):
+                counts[state] = n
+        return counts
+
+    def failed_payloads(self, job_id: str) -> Iterator[str]:
+        """The payloads of a job's failed batches, in order, read in pages."""
+        last = -1
+        while True:
+            with self._read() as conn:
+                rows = conn.execute(
+                    sa.select(t.batches.c.seq, t.batches.c.payload)
+                    .where(
+                        t.batches.c.job_id == job_id,
+                        t.batches.c.state == BatchState.FAILED.value,
+                        t.batches.c.seq > last,
+                    )
+                    .order_by(t.batches.c.seq)
+                    .limit(_INSERT_CHUNK)
+                ).all()
+            if not rows:
+                return
+            for row in rows:
+                yield row.payload
+            last = rows[-1].seq
 
     def failed_batches(self, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
         with self._read() as conn:
             rows = conn.execute(
                 sa.select(
                     t.batches.c.batch_id,
+                    t.batches.c.seq,
                     t.batches.c.attempts,
+                    t.batches.c.error_kind,
                     t.batches.c.error_message,
                     t.batches.c.error_traceback,
+                    t.batches.c.payload,
                 )
                 .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.FAILED.value)
                 .order_by(t.batches.c.seq)
@@ -518,9 +539,12 @@ class Store:
         return [
             {
                 "batch_id": row.batch_id,
+                "index": row.seq,
                 "attempts": row.attempts,
+                "error_kind": row.error_kind,
                 "error": row.error_message,
                 "traceback": row.error_traceback,
+                "payload": json.loads(row.payload),
             }
             for row in rows
         ]
@@ -536,6 +560,19 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _worker_record(r: Any) -> WorkerRecord:
+    return WorkerRecord(
+        worker_id=r.worker_id,
+        job_id=r.job_id,
+        state=WorkerState(r.state),
+        pid=r.pid,
+        exit_code=r.exit_code,
+        error_message=r.error_message,
+        started_at=r.started_at,
+        updated_at=r.updated_at,
+    )
 
 
 def _api_record(row: Any) -> ApiRecord:
@@ -624,25 +661,59 @@ def _record_result(conn: Connection, job: Job, worker_id: str, result: BatchResu
                 )
             )
         return
-    row = conn.execute(sa.select(t.batches.c.attempts).where(where)).first()
-    if row is None:
-        return
-    final = row.attempts >= job.max_attempts
-    conn.execute(
+    row = conn.execute(
+        _leased_rows().where(
+            t.batches.c.batch_id == result.batch_id,
+            t.batches.c.job_id == job.job_id,
+            t.batches.c.state == BatchState.LEASED.value,
+            t.batches.c.lease_owner == worker_id,
+        )
+    ).first()
+    if row is not None:
+        _end_attempt(conn, row, "predict_error", result.error, result.traceback, result.duration_s)
+
+
+def _leased_rows() -> sa.Select[Any]:
+    """Batch rows with what `_end_attempt` needs to know."""
+    return sa.select(
+        t.batches.c.job_id, t.batches.c.seq, t.batches.c.attempts, t.jobs.c.max_attempts
+    ).join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
+
+
+def _end_attempt(
+    conn: Connection,
+    row: Any,
+    kind: str,
+    message: str | None,
+    traceback: str | None = None,
+    duration_s: float | None = None,
+) -> None:
+    """A leased batch's attempt failed: queue it again, or fail it on its last attempt.
+
+    Attempts are counted when a batch is leased, so a batch that kills its worker uses them up
+    like one that raises, and ends `failed` with the reason instead of looping forever.
+    """
+    final = row.attempts >= row.max_attempts
+    updated = conn.execute(
         t.batches.update()
-        .where(where)
+        .where(
+            t.batches.c.job_id == row.job_id,
+            t.batches.c.seq == row.seq,
+            t.batches.c.state == BatchState.LEASED.value,
+        )
         .values(
             state=(BatchState.FAILED if final else BatchState.QUEUED).value,
             lease_owner=None,
             lease_expires_at=None,
-            duration_s=result.duration_s,
-            error_message=result.error,
-            error_traceback=result.traceback,
+            duration_s=duration_s,
+            error_kind=kind,
+            error_message=message,
+            error_traceback=traceback,
         )
     )
-    if final:
+    if final and updated.rowcount == 1:
         conn.execute(
-            t.jobs.update().where(t.jobs.c.job_id == job.job_id).values(failed=t.jobs.c.failed + 1)
+            t.jobs.update().where(t.jobs.c.job_id == row.job_id).values(failed=t.jobs.c.failed + 1)
         )
 
 

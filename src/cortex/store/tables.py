@@ -54,6 +54,10 @@ jobs = sa.Table(
     sa.Column("error_message", sa.Text, nullable=True),
     sa.Column("error_traceback", sa.Text, nullable=True),
     sa.Column("worker_token", sa.String(64), nullable=False),
+    # A job that re-runs the failed batches of another names it here.
+    sa.Column("retry_of", sa.String(32), nullable=True),
+    # Workers started to replace workers that died; bounded so a crash loop ends.
+    sa.Column("worker_restarts", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_jobs_api_start", "api_name", "start_time"),
     sa.Index("ix_jobs_status", "status"),
 )
@@ -70,6 +74,8 @@ batches = sa.Table(
     sa.Column("lease_owner", sa.String(64), nullable=True),
     sa.Column("lease_expires_at", sa.Float, nullable=True),
     sa.Column("duration_s", sa.Float, nullable=True),
+    # Why the last attempt failed: predict_error, worker_died, worker_oom, lease_expired.
+    sa.Column("error_kind", sa.String(32), nullable=True),
     sa.Column("error_message", sa.Text, nullable=True),
     sa.Column("error_traceback", sa.Text, nullable=True),
     sa.Index("ix_batches_job_state_seq", "job_id", "state", "seq"),

@@ -1,0 +1,57 @@
+"""Bearer-token authentication for the public API (the worker API has job-scoped tokens)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from cortex import errors
+
+# Open without a token: load balancers probe readiness; workers bring their own job tokens.
+_OPEN_PATHS = ("/healthz",)
+_WORKER_PREFIX = "/worker/"
+
+
+class BearerAuth:
+    """Pure ASGI middleware: requests without the server's token get a 401 and go no further."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path in _OPEN_PATHS or path.startswith(_WORKER_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value
+                break
+        # compare_digest takes the same time wherever the first difference is.
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        await _reject(send)
+
+
+async def _reject(send: Send) -> None:
+    err = errors.Unauthorized(
+        "this server requires a token: send Authorization: Bearer <token> "
+        "(the CLI reads it from CORTEX_AUTH_TOKEN)"
+    )
+    body = json.dumps(err.to_dict()).encode()
+    headers: list[Any] = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"www-authenticate", b"Bearer"),
+    ]
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
