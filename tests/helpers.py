@@ -142,6 +142,7 @@ def deploy_fixture(
     *,
     name: str | None = None,
     config: dict[str, Any] | None = None,
+    compute: dict[str, Any] | None = None,
 ) -> DeployedApi:
     """Copy a fixture predictor into tmp_path, give it a unique name, and deploy it."""
     name = name or f"{fixture.replace('_', '-')}-{uuid.uuid4().hex[:8]}"
@@ -152,6 +153,8 @@ def deploy_fixture(
     api = yaml.safe_load((folder / "cortex.yaml").read_text())[0]
     api["name"] = name
     api["predictor"]["config"] = {"out": str(out), **(config or {})}
+    if compute:
+        api["compute"] = compute
     (folder / "cortex.yaml").write_text(yaml.safe_dump([api]))
     client.deploy(folder / "cortex.yaml")
     return DeployedApi(name, folder, out)

@@ -18,10 +18,12 @@ def default_url() -> str:
 
 
 class Client:
-    def __init__(self, url: str | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, url: str | None = None, timeout_s: float = 60.0, token: str | None = None
+    ) -> None:
         self.url = (url or default_url()).rstrip("/")
         headers = {}
-        token = os.environ.get("CORTEX_AUTH_TOKEN")
+        token = token if token is not None else os.environ.get("CORTEX_AUTH_TOKEN")
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)

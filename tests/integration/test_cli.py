@@ -181,3 +181,9 @@ def test_errors_are_one_line_with_meaningful_exit_codes(server: Server, tmp_path
     assert usage.returncode == 2
     assert "not valid JSON" in usage.stderr
     assert cortex(server.url, "frobnicate").returncode == 2
+
+
+def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
+    result = cortex("http://unused", "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without a token" in result.stderr
