@@ -124,7 +124,28 @@ def cli() -> None:
     envvar="CORTEX_INSECURE",
     help="Allow listening on a non-loopback address without --auth-token.",
 )
+@click.option(
+    "--log-retention-s",
+    envvar="CORTEX_LOG_RETENTION_S",
+    default=7 * 86400.0,
+    type=float,
+    help="Keep a job's logs this long after it ends.",
+)
+@click.option(
+    "--log-max-lines",
+    envvar="CORTEX_LOG_MAX_LINES",
+    default=2_000_000,
+    type=int,
+    help="Keep at most this many log lines per job (the oldest go first).",
+)
 @click.option("--log-level", envvar="CORTEX_LOG_LEVEL", default="info")
+@click.option(
+    "--log-format",
+    envvar="CORTEX_LOG_FORMAT",
+    default="text",
+    type=click.Choice(["text", "json"]),
+    help="The server's own log: text, or JSON lines for log collectors.",
+)
 def serve(
     host: str,
     port: int,
@@ -139,7 +160,10 @@ def serve(
     max_workers: int,
     auth_token: str,
     insecure: bool,
+    log_retention_s: float,
+    log_max_lines: int,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the server (the public API, the worker API and the reconciler)."""
     if not auth_token and not insecure and not _is_loopback(host):
@@ -147,10 +171,9 @@ def serve(
             f"refusing to listen on {host} without a token: anyone who can reach it could run "
             "code on this machine. Set --auth-token (or CORTEX_AUTH_TOKEN), or pass --insecure."
         )
-    import logging
-
     import uvicorn
 
+    from cortex import serverlog
     from cortex.api.app import create_app
     from cortex.settings import Settings
 
@@ -167,15 +190,15 @@ def serve(
         worker_grace_s=worker_grace_s,
         max_workers=max_workers,
         auth_token=auth_token,
-    )
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        log_retention_s=log_retention_s,
+        log_max_lines_per_job=log_max_lines,
     )
     uvicorn.run(
         create_app(settings),
         host=host,
         port=port,
         log_level=log_level,
+        log_config=serverlog.config(log_level, json_lines=log_format == "json"),
         access_log=log_level == "debug",
     )
 
@@ -304,6 +327,37 @@ def delete(api: str, job_id: str | None, url: str, output: str, force: bool) -> 
         _print_json(result)
     else:
         click.echo(result["message"])
+
+
+@cli.command()
+@click.argument("api")
+@click.argument("job_id")
+@url_option
+@click.option("-f", "--follow", is_flag=True, help="Stream new lines until the job ends.")
+@click.option("--since", default=None, help="Only lines since: 30s, 5m, 2h, 1d, or a time.")
+@click.option("--tail", type=int, default=None, help="Only the last N lines (then follow).")
+@click.option("--worker", "worker_id", default=None, help="One worker: 0, worker-0 or server.")
+@click.option("--batch", default=None, help="Only the lines of one batch id.")
+def logs(
+    api: str,
+    job_id: str,
+    url: str,
+    follow: bool,
+    since: str | None,
+    tail: int | None,
+    worker_id: str | None,
+    batch: str | None,
+) -> None:
+    """Print what every worker of a job wrote, and the server's lines about it."""
+    with _client(url) as client:
+        lines = client.logs(
+            api, job_id, follow=follow, since=since, tail=tail, worker=worker_id, batch=batch
+        )
+        try:
+            for line in lines:
+                click.echo(line)
+        except KeyboardInterrupt:
+            pass
 
 
 @cli.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +47,19 @@ class Client:
                 "is `cortex serve` running? (set --url or CORTEX_URL)"
             ) from None
         if response.status_code >= 400:
-            try:
-                body = response.json()
-                kind, message = body["kind"], body["message"]
-            except (ValueError, KeyError, TypeError):
-                kind, message = "request.failed", f"{response.status_code}: {response.text}"
-            error = errors.CortexError(message, kind=kind)
-            error.status_code = response.status_code
-            raise error
+            self._raise(response)
         return response
+
+    @staticmethod
+    def _raise(response: httpx.Response) -> None:
+        try:
+            body = response.json()
+            kind, message = body["kind"], body["message"]
+        except (ValueError, KeyError, TypeError):
+            kind, message = "request.failed", f"{response.status_code}: {response.text}"
+        error = errors.CortexError(message, kind=kind)
+        error.status_code = response.status_code
+        raise error
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._request(method, path, **kwargs).json()
@@ -122,6 +127,35 @@ class Client:
     def list_jobs(self, api_name: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._json("GET", f"/{api_name}")["job_statuses"]
         return result
+
+    def logs(
+        self,
+        api_name: str,
+        job_id: str,
+        *,
+        follow: bool = False,
+        since: str | None = None,
+        tail: int | None = None,
+        worker: str | None = None,
+        batch: str | None = None,
+    ) -> Iterator[str]:
+        """A job's log lines as text, streamed; with `follow`, until the job has ended."""
+        params: dict[str, Any] = {"jobID": job_id, "follow": follow}
+        for key, value in (("since", since), ("tail", tail), ("worker", worker), ("batch", batch)):
+            if value is not None:
+                params[key] = value
+        try:
+            with self._http.stream(
+                "GET", f"/{api_name}/logs", params=params, timeout=httpx.Timeout(30, read=None)
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise(response)
+                yield from response.iter_lines()
+        except httpx.TransportError as err:
+            raise errors.ConnectionFailed(
+                f"lost the connection to the cortex server at {self.url} ({err.__class__.__name__})"
+            ) from None
 
     def stop_job(self, api_name: str, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._json("DELETE", f"/{api_name}", params={"jobID": job_id})

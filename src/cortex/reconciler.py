@@ -16,10 +16,11 @@ from cortex.service import Service
 
 log = logging.getLogger("cortex.server")
 
-# Workers of a job that completed normally exit by themselves; they are only signalled if they
-# are still there this long after the final status.
-_NATURAL_EXIT_GRACE_S = 5.0
+# Workers of a job that completed normally exit by themselves, once they have shipped the log
+# lines they still hold (up to 30 s); they are only signalled if still there after this.
+_NATURAL_EXIT_GRACE_S = 40.0
 _NATURAL_END = (JobStatus.SUCCEEDED, JobStatus.COMPLETED_WITH_FAILURES)
+_PRUNE_EVERY_S = 60.0
 
 
 class Reconciler:
@@ -29,6 +30,7 @@ class Reconciler:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._stopping: set[str] = set()
+        self._next_prune = 0.0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="cortex-reconciler", daemon=True)
         service.wake = self._wake.set
@@ -74,9 +76,18 @@ class Reconciler:
             if owner.status in _NATURAL_END and now - ended_at < _NATURAL_EXIT_GRACE_S:
                 continue
             self._stop_async(job_id)
+        if now >= self._next_prune:
+            self._next_prune = now + _PRUNE_EVERY_S
+            pruned = self.service.logs.prune(
+                now - self.settings.log_retention_s, self.settings.log_max_lines_per_job
+            )
+            if pruned:
+                log.info("pruned %d log chunks past the retention settings", pruned)
 
     def _on_exit(self, ended: WorkerExit) -> None:
         store = self.service.store
+        # First, so that a follower who sees the worker ended has every line it wrote.
+        self.service.ingest_output(ended.job_id, ended.worker_id)
         worker = store.get_worker(ended.worker_id)
         if ended.exit_code == 0:
             store.update_worker(ended.worker_id, WorkerState.SUCCEEDED, exit_code=0)
@@ -123,7 +134,7 @@ class Reconciler:
         # replacement, within a budget so that a job whose workers keep dying still ends.
         budget = max(3, job.workers * job.max_attempts)
         if store.count_restart(job.job_id, budget):
-            log.warning("job %s: %s; starting a replacement", job.job_id, reason)
+            self.service.job_event(job.job_id, f"{reason}; starting a replacement", "WARNING")
             self.service.launch_workers(job, 1)
         else:
             self.service._end(
@@ -187,5 +198,7 @@ class Reconciler:
                 )
                 continue
             if not alive and job.status is JobStatus.RUNNING:
-                log.info("job %s: no live workers after a restart; starting new ones", job.job_id)
+                self.service.job_event(
+                    job.job_id, "no live workers after a restart; starting new ones"
+                )
                 self.service.launch_workers(job, job.workers)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from cortex.jobs import JobStatus, WorkerState, new_job_id
 from cortex.launchers import Launcher, WorkerLaunch
 from cortex.settings import Settings
 from cortex.store import ApiRecord, Job, LeaseResult, Store
+from cortex.store.logs import LogStore
 from cortex.store.records import BatchResult
 
 log = logging.getLogger("cortex.server")
@@ -23,6 +26,7 @@ class Service:
         self.settings = settings
         self.store = store
         self.launcher = launcher
+        self.logs = LogStore(store)
         # Set by the reconciler so that a status change acts at once, not on the next tick.
         self.wake: Any = lambda: None
 
@@ -86,13 +90,10 @@ class Service:
             worker_token=secrets.token_urlsafe(32),
             payloads=payloads,
         )
-        log.info(
-            "job %s (%s api): partitioned %d items into %d batches of size %d",
+        self.job_event(
             job.job_id,
-            api_name,
-            len(item_list.items),
-            job.total_batch_count,
-            item_list.batch_size,
+            f"partitioning {len(item_list.items)} items found in job submission into "
+            f"{job.total_batch_count} batches of size {item_list.batch_size}",
         )
         self.launch_workers(job, job.workers)
         return job
@@ -136,12 +137,8 @@ class Service:
             payloads=self.store.failed_payloads(job_id),
             retry_of=job_id,
         )
-        log.info(
-            "job %s (%s api): retrying the %d failed batches of job %s",
-            job.job_id,
-            api_name,
-            job.total_batch_count,
-            job_id,
+        self.job_event(
+            job.job_id, f"retrying the {job.total_batch_count} failed batches of job {job_id}"
         )
         self.launch_workers(job, job.workers)
         return job
@@ -161,7 +158,7 @@ class Service:
         job = self.get_job(api_name, job_id)
         if not job.status.in_progress or not self._end(job_id, JobStatus.STOPPED):
             raise errors.JobNotInProgress()
-        log.info("job %s (%s api): request received to stop job", job_id, api_name)
+        self.job_event(job_id, "request received to stop job; performing cleanup...")
 
     def _end(
         self,
@@ -175,9 +172,23 @@ class Service:
             job_id, status, error_kind=kind, error_message=message, error_traceback=trace
         )
         if ended:
-            log.info("job %s: %s%s", job_id, status.value, f": {message}" if message else "")
-            self.wake()
+            self._ended(job_id, status, message)
         return ended
+
+    def _ended(self, job_id: str, status: JobStatus, message: str | None) -> None:
+        """Say that a job reached its final status, and let the reconciler act on it."""
+        level = "INFO" if status in (JobStatus.SUCCEEDED, JobStatus.STOPPED) else "WARNING"
+        suffix = f": {message}" if message else ""
+        self.job_event(job_id, f"job status: {status.value}{suffix}", level)
+        self.wake()
+
+    def job_event(self, job_id: str, message: str, level: str = "INFO") -> None:
+        """A line about a job: in the server's log, and in the job's own log stream."""
+        log.log(logging.getLevelName(level), "job %s: %s", job_id, message)
+        try:
+            self.logs.server_line(job_id, message, level)
+        except Exception:  # the job's log is best effort; its status is what matters
+            log.exception("job %s: cannot store a log line", job_id)
 
     def api_spec_for(self, job: Job) -> dict[str, Any]:
         return self.store.get_spec(job.spec_id)[0]
@@ -190,6 +201,31 @@ class Service:
             return dest
         _, archive = self.store.get_spec(spec_id)
         return project.extract(archive, dest)
+
+    def worker_output_path(self, job_id: str, worker_id: str) -> Path:
+        """Where a local worker's raw stdout and stderr go (what bypasses the log capture)."""
+        return self.settings.data_dir.resolve() / "logs" / job_id / f"{worker_id}.log"
+
+    def ingest_output(self, job_id: str, worker_id: str, max_bytes: int = 256 << 10) -> int:
+        """Store what a worker wrote outside the log capture (an import error before Python
+        was up, a segfault, a C library writing to its file descriptors): read once, when it
+        exits, keeping the last `max_bytes`."""
+        path = self.worker_output_path(job_id, worker_id)
+        try:
+            with open(path, "rb") as raw:
+                raw.seek(0, os.SEEK_END)
+                size = raw.tell()
+                raw.seek(max(0, size - max_bytes))
+                data = raw.read()
+        except OSError:
+            return 0
+        text = data.decode("utf-8", errors="replace")
+        lines = [line for line in text.splitlines() if line.strip()]
+        if size > max_bytes and lines:
+            lines[0] = f"[... {size - max_bytes} earlier bytes not kept]"
+        now = time.time()
+        self.logs.append(job_id, worker_id, [[now, "output", None, None, line] for line in lines])
+        return len(lines)
 
     def launch_workers(self, job: Job, count: int) -> None:
         api_spec = spec.APISpec.model_validate(self.api_spec_for(job))
@@ -211,7 +247,7 @@ class Service:
                 "PYTHONPATH": ":".join(python_path),
             }
             self.store.add_worker(job.job_id, worker_id)
-            log_path = self.settings.data_dir.resolve() / "logs" / job.job_id / f"{worker_id}.log"
+            log_path = self.worker_output_path(job.job_id, worker_id)
             try:
                 pid = self.launcher.start(
                     WorkerLaunch(
@@ -235,7 +271,7 @@ class Service:
                 return
             if pid is not None:
                 self.store.update_worker(worker_id, WorkerState.PENDING, pid=pid)
-        log.info("job %s: started %d workers", job.job_id, count)
+        self.job_event(job.job_id, f"started {count} worker{'s' if count != 1 else ''}")
 
     # -- the worker API ---------------------------------------------------------------------
 
@@ -285,11 +321,14 @@ class Service:
     def lease(
         self, job: Job, worker_id: str, results: list[BatchResult], max_batches: int
     ) -> LeaseResult:
+        # (No per-lease log line: at thousands of leases a second it would drown the log.)
         max_batches = max(0, min(max_batches, self.settings.max_lease_batches))
         result = self.store.lease(
             job.job_id, worker_id, results, max_batches, self.settings.lease_s
         )
-        if result.done and not result.batches:
+        if result.final_status is not None:
+            self._ended(job.job_id, result.final_status, None)
+        elif result.done:
             self.wake()
         return result
 
@@ -300,6 +339,8 @@ class Service:
         self, job: Job, worker_id: str, error: str | None, traceback: str | None
     ) -> JobStatus:
         status = self.store.finish_hook(job.job_id, worker_id, error, traceback)
-        log.info("job %s: on_job_complete finished on %s; %s", job.job_id, worker_id, status)
-        self.wake()
+        outcome = "finished" if error is None else f"failed: {error}"
+        self.job_event(job.job_id, f"on_job_complete {outcome} (worker {worker_id})")
+        if status.terminal:
+            self._ended(job.job_id, status, None if error is None else f"on_job_complete: {error}")
         return status

@@ -34,6 +34,10 @@ class Settings:
     max_lease_batches: int = 32
     # Most workers one job may ask for: a typo must not start a thousand processes.
     max_workers: int = 64
+    # Job logs are kept this long after a job ends, and at most this many lines per job (the
+    # oldest go first).
+    log_retention_s: float = 7 * 86400.0
+    log_max_lines_per_job: int = 2_000_000
     # With a token set, every public endpoint but /healthz requires `Authorization: Bearer`.
     auth_token: str = ""
 

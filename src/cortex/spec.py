@@ -24,6 +24,11 @@ from cortex import errors
 MAX_NAME_LENGTH = 42
 MAX_ITEM_BYTES = 262144  # one item's raw JSON (spec §4: 256 KiB)
 DEFAULT_MAX_ATTEMPTS = 3
+# Deepest nesting of lists and objects a document may have. Past it a stored config or spec
+# could never be answered again (the JSON encoders give up near 255 levels).
+MAX_JSON_DEPTH = 64
+# Largest `timeout` and `max_attempts`: the store keeps them in 32-bit integer columns.
+MAX_INT32 = (1 << 31) - 1
 
 # Names that would shadow the server's own paths, now or in the near future.
 RESERVED_NAMES = frozenset(
@@ -144,6 +149,8 @@ class Predictor(_Strict):
                 raise ValueError(f"'{key}': keys may not start with CORTEX_")
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"'{key}' is not a valid environment variable name")
+            if "\0" in value[key]:
+                raise ValueError(f"'{key}': a value may not hold a null character")
         return value
 
 
@@ -208,6 +215,32 @@ class APISpec(_Strict):
         return self.model_dump(mode="json")
 
 
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar is 0), without
+    recursion, so a hostile document cannot exhaust the stack."""
+    deepest = 0
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break  # deep enough to refuse: no need to walk the rest
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return deepest
+
+
+def _unicode_error(value: Any) -> str | None:
+    """Why `value` cannot be written as UTF-8 JSON (a lone surrogate from a `\\ud800` escape),
+    or None if it can."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError as err:
+        return err.reason
+    return None
+
+
 def _format_error(err: pydantic.ValidationError, prefix: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(part) for part in first["loc"])
@@ -229,10 +262,16 @@ def parse_api_spec(data: Any, where: str = "") -> APISpec:
         raise errors.InvalidSpec(f"{where}an API must be a mapping of keys to values")
     name = data.get("name")
     prefix = f"{where}api {name!r}: " if isinstance(name, str) else where
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise errors.InvalidSpec(f"{prefix}nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return APISpec.model_validate(data)
+        api = APISpec.model_validate(data)
     except pydantic.ValidationError as err:
         raise errors.InvalidSpec(_format_error(err, prefix)) from None
+    reason = _unicode_error(api.to_json())
+    if reason is not None:
+        raise errors.InvalidSpec(f"{prefix}holds text that is not valid unicode ({reason})")
+    return api
 
 
 def load_config_file(text: str, filename: str = "cortex.yaml") -> list[APISpec]:
@@ -308,6 +347,8 @@ def parse_submission(data: Any) -> Submission:
     """Validate a submission in the spec's order, with the spec's error kinds."""
     if not isinstance(data, dict):
         raise errors.InvalidRequest("the request body must be a JSON object")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise errors.InvalidRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     present = [key for key in DATASET_KEYS if data.get(key) is not None]
     if not present:
         raise _invalid(
@@ -344,8 +385,17 @@ def parse_submission(data: Any) -> Submission:
         raise _invalid("batchapi.invalid_workers", "workers: must be at least 1")
     if sub.timeout is not None and sub.timeout < 1:
         raise _invalid("batchapi.invalid_timeout", "timeout: must be at least 1 second")
+    if sub.timeout is not None and sub.timeout > MAX_INT32:
+        raise _invalid("batchapi.invalid_timeout", f"timeout: must be at most {MAX_INT32} seconds")
     if sub.max_attempts < 1:
         raise _invalid("batchapi.invalid_max_attempts", "max_attempts: must be at least 1")
+    if sub.max_attempts > MAX_INT32:
+        raise _invalid(
+            "batchapi.invalid_max_attempts", f"max_attempts: must be at most {MAX_INT32}"
+        )
+    reason = _unicode_error(sub.config)
+    if reason is not None:
+        raise errors.InvalidRequest(f"config: holds text that is not valid unicode ({reason})")
     return sub
 
 

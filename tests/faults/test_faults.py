@@ -203,6 +203,12 @@ def test_a_server_killed_mid_job_picks_up_where_it_left(own_server: Server, tmp_
     assert _hook_runs(api, job_id) == 1
     # The workers the first server started carried on: none had to be started again.
     assert _worker_rows(restarted, job_id) == 2
+    # The job's log survived the restart and goes on after it.
+    with restarted.client() as client:
+        text = "\n".join(client.logs(api.name, job_id, follow=True))
+    assert "started 2 workers" in text
+    assert "job status: status_succeeded" in text
+    assert text.count(" done ") == 16
 
 
 def test_a_job_whose_workers_died_with_the_server_is_recovered(

@@ -120,6 +120,10 @@ def test_submit_get_and_watch(server: Server, client: Client, tmp_path: Path) ->
     everything = cortex(server.url, "get").stdout
     assert api.name in everything and "latest job id" in everything
 
+    followed = cortex(server.url, "logs", api.name, job_id, "--follow")
+    assert followed.returncode == 0  # and it ended by itself: the job is over
+    assert "job status: status_succeeded" in followed.stdout
+    assert cortex(server.url, "logs", api.name, job_id, "--tail", "1").stdout.count("\n") == 1
     raw = json.loads(cortex(server.url, "get", api.name, job_id, "-o", "json").stdout)
     assert raw["job_status"]["status"] == "status_succeeded"
     assert json.loads(cortex(server.url, "get", "-o", "json").stdout)["batch_apis"]

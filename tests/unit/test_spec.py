@@ -727,3 +727,15 @@ def test_numeric_env_values_become_text() -> None:
         "- name: a\n  kind: BatchAPI\n  predictor: {type: python, path: p.py, env: {N: 4}}\n"
     )
     assert api.predictor.env == {"N": "4"}
+
+
+def test_env_values_may_not_hold_null_characters() -> None:
+    with pytest.raises(errors.InvalidSpec) as err:
+        spec.parse_api_spec(
+            {
+                "name": "a",
+                "kind": "BatchAPI",
+                "predictor": {"type": "python", "path": "p.py", "env": {"X": "a\0b"}},
+            }
+        )
+    assert "null character" in err.value.message

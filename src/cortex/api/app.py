@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cortex import errors, launchers
-from cortex.api import public, worker
+from cortex.api import logs, public, worker
 from cortex.api.auth import BearerAuth
 from cortex.reconciler import Reconciler
 from cortex.service import Service
@@ -86,6 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(worker.router)
+    app.include_router(logs.router)  # before public: /<api>/logs is not a job id
     app.include_router(public.router)
     if settings.auth_token:
         app.add_middleware(BearerAuth, token=settings.auth_token)

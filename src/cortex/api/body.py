@@ -10,8 +10,8 @@ from fastapi import Request
 from cortex import errors
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The request's JSON body, refusing more than `max_bytes` before reading it all."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, refusing more than `max_bytes` before reading it all."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise errors.BodyTooLarge(f"the request body is larger than the {max_bytes} byte limit")
@@ -22,10 +22,17 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise errors.BodyTooLarge(f"the request body is larger than the {max_bytes} byte limit")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request's JSON body, refusing more than `max_bytes` before reading it all."""
+    body = await read_body(request, max_bytes)
     if not body:
         raise errors.InvalidRequest("the request body is empty; send a JSON object")
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise errors.InvalidRequest(f"the request body is not valid JSON: {err}") from None
+    except RecursionError:  # nesting deeper than the interpreter's stack allows
+        raise errors.InvalidRequest("the request body nests too deeply") from None

@@ -16,9 +16,23 @@ from cortex.api.body import read_json
 from cortex.jobs import JobStatus
 from cortex.project import MAX_ARCHIVE_BYTES
 from cortex.service import Service
+from cortex.spec import DEFAULT_MAX_ATTEMPTS, MAX_INT32
 from cortex.store import Job
 
-router = APIRouter()
+
+class ErrorBody(pydantic.BaseModel):
+    """Every error answer: a machine-readable kind and a message for people."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    kind: str = pydantic.Field(examples=["batchapi.invalid_workers"])
+    message: str = pydantic.Field(examples=["workers: must be at least 1"])
+
+
+# Errors are {"kind", "message"} with a 4xx status (the spec's are all 400), never FastAPI's
+# default 422 body: declaring "4XX" also keeps FastAPI from documenting that 422.
+router = APIRouter(
+    responses={"4XX": {"model": ErrorBody, "description": "The request was refused"}}
+)
 ServiceDep = Annotated[Service, Depends(deps.service)]
 BaseUrl = Annotated[str, Depends(deps.base_url)]
 # The spec's job list holds every in-progress job, topped up with the newest others to 10.
@@ -59,6 +73,8 @@ async def deploy(
         spec_data = json.loads(spec)
     except json.JSONDecodeError as err:
         raise errors.InvalidRequest(f"spec: not valid JSON: {err}") from None
+    except RecursionError:  # nesting deeper than the interpreter's stack allows
+        raise errors.InvalidRequest("spec: nests too deeply") from None
     archive = await project.read(MAX_ARCHIVE_BYTES + 1)
     if len(archive) > MAX_ARCHIVE_BYTES:
         raise errors.BodyTooLarge(f"the project archive is over {MAX_ARCHIVE_BYTES} bytes")
@@ -89,7 +105,102 @@ def delete_api(api_name: str, service: ServiceDep) -> dict[str, str]:
     return {"message": f"deleting {api_name}"}
 
 
-@router.post("/{api_name}", response_model=None)
+_POSITIVE_INT = {"type": "integer", "minimum": 1}
+_ITEM_LIST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["items", "batch_size"],
+    "properties": {
+        "items": {"type": "array", "minItems": 1, "items": {}},
+        "batch_size": _POSITIVE_INT,
+    },
+}
+_S3_DATASET_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Refused by this server for now: 400 `batchapi.dataset_not_supported`.",
+    "properties": {
+        "s3_paths": {"type": "array", "items": {"type": "string"}},
+        "includes": {"type": "array", "items": {"type": "string"}},
+        "excludes": {"type": "array", "items": {"type": "string"}},
+        "batch_size": {"type": "integer"},
+    },
+}
+_SUBMISSION_FIELDS: dict[str, Any] = {
+    "workers": {**_POSITIVE_INT, "description": "worker processes to start"},
+    "config": {
+        "type": ["object", "null"],
+        "description": "merged over the API's predictor.config for this job",
+    },
+    "timeout": {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": MAX_INT32,
+        "description": "seconds from submission before the job is timed out",
+    },
+    "max_attempts": {
+        **_POSITIVE_INT,
+        "maximum": MAX_INT32,
+        "default": DEFAULT_MAX_ATTEMPTS,
+        "description": "tries per batch before it counts as failed",
+    },
+}
+
+
+def _submission_with(dataset: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "title": f"Submission with {dataset}",
+        "required": ["workers", dataset],
+        "properties": {**_SUBMISSION_FIELDS, dataset: schema},
+    }
+
+
+# The submit route reads its body itself (`read_json`): that keeps the spec's validation order
+# and error kinds, and enforces the size limit while streaming. FastAPI therefore cannot see the
+# body, so it is described here for the OpenAPI document; validation stays in `spec`.
+_SUBMISSION_BODY: dict[str, Any] = {
+    "required": True,
+    "description": (
+        "A job submission (spec §4.1) with exactly one dataset: `item_list`, `file_path_lister` "
+        "or `delimited_files` (this server runs only `item_list` for now). Unknown keys are "
+        "ignored."
+    ),
+    "content": {
+        "application/json": {
+            "schema": {
+                "title": "Submission",
+                "oneOf": [
+                    _submission_with("item_list", _ITEM_LIST_SCHEMA),
+                    _submission_with("file_path_lister", _S3_DATASET_SCHEMA),
+                    _submission_with("delimited_files", _S3_DATASET_SCHEMA),
+                ],
+            },
+            "example": {
+                "workers": 1,
+                "item_list": {"items": ["a", "b", "c"], "batch_size": 2},
+                "config": {"threshold": 0.5},
+                "timeout": 600,
+                "max_attempts": DEFAULT_MAX_ATTEMPTS,
+            },
+        }
+    },
+}
+_SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The job, or with `dryRun=true` the text `validations passed`",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/plain": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/{api_name}",
+    response_model=None,
+    responses=_SUBMIT_RESPONSES,
+    openapi_extra={"requestBody": _SUBMISSION_BODY},
+)
 async def submit(
     api_name: str,
     request: Request,

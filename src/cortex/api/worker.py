@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any, Literal
 
+import orjson
 import pydantic
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from cortex import errors
 from cortex.api import deps
+from cortex.api.body import read_body
 from cortex.jobs import WorkerState
 from cortex.service import Service
 from cortex.store import Job
@@ -112,6 +116,58 @@ def lease(body: LeaseBody, job: JobDep, service: ServiceDep) -> Response:
 def heartbeat(body: WorkerBody, job: JobDep, service: ServiceDep) -> dict[str, bool]:
     _own_worker(job, body.worker_id)
     return {"ok": service.heartbeat(job, body.worker_id)}
+
+
+_STREAMS = frozenset({"stdout", "stderr", "log"})
+_MAX_LINE_CHARS = 64 << 10
+
+
+@router.post("/logs")
+async def logs(request: Request, job: JobDep, service: ServiceDep) -> dict[str, int]:
+    """Lines a worker captured: `{worker_id, lines: [[ts, stream, level, batch_id, message]],
+    dropped}`. Thousands of lines a request: checked cheaply, stored as one chunk."""
+    raw = await read_body(request, service.settings.max_body_bytes)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise errors.InvalidRequest(f"the request body is not valid JSON: {err}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("worker_id"), str):
+        raise errors.InvalidRequest("worker_id: required")
+    worker_id = body["worker_id"]
+    _own_worker(job, worker_id)
+    lines = body.get("lines") or []
+    if not isinstance(lines, list):
+        raise errors.InvalidRequest(_LINE_SHAPE)
+    for line in lines:
+        if (
+            not isinstance(line, list)
+            or len(line) != 5
+            or not isinstance(line[0], int | float)
+            or line[1] not in _STREAMS
+            or not isinstance(line[4], str)
+            or not (line[2] is None or isinstance(line[2], str))
+            or not (line[3] is None or isinstance(line[3], str))
+        ):
+            raise errors.InvalidRequest(_LINE_SHAPE)
+        if len(line[4]) > _MAX_LINE_CHARS:
+            line[4] = line[4][:_MAX_LINE_CHARS] + " [line cut]"
+    dropped = body.get("dropped") or 0
+    if isinstance(dropped, int) and dropped > 0:
+        lines.append(
+            [
+                lines[-1][0] if lines else time.time(),
+                "stderr",
+                "WARNING",
+                None,
+                f"cortex: {dropped} log lines were dropped: the worker printed faster than "
+                "they could be shipped, or the server was unreachable",
+            ]
+        )
+    await run_in_threadpool(service.logs.append, job.job_id, worker_id, lines)
+    return {"stored": len(lines)}
+
+
+_LINE_SHAPE = "lines: each line is [ts, stream, level, batch_id, message]"
 
 
 @router.post("/hook")

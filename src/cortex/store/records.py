@@ -113,3 +113,5 @@ class LeaseResult:
     run_hook: bool = False
     # Nothing is left for this worker: the job ended, or every batch has ended.
     done: bool = False
+    # Set when this very request ended the job (no hook to run): its final status.
+    final_status: JobStatus | None = None

@@ -751,11 +751,11 @@ def _maybe_complete(conn: Connection, job_id: str, worker_id: str) -> LeaseResul
         .where(t.jobs.c.job_id == job_id)
         .values(completion_state="done", completion_worker=worker_id)
     )
-    _finalize(conn, job)
-    return LeaseResult(batches=[], done=True)
+    return LeaseResult(batches=[], done=True, final_status=_finalize(conn, job))
 
 
-def _finalize(conn: Connection, job: Job) -> None:
+def _finalize(conn: Connection, job: Job) -> JobStatus:
     current = _get_job(conn, job.job_id)
     status = JobStatus.SUCCEEDED if current.failed == 0 else JobStatus.COMPLETED_WITH_FAILURES
     _set_status(conn, job.job_id, status)
+    return status

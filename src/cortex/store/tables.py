@@ -82,6 +82,24 @@ batches = sa.Table(
     sa.Index("ix_batches_lease", "state", "lease_expires_at"),
 )
 
+# What a job's workers printed or logged, and the server's lines about the job, stored in the
+# chunks workers ship them in (thousands of lines a row): appending stays cheap at 100,000 lines
+# a second, and reading walks chunks by id. `lines` is a JSON array of
+# [ts, stream, level, batch_id, message].
+log_chunks = sa.Table(
+    "log_chunks",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("job_id", sa.String(32), nullable=False),
+    # The worker id, or "server" for the server's own lines about the job.
+    sa.Column("source", sa.String(64), nullable=False),
+    sa.Column("first_ts", sa.Float, nullable=False),
+    sa.Column("last_ts", sa.Float, nullable=False),
+    sa.Column("line_count", sa.Integer, nullable=False),
+    sa.Column("lines", sa.Text, nullable=False),
+    sa.Index("ix_log_chunks_job_id", "job_id", "id"),
+)
+
 workers = sa.Table(
     "workers",
     metadata,

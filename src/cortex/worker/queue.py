@@ -7,12 +7,12 @@ that arrive twice are counted once by the server.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
 
 import httpx
+import orjson
 
 log = logging.getLogger("cortex")
 
@@ -39,14 +39,16 @@ class WorkerQueue:
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         deadline = time.monotonic() + self.retry_s
         delay = 0.05
+        content = None if body is None else orjson.dumps(body)
+        headers = {"Content-Type": "application/json"} if body is not None else None
         while True:
             try:
-                response = self._client.request(method, path, json=body)
+                response = self._client.request(method, path, content=content, headers=headers)
             except httpx.TransportError as err:
                 problem = f"server unreachable ({err.__class__.__name__})"
             else:
                 if response.status_code < 300:
-                    return json.loads(response.content)
+                    return orjson.loads(response.content)
                 if response.status_code < 500:
                     raise JobGone(f"{response.status_code}: {response.text}")
                 problem = f"server error {response.status_code}"
@@ -74,6 +76,11 @@ class WorkerQueue:
     def heartbeat(self) -> bool:
         result = self._call("POST", "/heartbeat", {"worker_id": self.worker_id})
         return bool(result.get("ok"))
+
+    def ship_logs(self, lines: list[list[Any]], dropped: int) -> None:
+        self._call(
+            "POST", "/logs", {"worker_id": self.worker_id, "lines": lines, "dropped": dropped}
+        )
 
     def finish_hook(self, error: str | None, traceback: str | None) -> None:
         self._call(

@@ -6,9 +6,9 @@ CORTEX_WORKER_ID, CORTEX_WORKER_TOKEN and CORTEX_PROJECT_DIR.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
-import sys
 import threading
 import time
 import traceback
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cortex import predictor as predictor_mod
+from cortex.worker import logship
 from cortex.worker.queue import JobGone, WorkerQueue
 
 log = logging.getLogger("cortex")
@@ -28,13 +29,13 @@ _IDLE_POLL_MAX_S = 0.25
 
 
 def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s:cortex:pid-%(process)d:%(levelname)s:%(message)s")
-    )
-    log.addHandler(handler)
+    # The worker's own lines go through the root logger, which the log capture ships.
     log.setLevel(logging.INFO)
-    log.propagate = False
+    # httpx logs every request at INFO: shipping logs must not make more logs.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # A segfault's Python traceback goes to the process's stderr, which the launcher keeps.
+    faulthandler.enable(file=2)
 
 
 class _Heartbeat(threading.Thread):
@@ -103,27 +104,30 @@ def _loop(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
         idle_s = 0.01
         for batch in batches:
             batch_id = batch["batch_id"]
-            log.info("processing batch %s", batch_id)
-            started = time.perf_counter()
-            try:
-                predictor.predict(batch["payload"], batch_id)
-            except Exception as err:
-                duration = time.perf_counter() - started
-                trace = traceback.format_exc()
-                log.error("failed to process batch %s\n%s", batch_id, trace.rstrip())
-                results.append(
-                    {
-                        "batch_id": batch_id,
-                        "ok": False,
-                        "duration_s": duration,
-                        "error": _error_line(err),
-                        "traceback": trace,
-                    }
-                )
-            else:
-                duration = time.perf_counter() - started
-                results.append({"batch_id": batch_id, "ok": True, "duration_s": duration})
+            with logship.in_batch(batch_id):
+                result = _predict(predictor, batch["payload"], batch_id)
+            results.append(result)
+            duration = result["duration_s"]
             avg_s = duration if avg_s is None else 0.8 * avg_s + 0.2 * duration
+
+
+def _predict(predictor: predictor_mod.Predictor, payload: Any, batch_id: str) -> dict[str, Any]:
+    log.info("processing batch %s", batch_id)
+    started = time.perf_counter()
+    try:
+        predictor.predict(payload, batch_id)
+    except Exception as err:
+        duration = time.perf_counter() - started
+        trace = traceback.format_exc()
+        log.error("failed to process batch %s\n%s", batch_id, trace.rstrip())
+        return {
+            "batch_id": batch_id,
+            "ok": False,
+            "duration_s": duration,
+            "error": _error_line(err),
+            "traceback": trace,
+        }
+    return {"batch_id": batch_id, "ok": True, "duration_s": time.perf_counter() - started}
 
 
 def _run_hook(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
@@ -149,10 +153,13 @@ def main() -> int:
         env["CORTEX_WORKER_ID"],
         env["CORTEX_WORKER_TOKEN"],
     )
+    capture = logship.Capture(logship.Shipper(queue.ship_logs))
+    capture.install()
     try:
         return run(queue, Path(env.get("CORTEX_PROJECT_DIR", ".")))
     except JobGone as err:
         log.info("the server ended this worker's job: %s", err)
         return 0
     finally:
+        capture.uninstall()  # ships what is left before the process ends
         queue.close()

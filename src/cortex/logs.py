@@ -1,0 +1,114 @@
+"""Reading a job's log: filters, formatting, and following until every line is in."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi.concurrency import run_in_threadpool
+
+from cortex import errors
+from cortex.store import Job
+from cortex.store.logs import LogFilter, LogLine, LogStore
+
+PAGE_CHUNKS = 8
+FOLLOW_POLL_S = 0.1
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(value: str, now: float | None = None) -> float:
+    """`30s`, `5m`, `2h`, `1d` ago, or an RFC 3339 time, as a UNIX timestamp."""
+    now = time.time() if now is None else now
+    match = _DURATION.match(value.strip())
+    if match:
+        return now - float(match.group(1)) * _UNIT_S[match.group(2)]
+    try:
+        moment = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise errors.InvalidRequest(
+            f"since: {value!r} is neither a duration (30s, 5m, 2h, 1d) nor an RFC 3339 time"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
+def worker_source(job_id: str, worker: str) -> str:
+    """Accept `3`, `worker-3` or the full worker id."""
+    if worker == "server" or worker.startswith(f"{job_id}-"):
+        return worker
+    return f"{job_id}-{worker.removeprefix('worker-')}"
+
+
+def short_source(job_id: str, source: str) -> str:
+    if source.startswith(f"{job_id}-"):
+        return "worker-" + source[len(job_id) + 1 :]
+    return source
+
+
+def format_text(job_id: str, line: LogLine) -> str:
+    moment = datetime.datetime.fromtimestamp(line.ts, datetime.UTC)
+    stamp = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    kind = line.level or line.stream
+    batch = f" [batch {line.batch_id}]" if line.batch_id else ""
+    return f"{stamp} {short_source(job_id, line.source)} {kind}{batch} {line.message}\n"
+
+
+def format_json(job_id: str, line: LogLine) -> str:
+    return (
+        json.dumps(
+            {
+                "chunk": line.chunk_id,
+                "ts": line.ts,
+                "worker": short_source(job_id, line.source),
+                "stream": line.stream,
+                "level": line.level,
+                "batch_id": line.batch_id,
+                "message": line.message,
+            }
+        )
+        + "\n"
+    )
+
+
+async def stream_lines(
+    logs: LogStore,
+    job: Job,
+    *,
+    where: LogFilter,
+    tail: int | None,
+    follow: bool,
+    finished: Callable[[], bool],
+    fmt: Callable[[str, LogLine], str],
+) -> AsyncIterator[str]:
+    """Yield formatted lines, a few chunks at a time (a huge log is never loaded whole). With
+    `follow`, keep going until `finished()` says the job ended and every worker is gone, then
+    drain what is left."""
+    after = 0
+    if tail is not None:
+        lines, after = await run_in_threadpool(logs.tail, job.job_id, tail, where)
+        if lines:
+            yield "".join(fmt(job.job_id, line) for line in lines)
+        if not follow:
+            return
+    draining = False
+    while True:
+        lines, after, more = await run_in_threadpool(
+            logs.read, job.job_id, after, PAGE_CHUNKS, where
+        )
+        if lines:
+            yield "".join(fmt(job.job_id, line) for line in lines)
+        if more:
+            continue
+        if not follow or draining:
+            return
+        # Checked after a read that reached the end: a job seen finished here has every
+        # line in the store, so one more read drains it.
+        draining = await run_in_threadpool(finished)
+        if not draining:
+            await asyncio.sleep(FOLLOW_POLL_S)

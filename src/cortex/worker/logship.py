@@ -1,0 +1,261 @@
+"""Capture everything a worker says and ship it to the server in batches.
+
+`print`, `sys.stdout`/`sys.stderr` writes and `logging` records become lines with a timestamp,
+the stream or level, and the id of the batch being predicted. A background thread sends them to
+the server's worker API every 100 ms (or sooner when many are waiting).
+
+Back-pressure: at most `max_pending_chars` of text wait in memory. A writer that finds it full
+waits up to `block_s` for the shipper to catch up (a fast printer is slowed to the shipping rate,
+which is far above what a predictor prints), then drops the line and counts it; the count is
+sent with the next request and the server stores a line that says how many were lost.
+
+Output that bypasses Python (a C library writing to file descriptor 2, a segfault, an error
+before this module is installed) goes to the process's own stdout/stderr, which the launcher
+keeps, and is stored when the worker exits.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+# The batch being predicted, set by the worker loop; stamped on every line.
+_current_batch: str | None = None
+
+
+@contextlib.contextmanager
+def in_batch(batch_id: str) -> Iterator[None]:
+    global _current_batch
+    _current_batch = batch_id
+    try:
+        yield
+    finally:
+        _current_batch = None
+
+
+Line = list[Any]  # [ts, stream, level, batch_id, message]: compact on the wire
+Send = Callable[[list[Line], int], None]
+# What writers queue: (ts, stream, level, batch_id, text). Text from stdout/stderr may hold
+# part of a line or several; the shipper thread cuts it into lines.
+_Write = tuple[float, str, str | None, str | None, str]
+
+
+class Shipper(threading.Thread):
+    """Queues writes without a lock on the writer's side (a deque append is atomic), and cuts
+    and ships lines from its own thread, so that a print costs the predictor well under a
+    microsecond more than it would anyway."""
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        period_s: float = 0.1,
+        max_pending_chars: int = 8 << 20,
+        max_per_request: int = 20_000,
+        max_request_chars: int = 2 << 20,
+        block_s: float = 2.0,
+    ) -> None:
+        super().__init__(name="cortex-logs", daemon=True)
+        self._send = send
+        self.period_s = period_s
+        self.max_pending_chars = max_pending_chars
+        self.max_per_request = max_per_request
+        self.max_request_chars = max_request_chars
+        self.block_s = block_s
+        self._writes: collections.deque[_Write] = collections.deque()
+        # Characters queued and not yet shipped; the lock makes the count exact across threads.
+        self._pending_chars = 0
+        self._count_lock = threading.Lock()
+        self._partial: dict[str, tuple[str, float, str | None]] = {}
+        self._dropped = 0
+        self._drained = threading.Condition()
+        self._wake = threading.Event()
+        self._closing = False
+
+    def write(self, stream: str, level: str | None, text: str) -> None:
+        if len(text) > self.max_request_chars:  # one giant write: keep what fits a request
+            with self._count_lock:
+                self._dropped += text.count("\n", self.max_request_chars) or 1
+            text = text[: self.max_request_chars] + "\n"
+        if self._pending_chars >= self.max_pending_chars and not self._wait_for_room():
+            with self._count_lock:
+                self._dropped += text.count("\n") or 1
+            return
+        with self._count_lock:
+            self._pending_chars += len(text)
+        self._writes.append((time.time(), stream, level, _current_batch, text))
+
+    def _wait_for_room(self) -> bool:
+        """The slow path: the shipper is behind. Wait a little, then give up on this write."""
+        if threading.current_thread() is self:
+            return False
+        self._wake.set()
+        deadline = time.monotonic() + self.block_s
+        with self._drained:
+            while self._pending_chars >= self.max_pending_chars and not self._closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._drained.wait(remaining)
+        return True
+
+    def _take(self) -> list[Line]:
+        """Cut queued writes into whole lines, at most `max_per_request` of them."""
+        lines: list[Line] = []
+        taken_chars = 0
+        writes = self._writes
+        while writes and len(lines) < self.max_per_request and taken_chars < self.max_request_chars:
+            ts, stream, level, batch_id, text = writes.popleft()
+            taken_chars += len(text)
+            if level is not None:  # a log record: whole lines already
+                lines.extend([ts, "log", level, batch_id, part] for part in text.split("\n"))
+                continue
+            # Coalesce a run of writes to the same stream in the same batch (print writes the
+            # text and the newline separately): one split instead of one per write. Lines of a
+            # run share the time of its last write, at most 10 ms after its first.
+            texts = [text]
+            while writes:
+                nts, nstream, nlevel, nbatch, ntext = writes[0]
+                if (
+                    nstream != stream
+                    or nlevel is not None
+                    or nbatch != batch_id
+                    or nts - ts > 0.01
+                    or taken_chars + len(ntext) > self.max_request_chars
+                ):
+                    break
+                writes.popleft()
+                texts.append(ntext)
+                taken_chars += len(ntext)
+            if len(texts) > 1:
+                text = "".join(texts)
+            parts = text.split("\n")
+            pending = self._partial.pop(stream, None)
+            first_batch = batch_id
+            if pending is not None:  # the rest of a line an earlier write began
+                parts[0] = pending[0] + parts[0]
+                first_batch = pending[2]
+            for index, part in enumerate(parts[:-1]):
+                lines.append([ts, stream, None, first_batch if index == 0 else batch_id, part])
+            if parts[-1]:
+                begun_in = first_batch if len(parts) == 1 else batch_id
+                self._partial[stream] = (parts[-1], ts, begun_in)
+        with self._count_lock:
+            self._pending_chars -= taken_chars
+        with self._drained:
+            self._drained.notify_all()
+        return lines
+
+    def _flush_partial(self) -> list[Line]:
+        lines = [
+            [ts, stream, None, batch, text] for stream, (text, ts, batch) in self._partial.items()
+        ]
+        self._partial.clear()
+        return lines
+
+    def run(self) -> None:
+        while True:
+            if len(self._writes) < self.max_per_request and not self._closing:
+                self._wake.wait(self.period_s)
+                self._wake.clear()
+            closing = self._closing
+            lines = self._take()
+            if closing and not self._writes:
+                lines += self._flush_partial()
+            with self._count_lock:
+                dropped, self._dropped = self._dropped, 0
+            if lines or dropped:
+                try:
+                    self._send(lines, dropped)
+                except Exception as err:  # the server is away: count the lines as lost
+                    message = f"cortex: could not ship {len(lines)} log lines: {err}\n"
+                    os.write(2, message.encode(errors="replace"))
+                    with self._count_lock:
+                        self._dropped += len(lines) + dropped
+            if closing and not self._writes:
+                return
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Ship what is left and stop."""
+        self._closing = True
+        self._wake.set()
+        with self._drained:
+            self._drained.notify_all()
+        self.join(timeout_s)
+
+
+class _LineWriter(io.TextIOBase):
+    """A text stream whose writes go to the shipper."""
+
+    def __init__(self, shipper: Shipper, stream: str, original: TextIO) -> None:
+        self._write = shipper.write
+        self._stream = stream
+        self._original = original
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._write(self._stream, None, text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._original.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _ShipHandler(logging.Handler):
+    def __init__(self, shipper: Shipper) -> None:
+        super().__init__()
+        self._shipper = shipper
+        self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._shipper.write("log", record.levelname, message)
+
+
+class Capture:
+    """Install the shipper for this process: stdout, stderr and the root logger."""
+
+    def __init__(self, shipper: Shipper) -> None:
+        self.shipper = shipper
+        self._stdout = _LineWriter(shipper, "stdout", sys.stdout)
+        self._stderr = _LineWriter(shipper, "stderr", sys.stderr)
+        self._handler = _ShipHandler(shipper)
+
+    def install(self) -> None:
+        self.shipper.start()
+        sys.stdout = self._stdout
+        sys.stderr = self._stderr
+        root = logging.getLogger()
+        root.addHandler(self._handler)
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+
+    def uninstall(self) -> None:
+        sys.stdout = sys.__stdout__
+        sys.stderr = sys.__stderr__
+        logging.getLogger().removeHandler(self._handler)
+        self.shipper.close()
