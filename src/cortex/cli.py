@@ -182,12 +182,13 @@ def serve(
         max_workers=max_workers,
         auth_token=auth_token,
     )
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     # Before uvicorn: a store that is away or not migrated is one line and exit code 1, not
     # a traceback from the application's start-up.
     _prepare_store(settings)
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # cortex says what it migrated
     uvicorn.run(
         create_app(settings),
         host=host,

@@ -13,11 +13,10 @@ import threading
 import time
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 from cortex.jobs import BatchState, JobStatus
-from cortex.store import Store
+from cortex.store import Store, schema
 from cortex.store import tables as t
 from cortex.store.cluster import Cluster
 from cortex.store.records import BatchResult
@@ -290,9 +289,10 @@ def test_workers_of_a_gone_replica_are_lost_once_unheard_of(store: Store) -> Non
     assert cluster.live_replicas(ttl_s=30) == ["r1", "r2"]
 
 
-def test_server_processes_on_one_postgresql_never_share_a_batch(store: Store) -> None:
-    if store.is_sqlite:
-        pytest.skip("one SQLite file has one server process")
+def test_server_processes_on_one_postgresql_never_share_a_batch(pg_url: str) -> None:
+    # PostgreSQL only: one SQLite file is served by one server process.
+    store = Store(pg_url)
+    schema.upgrade(store)
     batches = 150
     job_id = _job(store, batches)
     context = multiprocessing.get_context("spawn")
@@ -316,5 +316,6 @@ def test_server_processes_on_one_postgresql_never_share_a_batch(store: Store) ->
     _assert_each_attempt_leased_once(record, batches)
     assert len(record.hooks) == 1
     job = store.get_job(job_id)
+    store.close()
     assert job is not None
     assert (job.status, job.succeeded) == (JobStatus.SUCCEEDED, batches)
