@@ -34,10 +34,10 @@ from helpers import (
 )
 
 # Short periods so that a death is noticed in seconds: a replica not heard from for 1 s is
-# gone, a worker not heard from for 3 s (heartbeats every 0.3 s) is lost.
+# gone, a worker not heard from for 4 s (heartbeats every 0.3 s) is lost.
 REPLICA_ENV = {
     "CORTEX_LEADER_LEASE_S": "1",
-    "CORTEX_LEASE_S": "3",
+    "CORTEX_LEASE_S": "4",
     "CORTEX_HEARTBEAT_S": "0.3",
 }
 
