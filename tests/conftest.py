@@ -10,13 +10,25 @@ import pytest
 import sqlalchemy as sa
 
 from cortex.client import Client
+from cortex.store import Store, schema
 from helpers import Server, start_server, stop_server
 from postgres import ADMIN_URL, Databases
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("server"))
+def server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Server]:
+    """The shared server: on SQLite, or with CORTEX_TEST_SERVER_STORE=postgresql on a fresh
+    PostgreSQL database (to run the integration and fault suites on that engine too)."""
+    env = {}
+    if os.environ.get("CORTEX_TEST_SERVER_STORE") == "postgresql":
+        databases: Databases = request.getfixturevalue("pg_databases")
+        store = Store(databases.create())
+        schema.upgrade(store)
+        store.close()
+        env["CORTEX_STORE"] = store.url
+    srv = start_server(tmp_path_factory.mktemp("server"), **env)
     yield srv
     stop_server(srv)
 
