@@ -80,6 +80,29 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
+def job_worker_processes(job_id: str) -> list[psutil.Process]:
+    """Live worker processes of a job wherever they come from (a killed server's included)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if (
+                proc.status() != psutil.STATUS_ZOMBIE
+                and any("cortex.worker" in part for part in proc.cmdline())
+                and proc.environ().get("CORTEX_JOB_ID") == job_id
+            ):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def kill_processes(procs: list[psutil.Process]) -> None:
+    """SIGKILL each process's group (workers run in sessions of their own)."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def start_server(data_dir: Path, port: int | None = None, **env: str) -> Server:
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"

@@ -82,10 +82,7 @@ def cli() -> None:
     """Cortex Batch: deploy predictors as Batch APIs and run batch inference jobs."""
 
 
-@cli.command()
-@click.option("--host", envvar="CORTEX_HOST", default=DEFAULT_HOST, show_default=True)
-@click.option("--port", envvar="CORTEX_PORT", default=DEFAULT_PORT, show_default=True, type=int)
-@click.option(
+data_dir_option = click.option(
     "--data-dir",
     envvar="CORTEX_DATA_DIR",
     default=".cortex",
@@ -93,13 +90,21 @@ def cli() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the SQLite store, unpacked projects and worker output live.",
 )
-@click.option(
+store_option = click.option(
     "--store",
     "store_url",
     envvar="CORTEX_STORE",
     default="",
-    help="SQLAlchemy URL of the store (default: SQLite in the data dir).",
+    help="The store's URL: postgresql://user:password@host/db, or any SQLAlchemy URL "
+    "(default: SQLite in the data dir).",
 )
+
+
+@cli.command()
+@click.option("--host", envvar="CORTEX_HOST", default=DEFAULT_HOST, show_default=True)
+@click.option("--port", envvar="CORTEX_PORT", default=DEFAULT_PORT, show_default=True, type=int)
+@data_dir_option
+@store_option
 @click.option("--launcher", envvar="CORTEX_LAUNCHER", default="local", type=click.Choice(["local"]))
 @click.option(
     "--public-url",
@@ -111,6 +116,13 @@ def cli() -> None:
 @click.option("--lease-s", envvar="CORTEX_LEASE_S", default=30.0, type=float)
 @click.option("--heartbeat-s", envvar="CORTEX_HEARTBEAT_S", default=5.0, type=float)
 @click.option("--worker-grace-s", envvar="CORTEX_WORKER_GRACE_S", default=3.0, type=float)
+@click.option(
+    "--leader-lease-s",
+    envvar="CORTEX_LEADER_LEASE_S",
+    default=5.0,
+    type=float,
+    help="With replicas: how soon a dead leader is replaced, and a dead replica noticed.",
+)
 @click.option("--max-workers", envvar="CORTEX_MAX_WORKERS", default=64, type=int)
 @click.option(
     "--auth-token",
@@ -157,6 +169,7 @@ def serve(
     lease_s: float,
     heartbeat_s: float,
     worker_grace_s: float,
+    leader_lease_s: float,
     max_workers: int,
     auth_token: str,
     insecure: bool,
@@ -171,6 +184,8 @@ def serve(
             f"refusing to listen on {host} without a token: anyone who can reach it could run "
             "code on this machine. Set --auth-token (or CORTEX_AUTH_TOKEN), or pass --insecure."
         )
+    import logging.config
+
     import uvicorn
 
     from cortex import serverlog
@@ -188,19 +203,66 @@ def serve(
         lease_s=lease_s,
         heartbeat_s=heartbeat_s,
         worker_grace_s=worker_grace_s,
+        leader_lease_s=leader_lease_s,
         max_workers=max_workers,
         auth_token=auth_token,
         log_retention_s=log_retention_s,
         log_max_lines_per_job=log_max_lines,
     )
+    log_config = serverlog.config(log_level, json_lines=log_format == "json")
+    logging.config.dictConfig(log_config)
+    # Before uvicorn: a store that is away or not migrated is one line and exit code 1, not
+    # a traceback from the application's start-up.
+    _prepare_store(settings)
     uvicorn.run(
         create_app(settings),
         host=host,
         port=port,
         log_level=log_level,
-        log_config=serverlog.config(log_level, json_lines=log_format == "json"),
+        log_config=log_config,
         access_log=log_level == "debug",
     )
+
+
+def _prepare_store(settings: Any) -> None:
+    from cortex.store import Store, schema
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.resolved_store_url)
+    try:
+        schema.prepare(store)
+    finally:
+        store.close()
+
+
+@cli.command()
+@data_dir_option
+@store_option
+def migrate(data_dir: Path, store_url: str) -> None:
+    """Create the store's schema, or upgrade it to this version's.
+
+    Run it before starting servers on a PostgreSQL store, and after upgrading cortex; servers
+    on the default SQLite store do it themselves.
+    """
+    from cortex.settings import Settings
+    from cortex.store import Store, schema, sql
+
+    settings = Settings(data_dir=data_dir, store_url=store_url)
+    if not store_url:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.resolved_store_url)
+    try:
+        done = schema.upgrade(store)
+    finally:
+        store.close()
+    where = sql.display_url(store.url)
+    if done.before == done.after:
+        click.echo(f"{where} is up to date (schema revision {done.after})")
+    else:
+        click.echo(
+            f"migrated {where} from {done.before or 'an empty database'} "
+            f"to schema revision {done.after}"
+        )
 
 
 def _is_loopback(host: str) -> bool:

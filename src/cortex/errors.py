@@ -93,3 +93,15 @@ class IllegalTransition(CortexError):
 
     kind = "batchapi.illegal_transition"
     status_code = 409
+
+
+class SchemaNotCurrent(CortexError):
+    """The store's schema is not the one this version needs: run `cortex migrate`."""
+
+    kind = "store.schema_not_current"
+
+
+class StoreUnavailable(CortexError):
+    """The store's database cannot be reached."""
+
+    kind = "store.unavailable"

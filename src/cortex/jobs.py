@@ -120,3 +120,8 @@ def new_job_id() -> str:
         now_ns = max(time.time_ns(), _last_id_ns + 1)
         _last_id_ns = now_ns
     return format(_MAX_INT64 - now_ns, "x")
+
+
+def new_worker_id(job_id: str, index: int) -> str:
+    """Workers are numbered within their job; the worker API checks the job prefix."""
+    return f"{job_id}-{index}"

@@ -1,7 +1,12 @@
-"""The reconciler: acts on worker exits, expired leases, timeouts and ended jobs.
+"""The reconciler: acts on worker exits, expired leases, timeouts, lost workers, ended jobs.
 
 It runs on a short tick and is woken at once by status changes, so a stop or a failure takes
 effect in well under a second rather than on a minute-long cron.
+
+Where several server replicas share a store, each one's reconciler watches the worker processes
+that replica started (only its launcher knows them): their exits, and stopping them once their
+job has ended. Only the replica holding the leader lease does the store-wide work: lease expiry,
+timeouts, and replacing the workers of replicas that are gone.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import time
 
 from cortex.jobs import JobStatus, WorkerState
 from cortex.launchers import WorkerExit
+from cortex.replicas import Membership
 from cortex.service import Service
+from cortex.store.cluster import Cluster
+from cortex.store.records import Job
 
 log = logging.getLogger("cortex.server")
 
@@ -21,12 +29,15 @@ log = logging.getLogger("cortex.server")
 _NATURAL_EXIT_GRACE_S = 40.0
 _NATURAL_END = (JobStatus.SUCCEEDED, JobStatus.COMPLETED_WITH_FAILURES)
 _PRUNE_EVERY_S = 60.0
+_BEFORE_INIT = (WorkerState.PENDING, WorkerState.INITIALIZING)
 
 
 class Reconciler:
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, membership: Membership) -> None:
         self.service = service
         self.settings = service.settings
+        self.membership = membership
+        self.cluster: Cluster = membership.cluster
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._stopping: set[str] = set()
@@ -36,6 +47,9 @@ class Reconciler:
         service.wake = self._wake.set
 
     def start(self) -> None:
+        # Registered before recovering, so that no leader takes this replica's workers for
+        # lost while it adopts them.
+        self.membership.renew()
         self.recover()
         self._thread.start()
 
@@ -43,6 +57,10 @@ class Reconciler:
         self._stopped.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        try:
+            self.membership.resign()
+        except Exception:  # the store may be the reason for the shutdown
+            log.exception("could not give up the leader lease; it expires by itself")
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -54,9 +72,16 @@ class Reconciler:
                 log.exception("reconcile tick failed")
 
     def tick(self) -> None:
-        store = self.service.store
+        leader = self.membership.renew()
         for ended in self.service.launcher.poll():
             self._on_exit(ended)
+        if leader:
+            self._store_wide()
+        self._stop_ended()
+
+    def _store_wide(self) -> None:
+        """The leader's work: what no single replica's processes tell it."""
+        store = self.service.store
         store.expire_leases()
         now = time.time()
         for job in store.in_progress_jobs():
@@ -68,9 +93,33 @@ class Reconciler:
                     f"terminating job after exceeding the specified timeout of {job.timeout_s} "
                     "seconds",
                 )
+        # A worker whose replica is gone is still working if it reaches another replica (its
+        # CORTEX_URL is a load balancer): it heartbeats, and is left alone. One that has not
+        # been heard from for a lease period is lost, like a worker that died.
+        lost = self.cluster.lost_workers(self.membership.lease_s, self.settings.lease_s)
+        for worker in lost:
+            reason = (
+                f"worker {worker.worker_id} was lost: server replica {worker.replica_id} that "
+                "started it is gone, and it has not been heard from for "
+                f"{self.settings.lease_s:g} s"
+            )
+            if not self.cluster.mark_lost(worker.worker_id, reason):
+                continue
+            owner = store.get_job(worker.job_id)
+            if owner is not None and owner.status.in_progress:
+                log.warning("job %s: %s", owner.job_id, reason)
+                # Lost with its replica says nothing about the predictor: always replace it.
+                self._after_death(owner, worker.worker_id, reason, oom=False, before_init=False)
+
+    def _stop_ended(self) -> None:
+        """Stop this replica's workers of jobs that have ended (or were deleted)."""
+        now = time.time()
         for job_id in self.service.launcher.job_ids():
-            owner = store.get_job(job_id)
-            if owner is None or not owner.status.terminal:
+            owner = self.service.store.get_job(job_id)
+            if owner is None:  # its API was deleted, on this replica or another
+                self._stop_async(job_id)
+                continue
+            if not owner.status.terminal:
                 continue
             ended_at = owner.end_time or now
             if owner.status in _NATURAL_END and now - ended_at < _NATURAL_EXIT_GRACE_S:
@@ -107,21 +156,29 @@ class Reconciler:
         if job is None or not job.status.in_progress:
             return
         reason = f"worker {ended.worker_id} {ended.reason}"
-        if job.completion_state == "claimed" and job.completion_worker == ended.worker_id:
+        early = worker is not None and worker.state in _BEFORE_INIT
+        self._after_death(job, ended.worker_id, reason, oom=ended.oom, before_init=early)
+
+    def _after_death(
+        self, job: Job, worker_id: str, reason: str, *, oom: bool, before_init: bool
+    ) -> None:
+        """A worker of an in-progress job died, or was lost with its replica."""
+        store = self.service.store
+        if job.completion_state == "claimed" and job.completion_worker == worker_id:
             # The hook may have half run; running it again could repeat its side effects.
             self.service._end(
                 job.job_id,
-                JobStatus.WORKER_OOM if ended.oom else JobStatus.WORKER_ERROR,
+                JobStatus.WORKER_OOM if oom else JobStatus.WORKER_ERROR,
                 "batchapi.hook_worker_died",
                 f"{reason} while running on_job_complete",
             )
             return
-        kind = "worker_oom" if ended.oom else "worker_died"
-        store.release_worker_leases(job.job_id, ended.worker_id, kind, reason)
-        if ended.oom:
+        kind = "worker_oom" if oom else "worker_died"
+        store.release_worker_leases(job.job_id, worker_id, kind, reason)
+        if oom:
             self.service._end(job.job_id, JobStatus.WORKER_OOM, "batchapi.worker_oom", reason)
             return
-        if worker is not None and worker.state in (WorkerState.PENDING, WorkerState.INITIALIZING):
+        if before_init:
             # It died before its predictor was loaded: another worker would most likely too.
             self.service._end(
                 job.job_id,
@@ -130,8 +187,9 @@ class Reconciler:
                 f"{reason} before the predictor was loaded (see the worker's log)",
             )
             return
-        # A running worker died (killed, crashed): its batches were given back above; start a
-        # replacement, within a budget so that a job whose workers keep dying still ends.
+        # A running worker died (killed, crashed, lost with its replica): its batches were
+        # given back above; start a replacement, within a budget so that a job whose workers
+        # keep dying still ends.
         budget = max(3, job.workers * job.max_attempts)
         if store.count_restart(job.job_id, budget):
             self.service.job_event(job.job_id, f"{reason}; starting a replacement", "WARNING")
@@ -161,18 +219,20 @@ class Reconciler:
         threading.Thread(target=stop, name=f"cortex-stop-{job_id}", daemon=True).start()
 
     def recover(self) -> None:
-        """At start-up: adopt the workers an earlier server started, and start new workers for
-        a running job that lost all of its workers while no server was running."""
+        """At start-up: adopt the workers this replica started before it restarted, and start
+        new workers for a running job that lost its workers meanwhile and has none left on
+        any replica. Other replicas' workers are theirs to watch (or the leader's)."""
         store = self.service.store
+        mine = (None, self.service.replica_id)  # None: started before there were replicas
         for job in store.in_progress_jobs():
-            alive = set()
-            for worker in store.list_workers(job.job_id):
-                if not worker.state.alive:
+            workers = store.list_workers(job.job_id)
+            gone = set()
+            for worker in workers:
+                if not worker.state.alive or worker.replica_id not in mine:
                     continue
                 if worker.pid is not None and self.service.launcher.adopt(
                     job.job_id, worker.worker_id, worker.pid
                 ):
-                    alive.add(worker.worker_id)
                     # Heartbeats failed while the server was down: the worker still holds its
                     # batches, so its leases must not expire on the first tick.
                     store.extend_worker_leases(job.job_id, worker.worker_id, self.settings.lease_s)
@@ -188,7 +248,11 @@ class Reconciler:
                     "worker_died",
                     "the worker died while the server was down",
                 )
-            if job.completion_state == "claimed" and job.completion_worker not in alive:
+                gone.add(worker.worker_id)
+            alive = [w for w in workers if w.state.alive and w.worker_id not in gone]
+            if job.completion_state == "claimed" and job.completion_worker not in {
+                w.worker_id for w in alive
+            }:
                 # As when a hook's worker dies under a running server: no second run.
                 self.service._end(
                     job.job_id,

@@ -38,5 +38,7 @@ def config(level: str, json_lines: bool) -> dict[str, Any]:
             "cortex": {"handlers": ["main"], "level": level.upper(), "propagate": False},
             "uvicorn": {"handlers": ["main"], "level": level.upper(), "propagate": False},
             "uvicorn.access": {"handlers": ["main"], "level": level.upper(), "propagate": False},
+            # cortex says what it migrated; alembic's own lines would repeat it.
+            "alembic": {"handlers": ["main"], "level": "WARNING", "propagate": False},
         },
     }

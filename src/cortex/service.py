@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cortex import errors, project, spec, views
-from cortex.jobs import JobStatus, WorkerState, new_job_id
+from cortex.jobs import JobStatus, WorkerState, new_job_id, new_worker_id
 from cortex.launchers import Launcher, WorkerLaunch
 from cortex.settings import Settings
 from cortex.store import ApiRecord, Job, LeaseResult, Store
@@ -22,11 +22,15 @@ log = logging.getLogger("cortex.server")
 
 
 class Service:
-    def __init__(self, settings: Settings, store: Store, launcher: Launcher) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, launcher: Launcher, replica_id: str
+    ) -> None:
         self.settings = settings
         self.store = store
         self.launcher = launcher
         self.logs = LogStore(store)
+        # The workers this replica starts are its own to watch (see `cortex.replicas`).
+        self.replica_id = replica_id
         # Set by the reconciler so that a status change acts at once, not on the next tick.
         self.wake: Any = lambda: None
 
@@ -71,7 +75,7 @@ class Service:
     def submit(self, api_name: str, data: Any, dry_run: bool = False) -> Job | None:
         submission = spec.parse_submission(data)
         self._check_workers(submission.workers)
-        api = self.get_api(api_name)
+        self.get_api(api_name)  # an unknown API is reported before the items are checked
         assert submission.item_list is not None
         item_list = submission.item_list
         payloads = spec.item_batches(item_list.items, item_list.batch_size)
@@ -82,20 +86,20 @@ class Service:
         job = self.store.create_job(
             job_id=new_job_id(),
             api_name=api_name,
-            spec_id=api.spec_id,
             workers=submission.workers,
             config=submission.config,
             timeout_s=submission.timeout,
             max_attempts=submission.max_attempts,
             worker_token=secrets.token_urlsafe(32),
             payloads=payloads,
+            replica_id=self.replica_id,
         )
         self.job_event(
             job.job_id,
             f"partitioning {len(item_list.items)} items found in job submission into "
             f"{job.total_batch_count} batches of size {item_list.batch_size}",
         )
-        self.launch_workers(job, job.workers)
+        self.start_workers(job, [new_worker_id(job.job_id, i) for i in range(job.workers)])
         return job
 
     def _check_workers(self, workers: int) -> None:
@@ -124,23 +128,23 @@ class Service:
             )
         workers = workers or old.workers
         self._check_workers(workers)
-        api = self.get_api(api_name)
+        self.get_api(api_name)
         job = self.store.create_job(
             job_id=new_job_id(),
             api_name=api_name,
-            spec_id=api.spec_id,
             workers=workers,
             config=old.config,
             timeout_s=old.timeout_s,
             max_attempts=old.max_attempts,
             worker_token=secrets.token_urlsafe(32),
             payloads=self.store.failed_payloads(job_id),
+            replica_id=self.replica_id,
             retry_of=job_id,
         )
         self.job_event(
             job.job_id, f"retrying the {job.total_batch_count} failed batches of job {job_id}"
         )
-        self.launch_workers(job, job.workers)
+        self.start_workers(job, [new_worker_id(job.job_id, i) for i in range(job.workers)])
         return job
 
     def get_job(self, api_name: str, job_id: str) -> Job:
@@ -228,14 +232,17 @@ class Service:
         return len(lines)
 
     def launch_workers(self, job: Job, count: int) -> None:
+        """Start `count` more workers for a job, on this replica."""
+        self.start_workers(job, self.store.add_workers(job.job_id, count, self.replica_id))
+
+    def start_workers(self, job: Job, worker_ids: list[str]) -> None:
+        """Start the processes of workers whose rows this replica owns."""
         api_spec = spec.APISpec.model_validate(self.api_spec_for(job))
         project_dir = self.project_dir(job.spec_id)
         python_path = [str(project_dir)]
         if api_spec.predictor.python_path:
             python_path.insert(0, str(project_dir / api_spec.predictor.python_path))
-        existing = len(self.store.list_workers(job.job_id))
-        for index in range(existing, existing + count):
-            worker_id = f"{job.job_id}-{index}"
+        for worker_id in worker_ids:
             env = {
                 **api_spec.predictor.env,
                 "CORTEX_URL": self.settings.resolved_public_url,
@@ -246,7 +253,6 @@ class Service:
                 "CORTEX_PROJECT_DIR": str(project_dir),
                 "PYTHONPATH": ":".join(python_path),
             }
-            self.store.add_worker(job.job_id, worker_id)
             log_path = self.worker_output_path(job.job_id, worker_id)
             try:
                 pid = self.launcher.start(
@@ -271,7 +277,8 @@ class Service:
                 return
             if pid is not None:
                 self.store.update_worker(worker_id, WorkerState.PENDING, pid=pid)
-        self.job_event(job.job_id, f"started {count} worker{'s' if count != 1 else ''}")
+        started = len(worker_ids)
+        self.job_event(job.job_id, f"started {started} worker{'s' if started != 1 else ''}")
 
     # -- the worker API ---------------------------------------------------------------------
 

@@ -30,6 +30,10 @@ class Settings:
     reconcile_s: float = 0.25
     # How long a stopped worker gets between SIGTERM and SIGKILL.
     worker_grace_s: float = 3.0
+    # Server replicas on one PostgreSQL store: the leader holds its lease this long without
+    # renewing it, and a replica not heard from for this long is gone (its workers are the
+    # leader's to watch). A dead leader is replaced within about this time.
+    leader_lease_s: float = 5.0
     # Most batches one lease request may take.
     max_lease_batches: int = 32
     # Most workers one job may ask for: a typo must not start a thousand processes.
@@ -56,6 +60,11 @@ class Settings:
     def resolved_public_url(self) -> str:
         if self.public_url:
             return self.public_url.rstrip("/")
+        return self.listen_url
+
+    @property
+    def listen_url(self) -> str:
+        """Where this server itself listens (one replica, not a load balancer)."""
         host = self.host
         try:
             if ipaddress.ip_address(host).is_unspecified:

@@ -15,13 +15,13 @@ def _job(store: Store, job_id: str = "job1") -> None:
     store.create_job(
         job_id=job_id,
         api_name="api",
-        spec_id="s1",
         workers=1,
         config=None,
         timeout_s=None,
         max_attempts=1,
         worker_token="t",
         payloads=iter(["[1]"]),
+        replica_id="r1",
     )
 
 

@@ -23,13 +23,13 @@ def _job(
     store.create_job(
         job_id=job_id,
         api_name="api",
-        spec_id="spec1",
         workers=2,
         config=None,
         timeout_s=None,
         max_attempts=max_attempts,
         worker_token="token",
         payloads=(f"[{i}]" for i in range(batches)),
+        replica_id="r1",
     )
     store.set_has_hook(job_id, hook)
     return job_id
@@ -72,13 +72,13 @@ def test_create_job_writes_nothing_when_the_payloads_fail(store: Store) -> None:
         store.create_job(
             job_id="bad",
             api_name="api",
-            spec_id="spec1",
             workers=1,
             config=None,
             timeout_s=None,
             max_attempts=1,
             worker_token="t",
             payloads=payloads(),
+            replica_id="r1",
         )
     assert store.get_job("bad") is None
     assert store.list_jobs("api") == []
@@ -216,8 +216,11 @@ def test_a_terminal_status_never_changes_and_frees_leases(store: Store) -> None:
 
 def test_worker_states_and_counts(store: Store) -> None:
     job_id = _job(store)
-    store.add_worker(job_id, "job1-0")
-    store.add_worker(job_id, "job1-1")
+    # create_job wrote the rows of the job's two workers, owned by the replica that starts them.
+    assert [(w.worker_id, w.state, w.replica_id) for w in store.list_workers(job_id)] == [
+        ("job1-0", WorkerState.PENDING, "r1"),
+        ("job1-1", WorkerState.PENDING, "r1"),
+    ]
     store.update_worker("job1-0", WorkerState.RUNNING, pid=123)
     store.update_worker("job1-1", WorkerState.FAILED, exit_code=1)
     store.update_worker("job1-1", WorkerState.RUNNING)  # an ended worker stays ended

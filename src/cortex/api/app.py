@@ -5,19 +5,21 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cortex import errors, launchers
+from cortex import errors, launchers, replicas
 from cortex.api import logs, public, worker
 from cortex.api.auth import BearerAuth
 from cortex.reconciler import Reconciler
 from cortex.service import Service
 from cortex.settings import Settings
-from cortex.store import Store
+from cortex.store import Store, schema
+from cortex.store.cluster import Cluster
 
 log = logging.getLogger("cortex.server")
 
@@ -27,12 +29,17 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.resolved_store_url)
-        store.create_schema()
+        schema.prepare(store)
         launcher = launchers.create(settings.launcher)
-        service = Service(settings, store, launcher)
-        reconciler = Reconciler(service)
+        replica_id = replicas.load_id(settings.data_dir)
+        service = Service(settings, store, launcher, replica_id)
+        membership = replicas.Membership(
+            Cluster(store), replica_id, settings.listen_url, settings.leader_lease_s
+        )
+        reconciler = Reconciler(service, membership)
         reconciler.start()
         app.state.service = service
+        app.state.membership = membership
         log.info("cortex server ready at %s", settings.resolved_public_url)
         try:
             yield
@@ -82,8 +89,14 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    def healthz(request: Request) -> dict[str, Any]:
+        # Additive: which replica answered, and whether it leads (see docs/scale.md).
+        membership: replicas.Membership = request.app.state.membership
+        return {
+            "status": "ok",
+            "replica_id": membership.replica_id,
+            "leader": membership.is_leader,
+        }
 
     app.include_router(worker.router)
     app.include_router(logs.router)  # before public: /<api>/logs is not a job id

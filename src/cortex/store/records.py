@@ -86,6 +86,8 @@ class WorkerRecord:
     error_message: str | None
     started_at: float
     updated_at: float
+    replica_id: str | None = None
+    seen_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

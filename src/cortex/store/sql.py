@@ -4,6 +4,19 @@ State transitions are written once here; the dialects differ only where they mus
 every write transaction runs under one process-wide lock, because SQLite has one writer anyway
 and waiting on a Python lock is cheaper than retrying on `database is locked`. Only the server
 opens the store; workers reach it through the worker HTTP API.
+
+On PostgreSQL several server processes write at once, under READ COMMITTED. The rules that keep
+that correct (SQLite ignores the row locks and gets the same order from its one writer):
+
+- The job row is the lock for everything about a job. A transaction that changes a batch's
+  state, a job's counters, status or completion first locks the job row `FOR UPDATE`, then
+  re-reads what it decides on. The one exception is a bare lease (no results to report): it
+  takes `FOR KEY SHARE`, which only keeps the status from changing, so that many workers of one
+  job lease side by side and `SKIP LOCKED` keeps them off each other's batches.
+- Locks are taken in one order: API row, job row, worker row, batch rows. A transaction that
+  locks nothing first never waits on a job row after it holds a batch row.
+- Every write that depends on a row's state says so in its WHERE clause (a compare-and-set),
+  and the rows it changed are counted from `rowcount`, not from an earlier read.
 """
 
 from __future__ import annotations
@@ -14,13 +27,15 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Literal, overload
 
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 from sqlalchemy.engine import Connection
 
 from cortex import errors
-from cortex.jobs import BatchState, JobStatus, WorkerState, can_transition
+from cortex.jobs import BatchState, JobStatus, WorkerState, can_transition, new_worker_id
 from cortex.store import tables as t
 from cortex.store.records import (
     ApiRecord,
@@ -35,22 +50,44 @@ _INSERT_CHUNK = 2000
 _ACTIVE = (BatchState.QUEUED.value, BatchState.LEASED.value)
 
 
+def engine_url(url: str) -> str:
+    """The SQLAlchemy URL for a store URL: a plain `postgresql://` (or `postgres://`) URL, as
+    users and tools write it, uses psycopg 3."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def display_url(url: str) -> str:
+    """A store URL fit for logs and error messages: without its password."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url
+
+
 class Store:
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.is_sqlite = url.startswith("sqlite")
+        self.url = engine_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
         if self.is_sqlite:
             self.engine = sa.create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": 30}
+                self.url, connect_args={"check_same_thread": False, "timeout": 30}
             )
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             self._write_lock: contextlib.AbstractContextManager[Any] = threading.RLock()
         else:
-            self.engine = sa.create_engine(url, pool_size=10, max_overflow=20)
+            # READ COMMITTED is what the locking above is written for; set it rather than rely
+            # on the server's default. pre_ping: a PostgreSQL restart costs no failed request.
+            self.engine = sa.create_engine(
+                self.url,
+                pool_size=10,
+                max_overflow=20,
+                pool_pre_ping=True,
+                isolation_level="READ COMMITTED",
+            )
             self._write_lock = contextlib.nullcontext()
-
-    def create_schema(self) -> None:
-        t.metadata.create_all(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -71,34 +108,27 @@ class Store:
         """Record a deploy; returns "created", "updated" or "up_to_date"."""
         now = time.time()
         with self._write() as conn:
-            current = conn.execute(sa.select(t.apis.c.spec_id).where(t.apis.c.name == name))
-            row = current.first()
-            if row is not None and row.spec_id == spec_id:
-                return "up_to_date"
-            known = conn.execute(
-                sa.select(t.api_specs.c.spec_id).where(t.api_specs.c.spec_id == spec_id)
-            ).first()
-            if known is None:
-                conn.execute(
-                    t.api_specs.insert().values(
-                        spec_id=spec_id,
-                        api_name=name,
-                        spec_json=json.dumps(spec),
-                        archive=archive,
-                        created_at=now,
-                    )
-                )
+            # The API's row orders the deploys, deletes and job submissions of one API.
+            row = _lock_api(conn, name)
             if row is None:
-                conn.execute(
-                    t.apis.insert().values(
+                created = conn.execute(
+                    insert_ignore(conn, t.apis).values(
                         name=name, spec_id=spec_id, created_at=now, updated_at=now
                     )
                 )
-                return "created"
+                if created.rowcount == 1:
+                    _insert_spec(conn, name, spec_id, spec, archive, now)
+                    return "created"
+                row = _lock_api(conn, name)  # another deploy created it first
+                assert row is not None
+            if row.spec_id == spec_id:
+                return "up_to_date"
+            _insert_spec(conn, name, spec_id, spec, archive, now)
             conn.execute(
                 t.apis.update().where(t.apis.c.name == name).values(spec_id=spec_id, updated_at=now)
             )
-            # Drop versions that neither the API nor any job refers to any more.
+            # Drop versions that neither the API nor any job refers to any more. A job being
+            # created holds the API row (FOR SHARE), so none is half-written here.
             in_use = sa.select(t.jobs.c.spec_id).where(t.jobs.c.api_name == name)
             conn.execute(
                 t.api_specs.delete().where(
@@ -139,6 +169,15 @@ class Store:
     def delete_api(self, name: str) -> None:
         """Erase an API and its job history (its jobs must have been stopped)."""
         with self._write() as conn:
+            if _lock_api(conn, name) is None:
+                return
+            # Lock its jobs first (job rows before batch rows, as every writer does).
+            conn.execute(
+                sa.select(t.jobs.c.job_id)
+                .where(t.jobs.c.api_name == name)
+                .order_by(t.jobs.c.job_id)
+                .with_for_update()
+            ).all()
             job_ids = sa.select(t.jobs.c.job_id).where(t.jobs.c.api_name == name)
             conn.execute(t.batches.delete().where(t.batches.c.job_id.in_(job_ids)))
             conn.execute(t.workers.delete().where(t.workers.c.job_id.in_(job_ids)))
@@ -153,23 +192,33 @@ class Store:
         *,
         job_id: str,
         api_name: str,
-        spec_id: str,
         workers: int,
         config: dict[str, Any] | None,
         timeout_s: int | None,
         max_attempts: int,
         worker_token: str,
         payloads: Iterable[str],
+        replica_id: str,
         retry_of: str | None = None,
     ) -> Job:
-        """Store a job and all of its batches in one transaction, then mark it running.
+        """Store a job, all of its batches and its workers' rows in one transaction, then mark
+        it running.
 
         An inline item list is already in memory, so writing it before answering costs little
         and means a job id, once returned, names durable batches. If the payloads iterator
-        raises (an item over the size limit), nothing is written.
+        raises (an item over the size limit), nothing is written. The job runs the API's spec
+        as deployed when this transaction runs. Its `workers` rows are pending and owned by
+        `replica_id`, which starts them: if that replica dies before it does, the rows are
+        there for the leader to find (see `cluster.lost_workers`).
         """
         now = time.time()
         with self._write() as conn:
+            # FOR SHARE on the API row: a concurrent deploy cannot drop the spec this job
+            # names, nor a delete leave the job without its API.
+            api = _lock_api(conn, api_name, share=True)
+            if api is None:
+                raise errors.ApiNotDeployed(api_name)
+            spec_id = api.spec_id
             conn.execute(
                 t.jobs.insert().values(
                     job_id=job_id,
@@ -212,6 +261,7 @@ class Store:
                     status=JobStatus.RUNNING.value,
                 )
             )
+            _insert_workers(conn, job_id, range(workers), replica_id, now)
             return _get_job(conn, job_id)
 
     def get_job(self, job_id: str) -> Job | None:
@@ -253,17 +303,21 @@ class Store:
 
     # -- workers ----------------------------------------------------------------------------
 
-    def add_worker(self, job_id: str, worker_id: str) -> None:
-        now = time.time()
+    def add_workers(self, job_id: str, count: int, replica_id: str) -> list[str]:
+        """Rows for `count` more workers of a job, owned by `replica_id`; returns their ids.
+
+        The job row is locked while the next numbers are taken, so two replicas adding
+        workers to one job at once get distinct ids.
+        """
         with self._write() as conn:
-            conn.execute(
-                t.workers.insert().values(
-                    worker_id=worker_id,
-                    job_id=job_id,
-                    state=WorkerState.PENDING.value,
-                    started_at=now,
-                    updated_at=now,
-                )
+            _lock_job(conn, job_id)
+            existing = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(t.workers)
+                .where(t.workers.c.job_id == job_id)
+            ).scalar_one()
+            return _insert_workers(
+                conn, job_id, range(existing, existing + count), replica_id, time.time()
             )
 
     def update_worker(
@@ -276,7 +330,8 @@ class Store:
         error_message: str | None = None,
     ) -> None:
         """Record a worker's new state. A worker that has ended stays ended."""
-        values: dict[str, Any] = {"state": state.value, "updated_at": time.time()}
+        now = time.time()
+        values: dict[str, Any] = {"state": state.value, "updated_at": now, "seen_at": now}
         if pid is not None:
             values["pid"] = pid
         if exit_code is not None:
@@ -304,7 +359,7 @@ class Store:
             row = conn.execute(
                 sa.select(t.workers).where(t.workers.c.worker_id == worker_id)
             ).first()
-        return None if row is None else _worker_record(row)
+        return None if row is None else worker_record(row)
 
     def list_workers(self, job_id: str) -> list[WorkerRecord]:
         with self._read() as conn:
@@ -313,7 +368,7 @@ class Store:
                 .where(t.workers.c.job_id == job_id)
                 .order_by(t.workers.c.started_at)
             ).all()
-        return [_worker_record(r) for r in rows]
+        return [worker_record(r) for r in rows]
 
     def worker_counts(self, job_id: str) -> dict[str, int]:
         counts = {state.value: 0 for state in WorkerState}
@@ -344,56 +399,40 @@ class Store:
         """
         now = time.time()
         with self._write() as conn:
-            job = _get_job(conn, job_id)
+            # Results may end the job's last batch, so a report takes the job row exclusively;
+            # a bare lease only needs the status to hold still (see the module docstring).
+            job = _lock_job(conn, job_id, key_share=not results)
             if job.status.terminal:
                 return LeaseResult(batches=[], done=True)
             for result in results:
                 _record_result(conn, job, worker_id, result)
-
-            leased: list[LeasedBatch] = []
             if max_batches > 0 and job.status is JobStatus.RUNNING:
-                candidates = conn.execute(
-                    sa.select(
-                        t.batches.c.seq,
-                        t.batches.c.batch_id,
-                        t.batches.c.payload,
-                        t.batches.c.attempts,
-                    )
-                    .where(
-                        t.batches.c.job_id == job_id,
-                        t.batches.c.state == BatchState.QUEUED.value,
-                    )
-                    .order_by(t.batches.c.seq)
-                    .limit(max_batches)
-                    .with_for_update(skip_locked=True)
-                ).all()
-                if candidates:
-                    conn.execute(
-                        t.batches.update()
-                        .where(
-                            t.batches.c.job_id == job_id,
-                            t.batches.c.seq.in_([c.seq for c in candidates]),
-                        )
-                        .values(
-                            state=BatchState.LEASED.value,
-                            lease_owner=worker_id,
-                            lease_expires_at=now + lease_s,
-                            attempts=t.batches.c.attempts + 1,
-                        )
-                    )
-                    leased = [
-                        LeasedBatch(c.batch_id, c.payload, c.attempts + 1) for c in candidates
-                    ]
-            if leased:
-                return LeaseResult(batches=leased)
+                leased = _take_batches(conn, job_id, worker_id, max_batches, now + lease_s)
+                if leased:
+                    return LeaseResult(batches=leased)
+            if results:
+                return _maybe_complete(conn, job_id, worker_id)
+        # Nothing to lease: whether the job is complete is decided under the exclusive lock,
+        # so two workers ending the last two batches at once cannot both miss it.
+        with self._write() as conn:
+            _lock_job(conn, job_id)
             return _maybe_complete(conn, job_id, worker_id)
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> bool:
-        """Extend every lease the worker holds; False if the job has ended."""
+        """Extend every lease the worker holds and note that it was seen; False if the job
+        has ended."""
+        now = time.time()
         with self._write() as conn:
             job = _get_job(conn, job_id)
             if job.status.terminal:
                 return False
+            # Only the lease expiry changes (never a batch's state), so no job lock is needed:
+            # an expiry or a stop that runs at the same time re-checks its WHERE after this.
+            conn.execute(
+                t.workers.update()
+                .where(t.workers.c.worker_id == worker_id, t.workers.c.job_id == job_id)
+                .values(seen_at=now)
+            )
             conn.execute(
                 t.batches.update()
                 .where(
@@ -401,7 +440,7 @@ class Store:
                     t.batches.c.state == BatchState.LEASED.value,
                     t.batches.c.lease_owner == worker_id,
                 )
-                .values(lease_expires_at=time.time() + lease_s)
+                .values(lease_expires_at=now + lease_s)
             )
             return True
 
@@ -410,7 +449,7 @@ class Store:
     ) -> JobStatus:
         """The claimed worker ran on_job_complete; write the final status now."""
         with self._write() as conn:
-            job = _get_job(conn, job_id)
+            job = _lock_job(conn, job_id)
             if job.completion_state != "claimed" or job.completion_worker != worker_id:
                 return job.status
             conn.execute(
@@ -432,28 +471,40 @@ class Store:
     def expire_leases(self) -> int:
         """End the attempt of every batch whose lease ran out: it is queued again, or failed if
         it has used all its attempts (a batch that keeps killing its worker must not loop)."""
-        with self._write() as conn:
-            rows = conn.execute(
-                _leased_rows().where(
-                    t.batches.c.state == BatchState.LEASED.value,
-                    t.batches.c.lease_expires_at < time.time(),
-                )
-            ).all()
-            for row in rows:
-                _end_attempt(
-                    conn,
-                    row,
-                    "lease_expired",
-                    "the lease expired: the worker stopped heartbeating (it hung, crashed or "
-                    "lost the server)",
-                )
-            return len(rows)
+        now = time.time()
+        expired = (
+            t.batches.c.state == BatchState.LEASED.value,
+            t.batches.c.lease_expires_at < now,
+        )
+        with self._read() as conn:
+            job_ids: list[str] = list(
+                conn.execute(sa.select(t.batches.c.job_id).where(*expired).distinct()).scalars()
+            )
+        ended = 0
+        for job_id in job_ids:  # one transaction per job: its row first, then its batches
+            with self._write() as conn:
+                if _lock_job(conn, job_id, missing_ok=True) is None:
+                    continue
+                rows = conn.execute(
+                    _leased_rows().where(t.batches.c.job_id == job_id, *expired)
+                ).all()
+                for row in rows:
+                    ended += _end_attempt(
+                        conn,
+                        row,
+                        "lease_expired",
+                        "the lease expired: the worker stopped heartbeating (it hung, crashed "
+                        "or lost the server)",
+                    )
+        return ended
 
     def release_worker_leases(
         self, job_id: str, worker_id: str, kind: str = "worker_died", reason: str = ""
     ) -> int:
         """A worker is known dead: end the attempts it held now rather than at lease expiry."""
         with self._write() as conn:
+            if _lock_job(conn, job_id, missing_ok=True) is None:
+                return 0
             rows = conn.execute(
                 _leased_rows().where(
                     t.batches.c.job_id == job_id,
@@ -461,9 +512,10 @@ class Store:
                     t.batches.c.lease_owner == worker_id,
                 )
             ).all()
+            ended = 0
             for row in rows:
-                _end_attempt(conn, row, kind, reason or f"worker {worker_id} died")
-            return len(rows)
+                ended += _end_attempt(conn, row, kind, reason or f"worker {worker_id} died")
+            return ended
 
     def extend_worker_leases(self, job_id: str, worker_id: str, lease_s: float) -> None:
         """Renew a worker's leases without checking the job (used when adopting workers)."""
@@ -562,7 +614,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _worker_record(r: Any) -> WorkerRecord:
+def worker_record(r: Any) -> WorkerRecord:
     return WorkerRecord(
         worker_id=r.worker_id,
         job_id=r.job_id,
@@ -572,6 +624,8 @@ def _worker_record(r: Any) -> WorkerRecord:
         error_message=r.error_message,
         started_at=r.started_at,
         updated_at=r.updated_at,
+        replica_id=r.replica_id,
+        seen_at=r.seen_at,
     )
 
 
@@ -592,6 +646,121 @@ def _get_job(conn: Connection, job_id: str) -> Job:
     return Job.from_row(row)
 
 
+@overload
+def _lock_job(conn: Connection, job_id: str, *, key_share: bool = ...) -> Job: ...
+@overload
+def _lock_job(
+    conn: Connection, job_id: str, *, key_share: bool = ..., missing_ok: Literal[True]
+) -> Job | None: ...
+def _lock_job(
+    conn: Connection, job_id: str, *, key_share: bool = False, missing_ok: bool = False
+) -> Job | None:
+    """Read a job under its row lock: `FOR UPDATE`, or `FOR KEY SHARE` for a bare lease.
+
+    FOR KEY SHARE conflicts with FOR UPDATE only: bare leases do not wait for each other nor
+    for counter updates, while a status change waits for them (and they for it). SQLite
+    ignores both; its writers are serial.
+    """
+    query = sa.select(t.jobs).where(t.jobs.c.job_id == job_id)
+    if key_share:
+        query = query.with_for_update(read=True, key_share=True)
+    else:
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    if row is None:
+        if missing_ok:
+            return None
+        raise errors.NotFound(f"job {job_id} does not exist")
+    return Job.from_row(row)
+
+
+def _lock_api(conn: Connection, name: str, *, share: bool = False) -> Any:
+    """The API's row (its spec_id) under FOR UPDATE, or FOR SHARE; None if not deployed."""
+    query = sa.select(t.apis.c.spec_id).where(t.apis.c.name == name)
+    return conn.execute(query.with_for_update(read=share)).first()
+
+
+def insert_ignore(conn: Connection, table: sa.Table) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING: waits for a concurrent insert of the same key, then
+    inserts nothing (rowcount 0) instead of failing."""
+    dialect = sa.dialects.postgresql if conn.dialect.name == "postgresql" else sa.dialects.sqlite
+    # An INSERT's rowcount is only kept when asked for.
+    return dialect.insert(table).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
+
+
+def _insert_spec(
+    conn: Connection, name: str, spec_id: str, spec: dict[str, Any], archive: bytes, now: float
+) -> None:
+    # A spec id is a digest of the spec and the code: if it is stored, it is this one.
+    conn.execute(
+        insert_ignore(conn, t.api_specs).values(
+            spec_id=spec_id,
+            api_name=name,
+            spec_json=json.dumps(spec),
+            archive=archive,
+            created_at=now,
+        )
+    )
+
+
+def _insert_workers(
+    conn: Connection, job_id: str, indexes: range, replica_id: str, now: float
+) -> list[str]:
+    ids = [new_worker_id(job_id, index) for index in indexes]
+    if ids:
+        conn.execute(
+            t.workers.insert(),
+            [
+                {
+                    "worker_id": wid,
+                    "job_id": job_id,
+                    "state": WorkerState.PENDING.value,
+                    "replica_id": replica_id,
+                    "started_at": now,
+                    "updated_at": now,
+                    "seen_at": now,
+                }
+                for wid in ids
+            ],
+        )
+    return ids
+
+
+def _take_batches(
+    conn: Connection, job_id: str, worker_id: str, max_batches: int, expires_at: float
+) -> list[LeasedBatch]:
+    """Lease up to `max_batches` queued batches, oldest first.
+
+    SKIP LOCKED passes over rows another lease is taking right now, and PostgreSQL re-checks
+    `state = queued` on a row that changed since the statement began, so two leases never
+    take the same batch and neither waits for the other.
+    """
+    candidates = conn.execute(
+        sa.select(t.batches.c.seq, t.batches.c.batch_id, t.batches.c.payload, t.batches.c.attempts)
+        .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.QUEUED.value)
+        .order_by(t.batches.c.seq)
+        .limit(max_batches)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not candidates:
+        return []
+    conn.execute(
+        t.batches.update()
+        .where(
+            t.batches.c.job_id == job_id,
+            t.batches.c.seq.in_([c.seq for c in candidates]),
+            t.batches.c.state == BatchState.QUEUED.value,
+        )
+        .values(
+            state=BatchState.LEASED.value,
+            lease_owner=worker_id,
+            lease_expires_at=expires_at,
+            attempts=t.batches.c.attempts + 1,
+        )
+    )
+    return [LeasedBatch(c.batch_id, c.payload, c.attempts + 1) for c in candidates]
+
+
 def _set_status(
     conn: Connection,
     job_id: str,
@@ -600,7 +769,7 @@ def _set_status(
     error_message: str | None = None,
     error_traceback: str | None = None,
 ) -> bool:
-    job = _get_job(conn, job_id)
+    job = _lock_job(conn, job_id)
     if not can_transition(job.status, new):
         return False
     values: dict[str, Any] = {"status": new.value}
@@ -687,8 +856,9 @@ def _end_attempt(
     message: str | None,
     traceback: str | None = None,
     duration_s: float | None = None,
-) -> None:
+) -> int:
     """A leased batch's attempt failed: queue it again, or fail it on its last attempt.
+    Returns 1 if it was still leased (and so was ended here), else 0.
 
     Attempts are counted when a batch is leased, so a batch that kills its worker uses them up
     like one that raises, and ends `failed` with the reason instead of looping forever.
@@ -715,6 +885,7 @@ def _end_attempt(
         conn.execute(
             t.jobs.update().where(t.jobs.c.job_id == row.job_id).values(failed=t.jobs.c.failed + 1)
         )
+    return int(updated.rowcount)
 
 
 def _maybe_complete(conn: Connection, job_id: str, worker_id: str) -> LeaseResult:

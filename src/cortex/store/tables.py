@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-metadata = sa.MetaData()
+# Named constraints, so that a migration can refer to every one of them by name (SQLite's batch
+# mode included). A change to these tables needs a migration in `migrations/versions/`: the
+# test suite checks that all migrations applied give exactly these tables.
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
 
 apis = sa.Table(
     "apis",
@@ -111,4 +122,31 @@ workers = sa.Table(
     sa.Column("error_message", sa.Text, nullable=True),
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # The server replica that starts and watches this worker (its launcher knows the process).
+    sa.Column("replica_id", sa.String(64), nullable=True),
+    # The last time the worker was heard from (a heartbeat or a state report).
+    sa.Column("seen_at", sa.Float, nullable=True),
+    sa.Index("ix_workers_state", "state"),
+)
+
+# Every server replica, renewed on its reconciler tick; one not seen for `leader_lease_s` is
+# gone, and the workers it started are the leader's to watch.
+replicas = sa.Table(
+    "replicas",
+    metadata,
+    sa.Column("replica_id", sa.String(64), primary_key=True),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("seen_at", sa.Float, nullable=False),
+)
+
+# One row per lease ("reconciler"): the replica that holds it does the store-wide work until
+# `expires_at`, renewing it on each tick; when the holder dies another takes it over.
+leadership = sa.Table(
+    "leadership",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("replica_id", sa.String(64), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("since", sa.Float, nullable=False),
 )

@@ -63,20 +63,21 @@ def run(queue: WorkerQueue, project_dir: Path) -> int:
     queue.set_state("initializing", pid=os.getpid())
     info = queue.spec()
     job_spec: dict[str, Any] = info["job_spec"]
-    try:
-        cls = predictor_mod.load_class(project_dir / info["api_spec"]["predictor"]["path"])
-        predictor = predictor_mod.Predictor(cls, info["config"], job_spec)
-    except BaseException as err:
-        trace = traceback.format_exc()
-        log.error("failed to initialise the predictor\n%s", trace.rstrip())
-        queue.set_state("failed", error=_error_line(err), traceback=trace)
-        return 1
-    queue.set_state("running", has_hook=predictor.has_hook)
-    log.info("polling for batches...")
-
+    # Heartbeats start before the predictor loads, which can take minutes: they tell the
+    # servers this worker is alive even when the replica that started it is gone.
     beat = _Heartbeat(queue, float(info["heartbeat_s"]))
     beat.start()
     try:
+        try:
+            cls = predictor_mod.load_class(project_dir / info["api_spec"]["predictor"]["path"])
+            predictor = predictor_mod.Predictor(cls, info["config"], job_spec)
+        except BaseException as err:
+            trace = traceback.format_exc()
+            log.error("failed to initialise the predictor\n%s", trace.rstrip())
+            queue.set_state("failed", error=_error_line(err), traceback=trace)
+            return 1
+        queue.set_state("running", has_hook=predictor.has_hook)
+        log.info("polling for batches...")
         return _loop(queue, predictor)
     finally:
         beat.stopped.set()

@@ -1,0 +1,135 @@
+"""Migrations checked against the model: all of them applied give exactly `tables.py`, on both
+engines; an old unversioned database is upgraded; a server refuses a store not at head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from cortex import errors
+from cortex.store import Store, schema, tables
+from postgres import Databases
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """Makes URLs of new, empty databases of one engine."""
+    if request.param == "sqlite":
+        names = iter(range(100))
+        yield lambda: f"sqlite:///{tmp_path / f'db{next(names)}.sqlite'}"
+    else:
+        databases: Databases = request.getfixturevalue("pg_databases")
+        yield databases.create
+
+
+def _shape(store: Store) -> dict[str, Any]:
+    """Tables, columns (type, nullability), primary keys, unique constraints and indexes."""
+    with store.engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        shape = {}
+        for name in sorted(inspector.get_table_names()):
+            if name == "alembic_version":
+                continue
+            shape[name] = {
+                "columns": [
+                    (c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(name)
+                ],
+                "pk": inspector.get_pk_constraint(name)["constrained_columns"],
+                "unique": sorted(
+                    tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)
+                ),
+                "indexes": sorted(
+                    (i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                    for i in inspector.get_indexes(name)
+                ),
+            }
+    return shape
+
+
+def test_all_migrations_applied_equal_the_tables(new_url: Any) -> None:
+    migrated = Store(new_url())
+    created = Store(new_url())
+    try:
+        assert schema.upgrade(migrated).after == schema.head()
+        tables.metadata.create_all(created.engine)
+        with migrated.engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(context, tables.metadata) == []
+        assert _shape(migrated) == _shape(created)
+    finally:
+        migrated.close()
+        created.close()
+
+
+def test_a_database_made_before_migrations_is_stamped_and_upgraded(new_url: Any) -> None:
+    store = Store(new_url())
+    try:
+        # What create_all made before there were migrations: the first revision's tables,
+        # with no alembic_version.
+        with store.engine.begin() as conn:
+            command.upgrade(schema.config(conn), schema.INITIAL)
+            conn.execute(sa.text("DROP TABLE alembic_version"))
+            conn.execute(
+                sa.text(
+                    "INSERT INTO apis (name, spec_id, created_at, updated_at) "
+                    "VALUES ('kept', 's', 1, 1)"
+                )
+            )
+        done = schema.upgrade(store)
+        assert (done.before, done.after) == (schema.INITIAL, schema.head())
+        schema.check(store)
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT name FROM apis")).scalar_one() == "kept"
+    finally:
+        store.close()
+
+
+def test_migrations_go_down_to_nothing_and_up_again(new_url: Any) -> None:
+    store = Store(new_url())
+    try:
+        schema.upgrade(store)
+        with store.engine.begin() as conn:
+            command.downgrade(schema.config(conn), "base")
+        with store.engine.connect() as conn:
+            assert sa.inspect(conn).get_table_names() == ["alembic_version"]
+        assert schema.upgrade(store).before is None
+        assert schema.upgrade(store).before == schema.head()  # a second run does nothing
+    finally:
+        store.close()
+
+
+def test_a_store_not_at_head_is_refused_in_one_line(new_url: Any) -> None:
+    store = Store(new_url())
+    try:
+        with pytest.raises(errors.SchemaNotCurrent) as refused:
+            schema.check(store)
+        message = refused.value.message
+        assert "has no cortex schema" in message and "cortex migrate" in message
+        assert "\n" not in message
+        with store.engine.begin() as conn:
+            command.upgrade(schema.config(conn), schema.INITIAL)
+        with pytest.raises(errors.SchemaNotCurrent, match=f"revision {schema.INITIAL}"):
+            schema.check(store)
+        schema.upgrade(store)
+        schema.check(store)
+    finally:
+        store.close()
+
+
+def test_a_store_that_cannot_be_reached_is_one_line() -> None:
+    store = Store("postgresql://nobody:secret@127.0.0.1:1/nothing")
+    try:
+        with pytest.raises(errors.StoreUnavailable) as away:
+            schema.check(store)
+        line = str(away.value)
+        assert "cannot reach the store postgresql+psycopg://nobody:***@127.0.0.1:1" in line
+        assert "secret" not in line
+    finally:
+        store.close()
