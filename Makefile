@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test check lint typecheck unit clean
+.PHONY: run test check lint typecheck unit clean bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,20 @@ test: $(VENV)/.test lint typecheck
 	$(BIN)/pytest
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff format --check src tests examples bench
 
 typecheck: $(VENV)/.test
 	$(BIN)/mypy
 
 check: test
+
+## Measure the service's overhead against the limit (bench/README.md): 3 runs, or 1 quick run.
+bench: $(VENV)/.test
+	$(BIN)/python bench/bench.py
+
+bench-quick: $(VENV)/.test
+	$(BIN)/python bench/bench.py --quick
 
 clean:
 	rm -rf $(VENV) .cortex .pytest_cache .mypy_cache .ruff_cache

@@ -31,6 +31,7 @@ class Service:
         self.logs = LogStore(store)
         # The workers this replica starts are its own to watch (see `cortex.replicas`).
         self.replica_id = replica_id
+        self._specs: dict[str, dict[str, Any]] = {}
         # Set by the reconciler so that a status change acts at once, not on the next tick.
         self.wake: Any = lambda: None
 
@@ -195,7 +196,15 @@ class Service:
             log.exception("job %s: cannot store a log line", job_id)
 
     def api_spec_for(self, job: Job) -> dict[str, Any]:
-        return self.store.get_spec(job.spec_id)[0]
+        """The spec a job runs with. A spec id names one immutable version, so it is cached
+        (status requests need it every time); callers must not change what they get."""
+        spec_json = self._specs.get(job.spec_id)
+        if spec_json is None:
+            spec_json = self.store.get_spec_json(job.spec_id)
+            if len(self._specs) > 256:
+                self._specs.clear()
+            self._specs[job.spec_id] = spec_json
+        return spec_json
 
     # -- launching --------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ class Settings:
     # leader's to watch). A dead leader is replaced within about this time.
     leader_lease_s: float = 5.0
     # Most batches one lease request may take.
-    max_lease_batches: int = 32
+    max_lease_batches: int = 256
     # Most workers one job may ask for: a typo must not start a thousand processes.
     max_workers: int = 64
     # Job logs are kept this long after a job ends, and at most this many lines per job (the

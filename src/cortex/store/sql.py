@@ -157,6 +157,15 @@ class Store:
             ).all()
         return [_api_record(row) for row in rows]
 
+    def get_spec_json(self, spec_id: str) -> dict[str, Any]:
+        """An API version's spec, without its archive."""
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(t.api_specs.c.spec_json).where(t.api_specs.c.spec_id == spec_id)
+            ).one()
+        result: dict[str, Any] = json.loads(row.spec_json)
+        return result
+
     def get_spec(self, spec_id: str) -> tuple[dict[str, Any], bytes]:
         with self._read() as conn:
             row = conn.execute(
@@ -404,8 +413,7 @@ class Store:
             job = _lock_job(conn, job_id, key_share=not results)
             if job.status.terminal:
                 return LeaseResult(batches=[], done=True)
-            for result in results:
-                _record_result(conn, job, worker_id, result)
+            _record_results(conn, job, worker_id, results)
             if max_batches > 0 and job.status is JobStatus.RUNNING:
                 leased = _take_batches(conn, job_id, worker_id, max_batches, now + lease_s)
                 if leased:
@@ -797,49 +805,70 @@ def _set_status(
     return True
 
 
-def _record_result(conn: Connection, job: Job, worker_id: str, result: BatchResult) -> None:
-    """Apply one batch result, if the batch is still leased to this worker.
+def _record_results(conn: Connection, job: Job, worker_id: str, results: list[BatchResult]) -> None:
+    """Apply a worker's results for the batches it still holds, in a few statements.
 
-    A result from a worker whose lease expired (and whose batch went to someone else) is
-    dropped, so every batch is counted once.
+    A result for a batch that is no longer leased to this worker (its lease expired and the
+    batch went to someone else, or the report is a retry of one already applied) is dropped,
+    so every batch is counted once. Successes are one executemany and one counter update;
+    failures (rare) go one by one through `_end_attempt`.
     """
-    where = sa.and_(
-        t.batches.c.batch_id == result.batch_id,
-        t.batches.c.job_id == job.job_id,
-        t.batches.c.state == BatchState.LEASED.value,
-        t.batches.c.lease_owner == worker_id,
-    )
-    if result.ok:
-        updated = conn.execute(
-            t.batches.update()
-            .where(where)
+    latest = {result.batch_id: result for result in results}  # a batch reported twice: once
+    held = {
+        row.batch_id: row
+        for row in conn.execute(
+            _leased_rows()
+            .add_columns(t.batches.c.batch_id)
+            .where(
+                t.batches.c.job_id == job.job_id,
+                t.batches.c.state == BatchState.LEASED.value,
+                t.batches.c.lease_owner == worker_id,
+                t.batches.c.batch_id.in_(list(latest)),
+            )
+        )
+    }
+    succeeded = [(r, held[r.batch_id]) for r in latest.values() if r.ok and r.batch_id in held]
+    if succeeded:
+        conn.execute(
+            _SUCCEED,
+            [{"j": job.job_id, "s": row.seq, "d": r.duration_s} for r, row in succeeded],
+        )
+        conn.execute(
+            t.jobs.update()
+            .where(t.jobs.c.job_id == job.job_id)
             .values(
-                state=BatchState.SUCCEEDED.value,
-                lease_owner=None,
-                lease_expires_at=None,
-                duration_s=result.duration_s,
+                succeeded=t.jobs.c.succeeded + len(succeeded),
+                succeeded_time_s=t.jobs.c.succeeded_time_s
+                + sum(r.duration_s for r, _ in succeeded),
             )
         )
-        if updated.rowcount == 1:
-            conn.execute(
-                t.jobs.update()
-                .where(t.jobs.c.job_id == job.job_id)
-                .values(
-                    succeeded=t.jobs.c.succeeded + 1,
-                    succeeded_time_s=t.jobs.c.succeeded_time_s + result.duration_s,
-                )
+    for result in latest.values():
+        if not result.ok and result.batch_id in held:
+            _end_attempt(
+                conn,
+                held[result.batch_id],
+                "predict_error",
+                result.error,
+                result.traceback,
+                result.duration_s,
             )
-        return
-    row = conn.execute(
-        _leased_rows().where(
-            t.batches.c.batch_id == result.batch_id,
-            t.batches.c.job_id == job.job_id,
-            t.batches.c.state == BatchState.LEASED.value,
-            t.batches.c.lease_owner == worker_id,
-        )
-    ).first()
-    if row is not None:
-        _end_attempt(conn, row, "predict_error", result.error, result.traceback, result.duration_s)
+
+
+# The rows were just read under the job's lock, still leased to the reporting worker.
+_SUCCEED = (
+    t.batches.update()
+    .where(
+        t.batches.c.job_id == sa.bindparam("j"),
+        t.batches.c.seq == sa.bindparam("s"),
+        t.batches.c.state == BatchState.LEASED.value,
+    )
+    .values(
+        state=BatchState.SUCCEEDED.value,
+        lease_owner=None,
+        lease_expires_at=None,
+        duration_s=sa.bindparam("d"),
+    )
+)
 
 
 def _leased_rows() -> sa.Select[Any]:

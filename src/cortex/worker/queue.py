@@ -7,11 +7,13 @@ that arrive twice are counted once by the server.
 
 from __future__ import annotations
 
+import http.client
 import logging
+import threading
 import time
+import urllib.parse
 from typing import Any
 
-import httpx
 import orjson
 
 log = logging.getLogger("cortex")
@@ -22,36 +24,67 @@ class JobGone(Exception):
 
 
 class WorkerQueue:
+    """The worker API over the standard library's HTTP client.
+
+    A worker makes thousands of small requests and should start fast: `http.client` with one
+    keep-alive connection per thread (the loop, the heartbeat, the log shipper) costs a tenth
+    of a general-purpose client per request and nothing to import.
+    """
+
     def __init__(
         self, url: str, job_id: str, worker_id: str, token: str, retry_s: float = 120.0
     ) -> None:
         self.worker_id = worker_id
         self.retry_s = retry_s
-        self._client = httpx.Client(
-            base_url=f"{url.rstrip('/')}/worker/v1/jobs/{job_id}",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=httpx.Timeout(30.0, connect=5.0),
-        )
+        parsed = urllib.parse.urlsplit(url.rstrip("/"))
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"CORTEX_URL must be an http(s) URL, not {url!r}")
+        self._https = parsed.scheme == "https"
+        self._host = parsed.hostname
+        self._port = parsed.port
+        self._prefix = f"{parsed.path}/worker/v1/jobs/{job_id}"
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self._local = threading.local()
+        self._connections: list[http.client.HTTPConnection] = []
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = kind(self._host, self._port, timeout=30.0)
+            self._local.conn = conn
+            self._connections.append(conn)
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     def close(self) -> None:
-        self._client.close()
+        for conn in self._connections:
+            conn.close()
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         deadline = time.monotonic() + self.retry_s
         delay = 0.05
         content = None if body is None else orjson.dumps(body)
-        headers = {"Content-Type": "application/json"} if body is not None else None
         while True:
             try:
-                response = self._client.request(method, path, content=content, headers=headers)
-            except httpx.TransportError as err:
-                problem = f"server unreachable ({err.__class__.__name__})"
+                conn = self._connection()
+                conn.request(method, self._prefix + path, body=content, headers=self._headers)
+                response = conn.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException) as err:
+                self._drop_connection()
+                problem = f"server unreachable ({err.__class__.__name__}: {err})"
             else:
-                if response.status_code < 300:
-                    return orjson.loads(response.content)
-                if response.status_code < 500:
-                    raise JobGone(f"{response.status_code}: {response.text}")
-                problem = f"server error {response.status_code}"
+                if response.status < 300:
+                    return orjson.loads(data)
+                if response.status < 500:
+                    raise JobGone(f"{response.status}: {data.decode(errors='replace')}")
+                problem = f"server error {response.status}"
             if time.monotonic() + delay > deadline:
                 raise ConnectionError(f"{problem}; gave up after {self.retry_s:.0f} s")
             log.warning("%s; retrying in %.2f s", problem, delay)

@@ -24,7 +24,7 @@ log = logging.getLogger("cortex")
 # Lease enough batches for about this much work per request: many cheap batches travel
 # together, while long batches go one at a time so idle workers are not starved at the end.
 _PREFETCH_WORK_S = 0.1
-_MAX_PREFETCH = 32
+_MAX_PREFETCH = 256
 _IDLE_POLL_MAX_S = 0.25
 
 
