@@ -202,7 +202,7 @@ HOSTILE: list[tuple[str, str, dict[str, Any], str]] = [
         "deep-items",
         f"/{API}?dryRun=true",
         {"content": json.dumps(_submission()).replace("[1]", f"[{_deep(990)}]")},
-        "request.invalid",
+        "batchapi.invalid_item",
     ),
     (
         "deep-config",
@@ -216,7 +216,7 @@ HOSTILE: list[tuple[str, str, dict[str, Any], str]] = [
         {"content": json.dumps(_submission(config={"a": "X"})).replace('"X"', _SURROGATE)},
         "request.invalid",
     ),
-    ("huge-timeout", f"/{API}", {"json": _submission(timeout=10**30)}, "batchapi.invalid_timeout"),
+    ("huge-timeout", f"/{API}", {"json": _submission(timeout=10**30)}, "request.invalid"),
     (
         "huge-max-attempts",
         f"/{API}",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from fastapi import Request
 
 from cortex import errors
@@ -31,8 +31,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if not body:
         raise errors.InvalidRequest("the request body is empty; send a JSON object")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        # orjson: three times the speed of json on big item lists, and it refuses what could
+        # not be stored or sent back (lone surrogates, NaN, nesting past 1024 levels).
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as err:
         raise errors.InvalidRequest(f"the request body is not valid JSON: {err}") from None
-    except RecursionError:  # nesting deeper than the interpreter's stack allows
-        raise errors.InvalidRequest("the request body nests too deeply") from None
