@@ -149,11 +149,11 @@ class Service:
         return job
 
     def get_job(self, api_name: str, job_id: str) -> Job:
-        self.get_api(api_name)
         job = self.store.get_job(job_id)
-        if job is None or job.api_name != api_name:
-            raise errors.JobNotFound(api_name, job_id)
-        return job
+        if job is not None and job.api_name == api_name:
+            return job  # its API exists: deleting an API deletes its jobs
+        self.get_api(api_name)  # not deployed: that is the error to report
+        raise errors.JobNotFound(api_name, job_id)
 
     def list_jobs(self, api_name: str, limit: int = 100) -> list[Job]:
         self.get_api(api_name)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
+import orjson
 import pydantic
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
@@ -214,26 +215,42 @@ async def submit(
     return views.job_spec_json(job, service.api_spec_for(job))
 
 
-@router.get("/{api_name}")
+_STATUS_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A job's status (with jobID), or the API's jobs",
+        "content": {"application/json": {}},
+    }
+}
+
+
+def _json(data: Any) -> Response:
+    """A JSON response written by orjson, skipping FastAPI's validation and encoding of the
+    return value: status requests are the hottest public path."""
+    return Response(orjson.dumps(data), media_type="application/json")
+
+
+@router.get("/{api_name}", response_model=None, responses=_STATUS_DOC)
 def get_job_or_list(
     api_name: str,
     service: ServiceDep,
     base_url: BaseUrl,
     job_id: Annotated[str | None, Query(alias="jobID")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> dict[str, Any]:
+) -> Response:
     if job_id is not None:
-        return status_json(service, service.get_job(api_name, job_id), base_url)
+        return _json(status_json(service, service.get_job(api_name, job_id), base_url))
     jobs = service.list_jobs(api_name, limit)
-    return {
-        "api_name": api_name,
-        "job_statuses": [status_json(service, job, base_url)["job_status"] for job in jobs],
-    }
+    return _json(
+        {
+            "api_name": api_name,
+            "job_statuses": [status_json(service, job, base_url)["job_status"] for job in jobs],
+        }
+    )
 
 
-@router.get("/{api_name}/{job_id}")
-def get_job(api_name: str, job_id: str, service: ServiceDep, base_url: BaseUrl) -> dict[str, Any]:
-    return status_json(service, service.get_job(api_name, job_id), base_url)
+@router.get("/{api_name}/{job_id}", response_model=None, responses=_STATUS_DOC)
+def get_job(api_name: str, job_id: str, service: ServiceDep, base_url: BaseUrl) -> Response:
+    return _json(status_json(service, service.get_job(api_name, job_id), base_url))
 
 
 @router.delete("/{api_name}")
