@@ -78,6 +78,7 @@ class Reconciler:
         if leader:
             self._store_wide()
         self._stop_ended()
+        self.service.store.checkpoint()
 
     def _store_wide(self) -> None:
         """The leader's work: what no single replica's processes tell it."""

@@ -47,6 +47,7 @@ from cortex.store.records import (
 )
 
 _INSERT_CHUNK = 2000
+_MAX_LEASE_BYTES = 4 << 20
 _ACTIVE = (BatchState.QUEUED.value, BatchState.LEASED.value)
 
 
@@ -91,6 +92,13 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def checkpoint(self) -> None:
+        """Copy the SQLite write-ahead log into the database (PASSIVE: it waits for no reader
+        or writer, and copies what it can). Nothing to do on PostgreSQL."""
+        if self.is_sqlite:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -619,6 +627,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # No checkpoint inside a commit: a lease must not pay for copying the megabytes a big
+    # submission wrote. `Store.checkpoint` runs from the reconciler's thread instead.
+    cursor.execute("PRAGMA wal_autocheckpoint=0")
     cursor.close()
 
 
@@ -752,6 +763,15 @@ def _take_batches(
     ).all()
     if not candidates:
         return []
+    # A lease answer holds at most about `_MAX_LEASE_BYTES` of payloads (always one batch):
+    # many small batches travel together, a few big ones do not make one huge response.
+    kept, size = 0, 0
+    for candidate in candidates:
+        size += len(candidate.payload)
+        kept += 1
+        if size >= _MAX_LEASE_BYTES:
+            break
+    candidates = candidates[:kept]
     conn.execute(
         t.batches.update()
         .where(

@@ -45,6 +45,7 @@ class WorkerQueue:
         self._prefix = f"{parsed.path}/worker/v1/jobs/{job_id}"
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._local = threading.local()
+        self.last_response_bytes = 0
         self._connections: list[http.client.HTTPConnection] = []
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -81,6 +82,7 @@ class WorkerQueue:
                 problem = f"server unreachable ({err.__class__.__name__}: {err})"
             else:
                 if response.status < 300:
+                    self.last_response_bytes = len(data)
                     return orjson.loads(data)
                 if response.status < 500:
                     raise JobGone(f"{response.status}: {data.decode(errors='replace')}")

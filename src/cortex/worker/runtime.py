@@ -25,6 +25,7 @@ log = logging.getLogger("cortex")
 # together, while long batches go one at a time so idle workers are not starved at the end.
 _PREFETCH_WORK_S = 0.1
 _MAX_PREFETCH = 256
+_PREFETCH_BYTES = 4 << 20
 _IDLE_POLL_MAX_S = 0.25
 
 
@@ -86,12 +87,17 @@ def run(queue: WorkerQueue, project_dir: Path) -> int:
 def _loop(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
     results: list[dict[str, Any]] = []
     avg_s: float | None = None
+    batch_bytes = 0.0
     idle_s = 0.01
     while True:
         want = 1 if avg_s is None else int(_PREFETCH_WORK_S / max(avg_s, 1e-6))
+        if batch_bytes:  # and no more than about _PREFETCH_BYTES of payloads a request
+            want = min(want, int(_PREFETCH_BYTES / batch_bytes))
         want = max(1, min(_MAX_PREFETCH, want))
         reply = queue.lease(results, want)
         results = []
+        if reply["batches"]:
+            batch_bytes = queue.last_response_bytes / len(reply["batches"])
         if reply.get("run_hook"):
             return _run_hook(queue, predictor)
         batches = reply["batches"]
