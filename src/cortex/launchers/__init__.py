@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-from cortex import errors
+import os
+
+from cortex import errors, gpus
 from cortex.launchers.base import Launcher, WorkerExit, WorkerLaunch
+from cortex.settings import Settings
+
+NAMES = ("local", "ray")
 
 
-def create(name: str) -> Launcher:
+def create(settings: Settings) -> Launcher:
+    name = settings.launcher
     if name == "local":
         from cortex.launchers.local import LocalLauncher
 
-        return LocalLauncher()
-    raise errors.InvalidRequest(f"unknown launcher {name!r} (available: local)")
+        devices = gpus.detect() if settings.gpus is None else settings.gpus
+        return LocalLauncher(devices)
+    if name == "ray":
+        # Imported here only: Ray is an optional dependency (the `ray` extra).
+        from cortex.launchers.ray import RayLauncher
+
+        return RayLauncher(settings.ray_address or os.environ.get("RAY_ADDRESS", ""))
+    raise errors.InvalidRequest(f"unknown launcher {name!r} (available: {', '.join(NAMES)})")
 
 
 __all__ = ["Launcher", "WorkerExit", "WorkerLaunch", "create"]
