@@ -238,10 +238,10 @@ def serve(
     logging.config.dictConfig(log_config)
     # Before uvicorn: a store that is away or not migrated is one line and exit code 1, not
     # a traceback from the application's start-up.
+    from cortex import launchers
+
+    launchers.check(settings)  # Ray missing, or its address: one line, exit code 1
     _prepare_store(settings)
-    if launcher == "ray":
-        # Ray is optional: without it, one line (exit code 1), not a traceback at start-up.
-        from cortex.launchers import ray as _  # noqa: F401
     uvicorn.run(
         create_app(settings),
         host=host,

@@ -203,13 +203,17 @@ class _Worker:
     exited: Any  # ray.ObjectRef of actor.wait()
 
 
+def check_address(address: str) -> None:
+    if not address:
+        raise errors.CortexError(
+            "the ray launcher needs the Ray cluster's address: set --ray-address "
+            "(CORTEX_RAY_ADDRESS) or RAY_ADDRESS, e.g. head:6379 or ray://head:10001"
+        )
+
+
 class RayLauncher:
     def __init__(self, address: str) -> None:
-        if not address:
-            raise errors.CortexError(
-                "the ray launcher needs the Ray cluster's address: set --ray-address "
-                "(CORTEX_RAY_ADDRESS) or RAY_ADDRESS, e.g. ray://head:10001 or head:6379"
-            )
+        check_address(address)
         if not ray.is_initialized():
             # ray.init sets its own SIGTERM handler (sys.exit): the server's must stay in
             # place, or a stop would not shut uvicorn down in order.
