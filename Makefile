@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test check lint typecheck unit clean bench bench-quick
+.PHONY: run test test-ray check lint typecheck unit clean bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ run: $(VENV)/.examples
 ## Lint, type-check and run the whole test suite.
 test: $(VENV)/.test lint typecheck
 	$(BIN)/pytest
+
+$(VENV)/.ray: pyproject.toml | $(VENV)/.test
+	$(BIN)/pip install -q -e '.[test,ray]'
+	touch $@
+
+## The Ray launcher's tests on a two-node Ray cluster started on loopback (slow: about 2 min).
+test-ray: $(VENV)/.ray
+	CORTEX_TEST_RAY=1 $(BIN)/pytest tests/ray
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests examples bench

@@ -105,7 +105,27 @@ store_option = click.option(
 @click.option("--port", envvar="CORTEX_PORT", default=DEFAULT_PORT, show_default=True, type=int)
 @data_dir_option
 @store_option
-@click.option("--launcher", envvar="CORTEX_LAUNCHER", default="local", type=click.Choice(["local"]))
+@click.option(
+    "--launcher",
+    envvar="CORTEX_LAUNCHER",
+    default="local",
+    show_default=True,
+    type=click.Choice(["local", "ray"]),
+    help="Where workers run: local processes, or actors on a Ray cluster.",
+)
+@click.option(
+    "--ray-address",
+    envvar="CORTEX_RAY_ADDRESS",
+    default="",
+    help="With --launcher ray: the cluster, ray://head:10001 or head:6379 (default: RAY_ADDRESS).",
+)
+@click.option(
+    "--gpus",
+    envvar="CORTEX_GPUS",
+    default=None,
+    help="With --launcher local: the GPU ids to hand out, e.g. 0,1,2,3, or none "
+    "(default: CUDA_VISIBLE_DEVICES, else what `nvidia-smi -L` lists).",
+)
 @click.option(
     "--public-url",
     envvar="CORTEX_PUBLIC_URL",
@@ -164,6 +184,8 @@ def serve(
     data_dir: Path,
     store_url: str,
     launcher: str,
+    ray_address: str,
+    gpus: str | None,
     public_url: str,
     max_body_bytes: int,
     lease_s: float,
@@ -188,6 +210,7 @@ def serve(
 
     import uvicorn
 
+    from cortex import gpus as gpus_mod
     from cortex import serverlog
     from cortex.api.app import create_app
     from cortex.settings import Settings
@@ -198,6 +221,8 @@ def serve(
         data_dir=data_dir,
         store_url=store_url,
         launcher=launcher,
+        ray_address=ray_address,
+        gpus=None if gpus is None else gpus_mod.parse(gpus),
         public_url=public_url,
         max_body_bytes=max_body_bytes,
         lease_s=lease_s,
@@ -213,6 +238,9 @@ def serve(
     logging.config.dictConfig(log_config)
     # Before uvicorn: a store that is away or not migrated is one line and exit code 1, not
     # a traceback from the application's start-up.
+    from cortex import launchers
+
+    launchers.check(settings)  # Ray missing, or its address: one line, exit code 1
     _prepare_store(settings)
     uvicorn.run(
         create_app(settings),

@@ -82,6 +82,12 @@ class InvalidSubmission(CortexError):
     kind = "batchapi.invalid_submission"
 
 
+class InsufficientGpus(CortexError):
+    """A job asks for more GPUs than this server has free."""
+
+    kind = "batchapi.insufficient_gpus"
+
+
 class ConnectionFailed(CortexError):
     """The CLI or a worker could not reach the server."""
 

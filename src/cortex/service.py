@@ -76,7 +76,8 @@ class Service:
     def submit(self, api_name: str, data: Any, dry_run: bool = False) -> Job | None:
         submission = spec.parse_submission(data)
         self._check_workers(submission.workers)
-        self.get_api(api_name)  # an unknown API is reported before the items are checked
+        # An unknown API is reported before the items are checked.
+        self._check_capacity(self.get_api(api_name), submission.workers)
         assert submission.item_list is not None
         item_list = submission.item_list
         payloads = spec.item_batches(item_list.items, item_list.batch_size)
@@ -111,6 +112,13 @@ class Service:
                 kind="batchapi.too_many_workers",
             )
 
+    def _check_capacity(self, api: ApiRecord, workers: int) -> None:
+        """Refuse a job that the launcher cannot place now (GPUs on the local launcher). Two
+        submissions racing for the last GPUs can both pass: the second's workers then fail to
+        start and it ends `status_unexpected_error`, saying why."""
+        compute = spec.APISpec.model_validate(api.spec).compute
+        self.launcher.check_capacity(compute, workers)
+
     def retry_failed(self, api_name: str, job_id: str, workers: int | None = None) -> Job:
         """A new job, linked to `job_id` by `retry_of`, that runs only its failed batches.
 
@@ -129,7 +137,7 @@ class Service:
             )
         workers = workers or old.workers
         self._check_workers(workers)
-        self.get_api(api_name)
+        self._check_capacity(self.get_api(api_name), workers)
         job = self.store.create_job(
             job_id=new_job_id(),
             api_name=api_name,

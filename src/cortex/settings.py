@@ -19,6 +19,11 @@ class Settings:
     # SQLAlchemy URL of the store; empty means SQLite in `data_dir`.
     store_url: str = ""
     launcher: str = "local"
+    # The Ray cluster of `launcher="ray"` (`ray://head:10001` or `head:6379`); empty: RAY_ADDRESS.
+    ray_address: str = ""
+    # The GPU ids the local launcher hands out; None: detected (CUDA_VISIBLE_DEVICES, then
+    # `nvidia-smi -L`).
+    gpus: tuple[str, ...] | None = None
     # The address workers (and hooks that chain jobs) use to reach this server; empty means
     # derived from host and port.
     public_url: str = ""

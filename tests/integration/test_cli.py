@@ -191,3 +191,18 @@ def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
     result = cortex("http://unused", "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path))
     assert result.returncode == 2
     assert "refusing to listen on 0.0.0.0 without a token" in result.stderr
+
+
+def test_serve_with_the_ray_launcher_says_what_it_lacks_in_one_line(tmp_path: Path) -> None:
+    # Without Ray installed it asks for Ray; with it, for the cluster's address.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CORTEX_RAY_ADDRESS")}
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex.cli", "serve", "--launcher", "ray"],
+        env={**env, "CORTEX_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: the ray launcher needs ")
+    assert len(result.stderr.strip().splitlines()) == 1

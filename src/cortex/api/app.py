@@ -30,7 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.resolved_store_url)
         schema.prepare(store)
-        launcher = launchers.create(settings.launcher)
+        launcher = launchers.create(settings)
         replica_id = replicas.load_id(settings.data_dir)
         service = Service(settings, store, launcher, replica_id)
         membership = replicas.Membership(

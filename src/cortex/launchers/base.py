@@ -34,7 +34,8 @@ class WorkerExit:
         if self.oom:
             return f"was killed for using too much memory ({self.detail})"
         if self.exit_code is None:
-            return "exited (exit code unknown)"
+            # The detail says why where the launcher knows (a lost Ray actor or node).
+            return self.detail or "exited (exit code unknown)"
         if self.exit_code < 0:
             import signal
 
@@ -47,6 +48,10 @@ class WorkerExit:
 
 
 class Launcher(Protocol):
+    def check_capacity(self, compute: spec.Compute, workers: int) -> None:
+        """Refuse, before the job is created, a job this launcher cannot place now (raises a
+        `CortexError`, answered as a 400)."""
+
     def start(self, launch: WorkerLaunch) -> int | None:
         """Start one worker; returns its pid where there is one."""
 

@@ -4,6 +4,10 @@
 second) the resident memory of each worker's process tree is measured, and a worker over its
 limit is killed with its whole session and reported as out of memory. A kernel cgroup would be
 exact; this needs no privileges and works on any machine.
+
+`compute.gpu: N` gives each worker N devices of its own through `CUDA_VISIBLE_DEVICES`, taken
+from the server's GPUs (`cortex.gpus`) and given back when the worker's exit is seen; a worker
+of an API without GPUs sees none (`CUDA_VISIBLE_DEVICES=""`) where the server has some.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from cortex import gpus, spec
 from cortex.launchers.base import WorkerExit, WorkerLaunch
 
 
@@ -32,15 +37,37 @@ class _Proc:
 
 
 class LocalLauncher:
-    def __init__(self) -> None:
+    def __init__(self, devices: tuple[str, ...] = ()) -> None:
         self._procs: dict[str, _Proc] = {}
         self._lock = threading.Lock()
+        self.gpus = gpus.Pool(devices)
+
+    def check_capacity(self, compute: spec.Compute, workers: int) -> None:
+        self.gpus.check(compute.gpu, workers)
 
     def start(self, launch: WorkerLaunch) -> int | None:
         env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
+        if launch.compute.gpu:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(
+                self.gpus.take(launch.worker_id, launch.compute.gpu)
+            )
+        elif self.gpus.devices:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        try:
+            popen = self._popen(launch, env)
+        except BaseException:
+            self.gpus.release(launch.worker_id)
+            raise
+        with self._lock:
+            self._procs[launch.worker_id] = _Proc(
+                launch.job_id, popen, popen.pid, launch.compute.mem_bytes
+            )
+        return popen.pid
+
+    def _popen(self, launch: WorkerLaunch, env: dict[str, str]) -> subprocess.Popen[bytes]:
         launch.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(launch.log_path, "ab") as log_file:
-            popen = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, "-m", "cortex.worker"],
                 cwd=launch.project_dir,
                 env=env,
@@ -51,11 +78,6 @@ class LocalLauncher:
                 # Ctrl-C at the server's terminal does not reach it.
                 start_new_session=True,
             )
-        with self._lock:
-            self._procs[launch.worker_id] = _Proc(
-                launch.job_id, popen, popen.pid, launch.compute.mem_bytes
-            )
-        return popen.pid
 
     def adopt(self, job_id: str, worker_id: str, pid: int) -> bool:
         try:
@@ -63,10 +85,12 @@ class LocalLauncher:
             ours = any("cortex.worker" in part for part in proc.cmdline())
             if not ours or proc.status() == psutil.STATUS_ZOMBIE:
                 return False
-            if proc.environ().get("CORTEX_WORKER_ID") != worker_id:
+            environ = proc.environ()
+            if environ.get("CORTEX_WORKER_ID") != worker_id:
                 return False
         except (psutil.Error, OSError):
             return False
+        self.gpus.hold(worker_id, gpus.parse(environ.get("CUDA_VISIBLE_DEVICES", "")))
         with self._lock:
             self._procs[worker_id] = _Proc(job_id, None, pid)
         return True
@@ -95,6 +119,7 @@ class LocalLauncher:
                     )
                 )
                 del self._procs[worker_id]
+                self.gpus.release(worker_id)
         return exits
 
     def job_ids(self) -> set[str]:
@@ -113,7 +138,7 @@ class LocalLauncher:
         self.poll()
 
 
-def _tree_rss_bytes(pid: int) -> int:
+def tree_rss_bytes(pid: int) -> int:
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -128,7 +153,7 @@ def _tree_rss_bytes(pid: int) -> int:
 
 def _enforce_memory(proc: _Proc) -> None:
     assert proc.mem_limit_bytes is not None
-    rss = _tree_rss_bytes(proc.pid)
+    rss = tree_rss_bytes(proc.pid)
     if rss > proc.mem_limit_bytes:
         proc.oom_detail = (
             f"{rss / (1 << 20):.0f} MiB resident, over its limit of "

@@ -1,0 +1,348 @@
+"""Workers as Ray actors: the same worker entrypoint, placed by Ray with the API's compute.
+
+Each worker is one actor, detached and named `cortex-<worker id>` (namespace `cortex`) so that a
+restarted server finds it again, as the local launcher adopts its processes. The actor asks Ray
+for the API's compute (`cpu` -> `num_cpus`, `gpu` -> `num_gpus`, `mem` -> `memory`) and gets
+the API's project folder as its working folder through Ray's runtime environment, with the
+project's `requirements.txt` installed by Ray's `pip` plugin if there is one. A node needs only
+Ray and cortex-batch installed.
+
+Inside the actor, the worker is `python -m cortex.worker` in a subprocess, in its own process
+session, as on the local launcher: exit codes, signals, a segfault's output and the memory
+watchdog behave the same, and a predictor's crash never takes the actor down with it. The
+actor's `wait()` returns the exit code and the tail of the raw output; a Ray error instead
+(the actor killed, its node lost) is an exit whose code is unknown, which the reconciler treats
+as a crashed worker: its leases are released and a replacement is started within the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cortex import errors, spec
+from cortex.launchers.base import WorkerExit, WorkerLaunch
+
+try:
+    import ray.exceptions
+
+    import ray
+except ImportError as err:  # an optional dependency: only `--launcher ray` needs it
+    raise errors.CortexError(
+        "the ray launcher needs Ray: pip install 'cortex-batch[ray]' (or 'ray[default]')"
+    ) from err
+
+log = logging.getLogger("cortex.server")
+
+NAMESPACE = "cortex"
+# The raw output kept from a worker (what bypassed its log capture), as on the local launcher.
+_OUTPUT_MAX_BYTES = 256 << 10
+# A finished actor waits this long for the server to collect its result and kill it, then
+# exits by itself: a server that is gone for good must not leave actors holding resources.
+_LINGER_S = 300.0
+_WATCH_PERIOD_S = 0.25
+_PR_SET_PDEATHSIG = 1
+
+
+def actor_name(worker_id: str) -> str:
+    return f"cortex-{worker_id}"
+
+
+def _die_with_parent() -> None:
+    """In the worker subprocess, before exec: die when the actor does. Ray kills an actor with
+    SIGKILL (`ray.kill`, a lost node), which would otherwise leave the worker running on."""
+    with contextlib.suppress(Exception):
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+# Loaded before any fork: nothing is imported or looked up between fork and exec.
+_LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+class WorkerActor:
+    """One worker on a Ray node. Threaded (see `max_concurrency`): `wait` blocks while
+    `terminate` runs."""
+
+    def __init__(self, env: dict[str, str], mem_limit_bytes: int | None, log_path: str) -> None:
+        self.log_path = log_path
+        self.mem_limit_bytes = mem_limit_bytes
+        self._done = threading.Event()
+        self._result: dict[str, Any] = {}
+        self._oom_detail = ""
+        # Actors of one job share the unpacked working folder: the raw output goes elsewhere.
+        self._tmp = Path(tempfile.mkdtemp(prefix="cortex-worker-"))
+        self._output = self._tmp / "output.log"
+        cwd = os.getcwd()  # the API's project, unpacked by Ray's runtime environment
+        # Project-relative entries (the project and its python_path) resolve here, on this node.
+        python_path = [os.path.join(cwd, p) for p in env.pop("PYTHONPATH", "").split(":") if p]
+        if os.environ.get("PYTHONPATH"):
+            python_path.append(os.environ["PYTHONPATH"])
+        child_env = {
+            **os.environ,  # Ray's, CUDA_VISIBLE_DEVICES for the GPUs it assigned included
+            **env,
+            "PYTHONPATH": ":".join(python_path),
+            "PYTHONUNBUFFERED": "1",
+            "CORTEX_PROJECT_DIR": cwd,
+            "CORTEX_RAY_NODE_ID": ray.get_runtime_context().get_node_id(),
+        }
+        with open(self._output, "ab") as out:
+            self._popen = subprocess.Popen(
+                [sys.executable, "-m", "cortex.worker"],
+                cwd=cwd,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if _LIBC is not None else None,
+            )
+        threading.Thread(target=self._watch, name="cortex-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        from cortex.launchers.local import tree_rss_bytes
+
+        while True:
+            try:
+                code = self._popen.wait(_WATCH_PERIOD_S)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if self.mem_limit_bytes is not None and not self._oom_detail:
+                rss = tree_rss_bytes(self._popen.pid)
+                if rss > self.mem_limit_bytes:
+                    self._oom_detail = (
+                        f"{rss / (1 << 20):.0f} MiB resident, over its limit of "
+                        f"{self.mem_limit_bytes / (1 << 20):.0f} MiB"
+                    )
+                    self._signal(signal.SIGKILL)
+        self._signal(signal.SIGKILL)  # whatever the predictor started goes with it
+        self._result = {
+            "exit_code": code,
+            "oom": bool(self._oom_detail),
+            "detail": self._oom_detail,
+            "output": _tail(self._output),
+            "log_path": self.log_path,
+        }
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._done.set()
+        time.sleep(_LINGER_S)
+        os._exit(0)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._popen.pid, sig)
+
+    def wait(self) -> dict[str, Any]:
+        """The worker's exit: code, whether it was over its memory, its raw output's tail."""
+        self._done.wait()
+        return self._result
+
+    def terminate(self, grace_s: float) -> None:
+        """SIGTERM to the worker's session, SIGKILL after `grace_s`, as the local launcher."""
+        self._signal(signal.SIGTERM)
+        if not self._done.wait(grace_s):
+            self._signal(signal.SIGKILL)
+            self._done.wait(5)
+
+
+def _tail(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as raw:
+            raw.seek(0, os.SEEK_END)
+            raw.seek(max(0, raw.tell() - _OUTPUT_MAX_BYTES))
+            return raw.read()
+    except OSError:
+        return b""
+
+
+def _upload_project(project: Path) -> str:
+    """The project folder as a package in the cluster's store (GCS), where every node's
+    runtime environment agent fetches and caches it; returns its `gcs://` URI.
+
+    A local folder is only accepted as a job-wide working_dir (`ray.init`), and the jobs of one
+    server need different ones; so the folder is zipped and uploaded here with Ray's own
+    packaging functions, under a name made of the spec id (a digest of the spec and the
+    project), as `ray.init` would name it by a hash of the contents. Ray keeps a package while
+    runtime environments use it, and may drop it some minutes after: hence the check each time.
+    """
+    from ray._private.runtime_env import packaging
+
+    uri = f"gcs://_ray_pkg_{project.name}.zip"
+    if not packaging.package_exists(uri):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(project.rglob("*")):
+                if path.is_file() and not path.is_symlink():
+                    # A fixed date: unpacked projects carry none (zip cannot say 1970).
+                    entry = zipfile.ZipInfo(path.relative_to(project).as_posix())
+                    entry.external_attr = (path.stat().st_mode & 0o777) << 16
+                    entry.compress_type = zipfile.ZIP_DEFLATED
+                    archive.writestr(entry, path.read_bytes())
+        packaging.upload_package_to_gcs(uri, buffer.getvalue())
+    return uri
+
+
+@dataclass
+class _Worker:
+    job_id: str
+    actor: Any  # ray.actor.ActorHandle
+    exited: Any  # ray.ObjectRef of actor.wait()
+
+
+def check_address(address: str) -> None:
+    if not address:
+        raise errors.CortexError(
+            "the ray launcher needs the Ray cluster's address: set --ray-address "
+            "(CORTEX_RAY_ADDRESS) or RAY_ADDRESS, e.g. head:6379 or ray://head:10001"
+        )
+
+
+class RayLauncher:
+    def __init__(self, address: str) -> None:
+        check_address(address)
+        if not ray.is_initialized():
+            # ray.init sets its own SIGTERM handler (sys.exit): the server's must stay in
+            # place, or a stop would not shut uvicorn down in order.
+            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+            ray.init(
+                address=address,
+                namespace=NAMESPACE,
+                log_to_driver=False,  # workers' lines reach the job's log over HTTP
+                logging_level=logging.WARNING,
+            )
+            if threading.current_thread() is threading.main_thread():
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+        # Threads: `wait` blocks for the worker's life while `terminate` must still get in.
+        self._actor_cls = ray.remote(max_concurrency=4, max_restarts=0)(WorkerActor)
+        self._workers: dict[str, _Worker] = {}
+        self._lock = threading.Lock()
+
+    def check_capacity(self, compute: spec.Compute, workers: int) -> None:
+        """Nothing is refused: Ray queues an actor until a node has its resources (the worker
+        stays `pending`), and an autoscaler may add that node."""
+
+    def start(self, launch: WorkerLaunch) -> int | None:
+        project = launch.project_dir
+        runtime_env: dict[str, Any] = {"working_dir": _upload_project(project)}
+        if (project / "requirements.txt").is_file():
+            runtime_env["pip"] = str(project / "requirements.txt")
+        env = dict(launch.env)
+        env.pop("CORTEX_PROJECT_DIR", None)  # the actor's working folder, on its node
+        env["PYTHONPATH"] = ":".join(
+            os.path.relpath(p, project) if Path(p).is_relative_to(project) else p
+            for p in env.get("PYTHONPATH", "").split(":")
+            if p
+        )
+        compute = launch.compute
+        options: dict[str, Any] = {
+            "name": actor_name(launch.worker_id),
+            "namespace": NAMESPACE,
+            # Outlives this server process, as local workers do; a restarted server adopts it.
+            "lifetime": "detached",
+            "num_cpus": round(compute.cpu_cores, 4),
+            "num_gpus": compute.gpu,
+            # The token travels as an argument, not in runtime_env env_vars, which the Ray
+            # dashboard shows to anyone who can see the cluster.
+            "runtime_env": runtime_env,
+        }
+        if compute.mem_bytes is not None:
+            options["memory"] = compute.mem_bytes
+        actor = self._actor_cls.options(**options).remote(
+            env, compute.mem_bytes, str(launch.log_path)
+        )
+        with self._lock:
+            self._workers[launch.worker_id] = _Worker(launch.job_id, actor, actor.wait.remote())
+        return None  # the worker reports its pid itself, once its actor is placed
+
+    def adopt(self, job_id: str, worker_id: str, pid: int) -> bool:
+        try:
+            actor = ray.get_actor(actor_name(worker_id), namespace=NAMESPACE)
+        except ValueError:
+            return False
+        with self._lock:
+            self._workers[worker_id] = _Worker(job_id, actor, actor.wait.remote())
+        return True
+
+    def poll(self) -> list[WorkerExit]:
+        with self._lock:
+            workers = dict(self._workers)
+        if not workers:
+            return []
+        refs = {w.exited: worker_id for worker_id, w in workers.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        exits = []
+        for ref in ready:
+            worker_id = refs[ref]
+            worker = workers[worker_id]
+            exits.append(self._exit(worker_id, worker, ref))
+            with contextlib.suppress(Exception):
+                ray.kill(worker.actor, no_restart=True)
+            with self._lock:
+                self._workers.pop(worker_id, None)
+        return exits
+
+    def _exit(self, worker_id: str, worker: _Worker, ref: Any) -> WorkerExit:
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            # The actor died (killed, its node lost, its runtime environment failed to set
+            # up): the worker's exit code cannot be known.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            detail = f"was lost with its Ray actor ({type(err).__name__}: {first})"
+            return WorkerExit(worker.job_id, worker_id, None, detail=detail)
+        output: bytes = result["output"]
+        if output:
+            log_path = Path(result["log_path"])
+            with contextlib.suppress(OSError):
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log_path.write_bytes(output)
+        return WorkerExit(
+            worker.job_id,
+            worker_id,
+            result["exit_code"],
+            oom=result["oom"],
+            detail=result["detail"],
+        )
+
+    def job_ids(self) -> set[str]:
+        with self._lock:
+            return {w.job_id for w in self._workers.values()}
+
+    def stop_job(self, job_id: str, grace_s: float) -> None:
+        with self._lock:
+            workers = [w for w in self._workers.values() if w.job_id == job_id]
+        self._stop(workers, grace_s)
+
+    def close(self, grace_s: float) -> None:
+        with self._lock:
+            workers = list(self._workers.values())
+        self._stop(workers, grace_s)
+        self.poll()
+
+    def _stop(self, workers: list[_Worker], grace_s: float) -> None:
+        if not workers:
+            return
+        asked = [w.actor.terminate.remote(grace_s) for w in workers]
+        # A worker still waiting for resources never answers: Ray kills it below all the same.
+        ray.wait(asked, num_returns=len(asked), timeout=grace_s + 5)
+        # Let the exits be collected with their codes before the actors go.
+        exited = [w.exited for w in workers]
+        ray.wait(exited, num_returns=len(exited), timeout=2)
+        for worker in workers:
+            with contextlib.suppress(Exception):
+                ray.kill(worker.actor, no_restart=True)
