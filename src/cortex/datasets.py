@@ -204,9 +204,9 @@ def _list_remote(loc: Location) -> Iterator[str]:
         async def page() -> list[str]:
             out: list[str] = []
             async for info in agen:
-                key = info["Key"] if "Key" in info else info["name"].partition("/")[2]
-                if info.get("type") == "file" and not key.endswith("/"):
-                    out.append(key)
+                name = info["name"]  # bucket/key
+                if info.get("type") == "file" and not name.endswith("/"):
+                    out.append(name)
                 if len(out) >= _LISTING_PAGE:
                     break
             return out
@@ -216,8 +216,8 @@ def _list_remote(loc: Location) -> Iterator[str]:
                 keys = sync(fs.loop, page)
                 if not keys:
                     return
-                for key in keys:
-                    yield f"{scheme}://{bucket}/{key}"
+                for name in keys:
+                    yield f"{scheme}://{name}"
         finally:
             sync(fs.loop, agen.aclose)
     folder = loc.path.rpartition("/")[0]
@@ -228,8 +228,19 @@ def _list_remote(loc: Location) -> Iterator[str]:
 
 
 def _storage_reason(err: BaseException) -> str:
-    text = str(err) or type(err).__name__
-    return text if len(text) < 500 else text[:500] + "..."
+    """The storage's own words: the error, and what caused it (fsspec wraps a refused
+    connection in a FileNotFoundError that names only the URL)."""
+    parts: list[str] = []
+    seen: BaseException | None = err
+    while seen is not None and len(parts) < 3:
+        text = str(seen) or type(seen).__name__
+        if isinstance(seen, FileNotFoundError) and seen.__cause__ is None:
+            text = f"not found: {text}"
+        if not parts or text not in parts[-1]:
+            parts.append(text)
+        seen = seen.__cause__ or seen.__context__
+    reason = ": ".join(parts)
+    return reason if len(reason) < 500 else reason[:500] + "..."
 
 
 def list_location(loc: Location, roots: tuple[Path, ...]) -> Iterator[str]:
