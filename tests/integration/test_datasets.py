@@ -17,7 +17,7 @@ import boto3
 import httpx
 import pytest
 
-from cortex import datasets
+from cortex import datasets, enqueuer
 from cortex.client import Client
 from helpers import (
     DeployedApi,
@@ -193,20 +193,20 @@ def test_a_big_local_file_streams_and_workers_start_before_enqueuing_ends(
     data: DataServer, dclient: Client, tmp_path: Path
 ) -> None:
     # Over one read chunk (so values straddle chunk boundaries), and over one write chunk of
-    # batches (so enqueuing writes at least twice).
-    count = 1100
-    pad = "é" * 4000  # 8000 bytes a line in UTF-8
+    # batches (16 MiB of payloads: so enqueuing writes at least twice).
+    count = 2300
+    pad = "é" + "x" * 8000  # about 8 kB a line
     path = data.root / "big.jsonl"
     with open(path, "w") as out:
         for n in range(count):
             out.write(json.dumps({"n": n, "pad": pad}, ensure_ascii=False) + "\n")
-    assert path.stat().st_size > datasets.READ_CHUNK_BYTES
+    assert path.stat().st_size > enqueuer.CHUNK_BYTES > datasets.READ_CHUNK_BYTES
     api = deploy_fixture(dclient, "recorder", tmp_path)
-    body = {"workers": 2, "delimited_files": {"s3_paths": [str(path)], "batch_size": 1}}
+    body = {"workers": 2, "delimited_files": {"s3_paths": [str(path)], "batch_size": 100}}
     job_id = dclient.submit(api.name, body)["job_id"]
     status = wait_for_status(dclient, api.name, job_id, timeout_s=90)
     assert status["status"] == "status_succeeded", status
-    assert status["total_batch_count"] == count
+    assert status["total_batch_count"] == count // 100
     items = [i for b in _recorded(api, job_id) for i in b]
     assert sorted(i["n"] for i in items) == list(range(count))
     assert all(i["pad"] == pad for i in items)
@@ -215,7 +215,7 @@ def test_a_big_local_file_streams_and_workers_start_before_enqueuing_ends(
     lines = _server_lines(dclient, api.name, job_id)
     order = [
         next(i for i, line in enumerate(lines) if text in line)
-        for text in ("enqueued ", "started 2 workers", f"enqueued {count} batches")
+        for text in ("enqueued ", "started 2 workers", f"enqueued {count // 100} batches")
     ]
     assert order == sorted(order) and len(set(order)) == 3, lines
 
@@ -273,7 +273,7 @@ def test_a_restart_while_enqueuing_resumes(tmp_path: Path) -> None:
     every item ends up in exactly one batch."""
     root = tmp_path / "root"
     root.mkdir()
-    count = 600_000
+    count = 400_000
     path = root / "many.jsonl"
     path.write_text("".join(f"{n}\n" for n in range(count)))
     port = free_port()
