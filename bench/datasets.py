@@ -132,26 +132,28 @@ def main() -> None:
             with Client(server.url, timeout_s=120) as client:
                 _deploy(client, Path(tmp) / "project")
                 bs = args.batch_size
-                _run(
-                    client,
-                    server.process.pid,
-                    {
-                        "workers": 1,
-                        "delimited_files": {"s3_paths": [str(lines_path)], "batch_size": bs},
-                    },
-                    args.lines,
-                    f"delimited_files, {args.lines:,} lines",
-                )
-                _run(
-                    client,
-                    server.process.pid,
-                    {
-                        "workers": 1,
-                        "file_path_lister": {"s3_paths": [f"{files}/"], "batch_size": bs},
-                    },
-                    args.files,
-                    f"file_path_lister, {args.files:,} files",
-                )
+                if args.lines:
+                    _run(
+                        client,
+                        server.process.pid,
+                        {
+                            "workers": 1,
+                            "delimited_files": {"s3_paths": [str(lines_path)], "batch_size": bs},
+                        },
+                        args.lines,
+                        f"delimited_files, {args.lines:,} lines",
+                    )
+                if args.files:
+                    _run(
+                        client,
+                        server.process.pid,
+                        {
+                            "workers": 1,
+                            "file_path_lister": {"s3_paths": [f"{files}/"], "batch_size": bs},
+                        },
+                        args.files,
+                        f"file_path_lister, {args.files:,} files",
+                    )
                 if args.big_gb:
                     big = root / "big.jsonl"
                     line = json.dumps({"text": "x" * 1000}) + "\n"
