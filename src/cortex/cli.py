@@ -170,6 +170,13 @@ store_option = click.option(
     type=int,
     help="Keep at most this many log lines per job (the oldest go first).",
 )
+@click.option(
+    "--data-roots",
+    envvar="CORTEX_DATA_ROOTS",
+    default="",
+    help="Folders (colon-separated) local file datasets may be read from "
+    "(default: the folder the server is started in).",
+)
 @click.option("--log-level", envvar="CORTEX_LOG_LEVEL", default="info")
 @click.option(
     "--log-format",
@@ -197,6 +204,7 @@ def serve(
     insecure: bool,
     log_retention_s: float,
     log_max_lines: int,
+    data_roots: str,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -233,6 +241,7 @@ def serve(
         auth_token=auth_token,
         log_retention_s=log_retention_s,
         log_max_lines_per_job=log_max_lines,
+        data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
     )
     log_config = serverlog.config(log_level, json_lines=log_format == "json")
     logging.config.dictConfig(log_config)

@@ -77,8 +77,37 @@ class Reconciler:
             self._on_exit(ended)
         if leader:
             self._store_wide()
+        self._resume_enqueuing(leader)
         self._stop_ended()
         self.service.store.checkpoint()
+
+    def _resume_enqueuing(self, leader: bool) -> None:
+        """Never leave a job enqueuing with nobody enqueuing it: this replica resumes its own
+        (after a restart its threads are gone), and the leader takes over those of replicas
+        that are gone. The owner is checked in every write, so two never write one job."""
+        unfinished = self.service.store.unfinished_enqueues()
+        if not unfinished:
+            return
+        me = self.service.replica_id
+        live: set[str] | None = None
+        for job in unfinished:
+            if job.enqueue_owner == me:
+                self.service.start_enqueuing(job.job_id)
+                continue
+            if not leader:
+                continue
+            if live is None:
+                live = set(self.cluster.live_replicas(self.membership.lease_s))
+            if job.enqueue_owner in live:
+                continue
+            if self.service.store.take_enqueue(job.job_id, job.enqueue_owner, me):
+                self.service.job_event(
+                    job.job_id,
+                    f"server replica {job.enqueue_owner} that was enqueuing this job is gone; "
+                    f"replica {me} resumes it",
+                    "WARNING",
+                )
+                self.service.start_enqueuing(job.job_id)
 
     def _store_wide(self) -> None:
         """The leader's work: what no single replica's processes tell it."""

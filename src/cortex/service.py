@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import os
 import secrets
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cortex import errors, project, spec, views
+from cortex import datasets, enqueuer, errors, project, spec, views
 from cortex.jobs import JobStatus, WorkerState, new_job_id, new_worker_id
 from cortex.launchers import Launcher, WorkerLaunch
 from cortex.settings import Settings
@@ -34,6 +37,9 @@ class Service:
         self._specs: dict[str, dict[str, Any]] = {}
         # Set by the reconciler so that a status change acts at once, not on the next tick.
         self.wake: Any = lambda: None
+        # The jobs whose file datasets this replica is enqueuing now, a thread each.
+        self._enqueuers: dict[str, threading.Thread] = {}
+        self._enqueuers_lock = threading.Lock()
 
     # -- APIs -------------------------------------------------------------------------------
 
@@ -73,18 +79,22 @@ class Service:
 
     # -- jobs -------------------------------------------------------------------------------
 
-    def submit(self, api_name: str, data: Any, dry_run: bool = False) -> Job | None:
+    def submit(self, api_name: str, data: Any, dry_run: bool = False) -> Job | Iterator[str]:
+        """Validate a submission and create its job; with `dry_run`, create nothing and
+        return the files it matches (none for an item list), listed as they are read."""
         submission = spec.parse_submission(data)
         self._check_workers(submission.workers)
         # An unknown API is reported before the items are checked.
         self._check_capacity(self.get_api(api_name), submission.workers)
+        if submission.file_dataset is not None:
+            return self._submit_files(api_name, submission, dry_run)
         assert submission.item_list is not None
         item_list = submission.item_list
         payloads = spec.item_batches(item_list.items, item_list.batch_size)
         if dry_run:
             for _ in payloads:  # the size checks run as the batches are built
                 pass
-            return None
+            return iter(())
         job = self.store.create_job(
             job_id=new_job_id(),
             api_name=api_name,
@@ -103,6 +113,135 @@ class Service:
         )
         self.start_workers(job, [new_worker_id(job.job_id, i) for i in range(job.workers)])
         return job
+
+    def _submit_files(
+        self, api_name: str, submission: spec.Submission, dry_run: bool
+    ) -> Job | Iterator[str]:
+        """A file dataset: list until one file matches (else 400), store the job as
+        enqueuing, and enqueue it on a thread of its own; the answer does not wait."""
+        dataset = submission.file_dataset
+        assert dataset is not None
+        files = datasets.list_files(dataset, self.settings.resolved_data_roots)
+        try:
+            first = next(files, None)
+        except datasets.StorageError:
+            files.close()
+            if dry_run:
+                raise
+            # Storage unreachable or refusing: whether anything matches cannot be known here.
+            # The job is accepted, and its enqueuer fails it with the storage's own reason.
+            first = ""
+        if first is None:
+            raise errors.InvalidSubmission(
+                "no s3 files match search criteria", kind="batchapi.no_s3_files_found"
+            )
+        if dry_run:
+            return itertools.chain([first], files)
+        files.close()
+        kind = submission.dataset_kind
+        job = self.store.create_enqueuing_job(
+            job_id=new_job_id(),
+            api_name=api_name,
+            workers=submission.workers,
+            config=submission.config,
+            timeout_s=submission.timeout,
+            max_attempts=submission.max_attempts,
+            worker_token=secrets.token_urlsafe(32),
+            dataset={"kind": kind, **dataset.to_json()},
+            replica_id=self.replica_id,
+        )
+        self.job_event(job.job_id, "started enqueuing batches")
+        self.start_enqueuing(job.job_id)
+        return job
+
+    # -- enqueuing file datasets ------------------------------------------------------------
+
+    def start_enqueuing(self, job_id: str) -> None:
+        """Enqueue (or resume enqueuing) a job's file dataset on a thread, unless this replica
+        does already."""
+        with self._enqueuers_lock:
+            if job_id in self._enqueuers:
+                return
+            thread = threading.Thread(
+                target=self._enqueue, args=(job_id,), name=f"cortex-enqueue-{job_id}", daemon=True
+            )
+            self._enqueuers[job_id] = thread
+        thread.start()
+
+    def enqueuing(self, job_id: str) -> bool:
+        with self._enqueuers_lock:
+            return job_id in self._enqueuers
+
+    def _enqueue(self, job_id: str) -> None:
+        try:
+            job = self.store.get_job(job_id)
+            if job is None or job.enqueue_owner != self.replica_id or job.enqueue_done:
+                return
+            if job.enqueued_items:
+                self.job_event(
+                    job_id,
+                    f"resuming enqueuing after {job.total_batch_count} batches "
+                    f"({job.enqueued_items} items) already written",
+                )
+            files = [0]
+
+            def on_file(url: str) -> None:
+                files[0] += 1
+                # Each file is named, as in the spec, up to a point: 100,000 small files must
+                # not make 100,000 log lines.
+                if files[0] <= 1000 or files[0] % 1000 == 0:
+                    self.job_event(job_id, f"enqueuing contents from file {url}")
+
+            launched = [False]
+
+            def on_chunk(written: Job) -> None:
+                self.job_event(job_id, f"enqueued {written.total_batch_count} batches")
+                if not launched[0]:
+                    launched[0] = True
+                    self._ensure_workers(written)
+
+            done = enqueuer.run(
+                self.store,
+                job,
+                self.settings.resolved_data_roots,
+                self.replica_id,
+                on_chunk=on_chunk,
+                on_file=on_file,
+            )
+            if done is None:
+                return  # stopped, timed out, deleted or taken over meanwhile
+            if done.status is JobStatus.RUNNING:
+                self.job_event(
+                    job_id, f"completed enqueuing a total of {done.total_batch_count} batches"
+                )
+                self._ensure_workers(done)
+                self.wake()  # workers may be waiting only for enqueue_done
+            else:
+                self._ended(job_id, done.status, done.error_message)
+        except datasets.DatasetError as err:
+            self._end(
+                job_id,
+                JobStatus.ENQUEUE_FAILED,
+                err.kind,
+                f"failed to enqueue all batches: {err.message}",
+            )
+        except Exception as err:
+            log.exception("job %s: enqueuing failed", job_id)
+            self._end(
+                job_id,
+                JobStatus.ENQUEUE_FAILED,
+                "batchapi.enqueue_failed",
+                f"failed to enqueue all batches: {err}",
+            )
+        finally:
+            with self._enqueuers_lock:
+                self._enqueuers.pop(job_id, None)
+
+    def _ensure_workers(self, job: Job) -> None:
+        """Start the job's workers unless some are alive (a resumed enqueuing may find the
+        ones it started before)."""
+        if not any(w.state.alive for w in self.store.list_workers(job.job_id)):
+            self.launch_workers(job, job.workers)
 
     def _check_workers(self, workers: int) -> None:
         if workers > self.settings.max_workers:

@@ -49,6 +49,9 @@ class Settings:
     log_max_lines_per_job: int = 2_000_000
     # With a token set, every public endpoint but /healthz requires `Authorization: Bearer`.
     auth_token: str = ""
+    # Local file datasets are read only under these folders; empty means the folder the
+    # server was started in.
+    data_roots: tuple[Path, ...] = ()
 
     def __repr__(self) -> str:  # never print the token
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -60,6 +63,10 @@ class Settings:
         if self.store_url:
             return self.store_url
         return f"sqlite:///{(self.data_dir / 'cortex.db').resolve()}"
+
+    @property
+    def resolved_data_roots(self) -> tuple[Path, ...]:
+        return tuple(root.resolve() for root in (self.data_roots or (Path.cwd(),)))
 
     @property
     def resolved_public_url(self) -> str:

@@ -328,16 +328,51 @@ class ItemList(pydantic.BaseModel):
     batch_size: int
 
 
+class FileDataset(pydantic.BaseModel):
+    """`file_path_lister` or `delimited_files`: prefixes to list, globs to filter by. `paths`
+    is accepted for `s3_paths` (the prefixes need not be on S3)."""
+
+    paths: list[str] = pydantic.Field(validation_alias=pydantic.AliasChoices("s3_paths", "paths"))
+    includes: list[str] = pydantic.Field(default_factory=list)
+    excludes: list[str] = pydantic.Field(default_factory=list)
+    batch_size: int
+
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+    @pydantic.field_validator("includes", "excludes", mode="before")
+    @classmethod
+    def _null_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "s3_paths": self.paths,
+            "includes": self.includes,
+            "excludes": self.excludes,
+            "batch_size": self.batch_size,
+        }
+
+
 class Submission(pydantic.BaseModel):
     """A validated job submission. Unknown keys are ignored, as in the spec."""
 
     workers: int = 0
     config: dict[str, Any] | None = None
     item_list: ItemList | None = None
+    file_path_lister: FileDataset | None = None
+    delimited_files: FileDataset | None = None
     timeout: int | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
     model_config = pydantic.ConfigDict(extra="ignore")
+
+    @property
+    def dataset_kind(self) -> str:
+        return next(key for key in DATASET_KEYS if getattr(self, key) is not None)
+
+    @property
+    def file_dataset(self) -> FileDataset | None:
+        return self.file_path_lister or self.delimited_files
 
 
 def _invalid(kind: str, message: str) -> errors.InvalidSubmission:
@@ -368,26 +403,25 @@ def parse_submission(data: Any) -> Submission:
             "batchapi.conflicting_fields",
             f"please specify exactly one of the following keys: {', '.join(present)}",
         )
-    if present[0] != "item_list":
-        raise _invalid(
-            "batchapi.dataset_not_supported",
-            f"{present[0]} datasets are not supported by this server yet; use item_list",
-        )
+    kind = present[0]
+    section = data[kind]
+    if isinstance(section, dict) and "s3_paths" in section and "paths" in section:
+        raise _invalid("batchapi.conflicting_fields", f"{kind}: give s3_paths or paths, not both")
     try:
         sub = Submission.model_validate(data, strict=False)
     except pydantic.ValidationError as err:
         raise errors.InvalidRequest(_format_error(err, "")) from None
     raw = {name: data.get(name) for name in ("workers", "timeout", "max_attempts")}
-    if isinstance(data["item_list"], dict):
-        raw["item_list.batch_size"] = data["item_list"].get("batch_size")
+    if isinstance(data[kind], dict):
+        raw[f"{kind}.batch_size"] = data[kind].get("batch_size")
     for name, value in raw.items():
         if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
             raise errors.InvalidRequest(f"{name}: must be an integer")
-    assert sub.item_list is not None
-    if not sub.item_list.items:
+    if sub.item_list is not None and not sub.item_list.items:
         raise _invalid("batchapi.empty_item_list", "item_list.items: must not be empty")
-    if sub.item_list.batch_size < 1:
-        raise _invalid("batchapi.invalid_batch_size", "item_list.batch_size: must be at least 1")
+    batch_size = sub.item_list.batch_size if sub.item_list else sub.file_dataset.batch_size  # type: ignore[union-attr]
+    if batch_size < 1:
+        raise _invalid("batchapi.invalid_batch_size", f"{kind}.batch_size: must be at least 1")
     if sub.workers < 1:
         raise _invalid("batchapi.invalid_workers", "workers: must be at least 1")
     if sub.timeout is not None and sub.timeout < 1:
@@ -403,7 +437,28 @@ def parse_submission(data: Any) -> Submission:
     reason = _unicode_error(sub.config)
     if reason is not None:
         raise errors.InvalidRequest(f"config: holds text that is not valid unicode ({reason})")
+    if sub.file_dataset is not None:
+        _check_file_dataset(kind, sub.file_dataset)
     return sub
+
+
+def _check_file_dataset(kind: str, dataset: FileDataset) -> None:
+    """Step 5 of the spec's order, short of listing: prefixes given, globs compile."""
+    from cortex import datasets, globs  # datasets imports this module
+
+    if not dataset.paths:
+        raise _invalid("batchapi.empty_s3_paths", f"{kind}.s3_paths: must not be empty")
+    for name in ("includes", "excludes"):
+        for pattern in getattr(dataset, name):
+            try:
+                globs.compile_glob(pattern)
+            except globs.GlobError as err:
+                raise _invalid("batchapi.invalid_glob", f"{kind}.{name}: {err}") from None
+    for path in dataset.paths:
+        reason = _unicode_error(path)
+        if reason is not None or "\0" in path:
+            raise _invalid("batchapi.invalid_path", f"{kind}.s3_paths: {path!r} is not valid")
+        datasets.parse_location(path)
 
 
 def item_batches(items: list[Any], batch_size: int) -> Iterator[str]:

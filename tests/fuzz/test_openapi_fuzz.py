@@ -37,6 +37,7 @@ from helpers import (
     FIXTURES,
     Server,
     deploy_fixture,
+    free_port,
     start_server,
     stop_server,
     wait_for_status,
@@ -60,8 +61,19 @@ class Target:
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    # One worker at most per job: valid submissions and retries each start one process.
-    server = start_server(tmp_path_factory.mktemp("fuzz-server"), CORTEX_MAX_WORKERS="1")
+    # One worker at most per job: valid submissions and retries each start one process. File
+    # datasets stay on this machine: local paths under an empty folder, and S3 at a loopback
+    # port where nothing listens (refused at once, not a network timeout).
+    server = start_server(
+        tmp_path_factory.mktemp("fuzz-server"),
+        CORTEX_MAX_WORKERS="1",
+        CORTEX_DATA_ROOTS=str(tmp_path_factory.mktemp("fuzz-data")),
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        AWS_ACCESS_KEY_ID="fuzz",
+        AWS_SECRET_ACCESS_KEY="fuzz",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_MAX_ATTEMPTS="1",
+    )
     folder = tmp_path_factory.mktemp("fuzz-apis")
     try:
         with server.client() as client:

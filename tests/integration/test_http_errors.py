@@ -70,8 +70,19 @@ def test_unknown_job(http: httpx.Client, api_name: str) -> None:
             "batchapi.conflicting_fields",
         ),
         (
-            {"workers": 1, "file_path_lister": {"s3_paths": ["s3://b/"], "batch_size": 1}},
-            "batchapi.dataset_not_supported",
+            {"workers": 1, "file_path_lister": {"s3_paths": ["/no-such-root/x"], "batch_size": 1}},
+            "batchapi.path_not_allowed",
+        ),
+        (
+            {"workers": 1, "file_path_lister": {"s3_paths": ["s3://b/"], "batch_size": 0}},
+            "batchapi.invalid_batch_size",
+        ),
+        (
+            {
+                "workers": 1,
+                "delimited_files": {"paths": ["s3://b/"], "includes": ["[a"], "batch_size": 1},
+            },
+            "batchapi.invalid_glob",
         ),
         ({"workers": 1, "item_list": {"items": [], "batch_size": 1}}, "batchapi.empty_item_list"),
         (

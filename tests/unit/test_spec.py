@@ -434,11 +434,44 @@ class TestParseSubmission:
             assert key in err.message
 
     @pytest.mark.parametrize("key", ["file_path_lister", "delimited_files"])
-    def test_s3_modes_not_supported(self, key: str) -> None:
-        body = {"workers": 1, key: {"s3_paths": ["s3://bucket/x"], "batch_size": 1}}
-        err = submission_error(body)
-        assert err.kind == "batchapi.dataset_not_supported"
-        assert key in err.message
+    def test_file_datasets_parse(self, key: str) -> None:
+        body = {"workers": 1, key: {"s3_paths": ["s3://bucket/x"], "batch_size": 3}}
+        sub = parse_submission(body)
+        assert sub.dataset_kind == key
+        assert sub.file_dataset is not None
+        assert sub.file_dataset.paths == ["s3://bucket/x"]
+        assert sub.file_dataset.to_json()["batch_size"] == 3
+        # `paths` is an alias of `s3_paths`; includes and excludes default to none.
+        alias = parse_submission({"workers": 1, key: {"paths": ["/data/x"], "batch_size": 1}})
+        assert alias.file_dataset is not None
+        assert alias.file_dataset.paths == ["/data/x"]
+        assert alias.file_dataset.includes == []
+
+    @pytest.mark.parametrize(
+        ("dataset", "kind"),
+        [
+            ({"s3_paths": [], "batch_size": 1}, "batchapi.empty_s3_paths"),
+            ({"s3_paths": ["s3://b/x"], "batch_size": 0}, "batchapi.invalid_batch_size"),
+            (
+                {"s3_paths": ["s3://b/x"], "includes": ["a["], "batch_size": 1},
+                "batchapi.invalid_glob",
+            ),
+            (
+                {"s3_paths": ["s3://b/x"], "excludes": ["{a,b"], "batch_size": 1},
+                "batchapi.invalid_glob",
+            ),
+            ({"s3_paths": ["s3:///x"], "batch_size": 1}, "batchapi.invalid_s3_path"),
+            ({"s3_paths": ["relative/x"], "batch_size": 1}, "batchapi.invalid_path"),
+            ({"s3_paths": ["file://host/x"], "batch_size": 1}, "batchapi.invalid_path"),
+            (
+                {"s3_paths": ["s3://b/x"], "paths": ["s3://b/y"], "batch_size": 1},
+                "batchapi.conflicting_fields",
+            ),
+        ],
+    )
+    def test_file_dataset_errors(self, dataset: dict, kind: str) -> None:
+        err = submission_error({"workers": 1, "delimited_files": dataset})
+        assert err.kind == kind
 
     def test_empty_items(self) -> None:
         err = submission_error(submission(item_list={"items": [], "batch_size": 1}))

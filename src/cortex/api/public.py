@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import orjson
 import pydantic
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from cortex import errors, views
 from cortex.api import deps
@@ -42,7 +43,8 @@ _JOBS_PER_API = 10
 
 def status_json(service: Service, job: Job, base_url: str) -> dict[str, Any]:
     api_spec = service.api_spec_for(job)
-    running = job.status is JobStatus.RUNNING
+    # Workers run while a file dataset is still enqueuing, so their counts show then too.
+    running = job.status in (JobStatus.ENQUEUING, JobStatus.RUNNING)
     return {
         "job_status": views.job_status_json(
             job,
@@ -115,14 +117,24 @@ _ITEM_LIST_SCHEMA: dict[str, Any] = {
         "batch_size": _POSITIVE_INT,
     },
 }
+_GLOBS: dict[str, Any] = {
+    "type": "array",
+    "items": {"type": "string"},
+    "description": "globs matched against each file's full URL: * stops at /, ** crosses it",
+}
 _S3_DATASET_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "Refused by this server for now: 400 `batchapi.dataset_not_supported`.",
+    "description": (
+        "Files under the prefixes in `s3_paths` (or `paths`): s3://, gs://, http(s):// or local "
+        "paths under the server's data roots. file_path_lister: each file's URL is an item; "
+        "delimited_files: each JSON value of the JSON-lines files is."
+    ),
+    "required": ["s3_paths", "batch_size"],
     "properties": {
-        "s3_paths": {"type": "array", "items": {"type": "string"}},
-        "includes": {"type": "array", "items": {"type": "string"}},
-        "excludes": {"type": "array", "items": {"type": "string"}},
-        "batch_size": {"type": "integer"},
+        "s3_paths": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        "includes": _GLOBS,
+        "excludes": _GLOBS,
+        "batch_size": _POSITIVE_INT,
     },
 }
 _SUBMISSION_FIELDS: dict[str, Any] = {
@@ -162,8 +174,7 @@ _SUBMISSION_BODY: dict[str, Any] = {
     "required": True,
     "description": (
         "A job submission (spec §4.1) with exactly one dataset: `item_list`, `file_path_lister` "
-        "or `delimited_files` (this server runs only `item_list` for now). Unknown keys are "
-        "ignored."
+        "or `delimited_files`. Unknown keys are ignored."
     ),
     "content": {
         "application/json": {
@@ -187,7 +198,10 @@ _SUBMISSION_BODY: dict[str, Any] = {
 }
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "The job, or with `dryRun=true` the text `validations passed`",
+        "description": (
+            "The job, or with `dryRun=true` the matched files, one per line, then the text "
+            "`validations passed`"
+        ),
         "content": {
             "application/json": {"schema": {"type": "object"}},
             "text/plain": {"schema": {"type": "string"}},
@@ -207,12 +221,29 @@ async def submit(
     request: Request,
     service: ServiceDep,
     dry_run: Annotated[bool, Query(alias="dryRun")] = False,
-) -> dict[str, Any] | PlainTextResponse:
+) -> dict[str, Any] | PlainTextResponse | StreamingResponse:
     data = await read_json(request, service.settings.max_body_bytes)
-    job = await run_in_threadpool(service.submit, api_name, data, dry_run)
-    if job is None:
-        return PlainTextResponse("validations passed\n")
-    return views.job_spec_json(job, service.api_spec_for(job))
+    result = await run_in_threadpool(service.submit, api_name, data, dry_run)
+    if isinstance(result, Job):
+        return views.job_spec_json(result, service.api_spec_for(result))
+    # Validation (and the first match) is done: stream the rest of the listing as it comes.
+    return StreamingResponse(_dry_run_lines(result), media_type="text/plain; charset=utf-8")
+
+
+def _dry_run_lines(files: Iterator[str], lines_per_write: int = 1000) -> Iterator[str]:
+    """The matched files, a line each, then `validations passed`. An error after the answer
+    has begun can only be told in the text: an `error:` line takes the place of the last."""
+    page: list[str] = []
+    try:
+        for url in files:
+            page.append(url + "\n")
+            if len(page) >= lines_per_write:
+                yield "".join(page)
+                page = []
+    except errors.CortexError as err:
+        yield "".join(page) + f"error: {err.kind}: {err.message}\n"
+        return
+    yield "".join(page) + "validations passed\n"
 
 
 _STATUS_DOC: dict[int | str, dict[str, Any]] = {

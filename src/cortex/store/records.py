@@ -44,6 +44,9 @@ class Job:
     worker_token: str
     retry_of: str | None = None
     worker_restarts: int = 0
+    dataset: dict[str, Any] | None = None
+    enqueued_items: int = 0
+    enqueue_owner: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -73,6 +76,9 @@ class Job:
             worker_token=m["worker_token"],
             retry_of=m["retry_of"],
             worker_restarts=m["worker_restarts"],
+            dataset=None if m["dataset_json"] is None else json.loads(m["dataset_json"]),
+            enqueued_items=m["enqueued_items"],
+            enqueue_owner=m["enqueue_owner"],
         )
 
 

@@ -281,6 +281,130 @@ class Store:
             _insert_workers(conn, job_id, range(workers), replica_id, now)
             return _get_job(conn, job_id)
 
+    def create_enqueuing_job(
+        self,
+        *,
+        job_id: str,
+        api_name: str,
+        workers: int,
+        config: dict[str, Any] | None,
+        timeout_s: int | None,
+        max_attempts: int,
+        worker_token: str,
+        dataset: dict[str, Any],
+        replica_id: str,
+    ) -> Job:
+        """Store a job whose file dataset `replica_id` enqueues from now on (`append_batches`,
+        then `finish_enqueue`). It has no batches and no workers yet."""
+        now = time.time()
+        with self._write() as conn:
+            api = _lock_api(conn, api_name, share=True)  # as in create_job
+            if api is None:
+                raise errors.ApiNotDeployed(api_name)
+            conn.execute(
+                t.jobs.insert().values(
+                    job_id=job_id,
+                    api_name=api_name,
+                    spec_id=api.spec_id,
+                    status=JobStatus.ENQUEUING.value,
+                    workers=workers,
+                    config_json=None if config is None else json.dumps(config),
+                    timeout_s=timeout_s,
+                    max_attempts=max_attempts,
+                    start_time=now,
+                    worker_token=worker_token,
+                    dataset_json=json.dumps(dataset),
+                    enqueue_owner=replica_id,
+                )
+            )
+            return _get_job(conn, job_id)
+
+    def append_batches(
+        self, job_id: str, payloads: list[str], items: int, owner: str
+    ) -> Job | None:
+        """Write the next batches of an enqueuing job and move its resume cursor by `items`,
+        in one transaction; None (and nothing written) if the job is no longer enqueuing or
+        another replica's enqueuer took it over."""
+        with self._write() as conn:
+            job = _lock_job(conn, job_id, missing_ok=True)
+            if job is None or not _enqueuing_by(job, owner):
+                return None
+            start = job.total_batch_count
+            for offset in range(0, len(payloads), _INSERT_CHUNK):
+                conn.execute(
+                    t.batches.insert(),
+                    [
+                        {
+                            "job_id": job_id,
+                            "seq": start + offset + i,
+                            "batch_id": str(uuid.uuid4()),
+                            "payload": payload,
+                            "state": BatchState.QUEUED.value,
+                        }
+                        for i, payload in enumerate(payloads[offset : offset + _INSERT_CHUNK])
+                    ],
+                )
+            conn.execute(
+                t.jobs.update()
+                .where(t.jobs.c.job_id == job_id)
+                .values(
+                    total_batch_count=start + len(payloads),
+                    enqueued_items=job.enqueued_items + items,
+                )
+            )
+            return _get_job(conn, job_id)
+
+    def finish_enqueue(self, job_id: str, owner: str, empty_message: str) -> Job | None:
+        """Every batch is written: the job runs (or, with none, failed while enqueuing);
+        None if the job is no longer this owner's to finish."""
+        with self._write() as conn:
+            job = _lock_job(conn, job_id, missing_ok=True)
+            if job is None or not _enqueuing_by(job, owner):
+                return None
+            if job.total_batch_count == 0:
+                _set_status(
+                    conn,
+                    job_id,
+                    JobStatus.ENQUEUE_FAILED,
+                    "batchapi.no_data_found",
+                    empty_message,
+                )
+            else:
+                conn.execute(
+                    t.jobs.update()
+                    .where(t.jobs.c.job_id == job_id)
+                    .values(enqueue_done=True, status=JobStatus.RUNNING.value)
+                )
+            return _get_job(conn, job_id)
+
+    def unfinished_enqueues(self) -> list[Job]:
+        """Jobs whose file dataset is still being enqueued (or should be)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(t.jobs).where(
+                    t.jobs.c.status == JobStatus.ENQUEUING.value,
+                    t.jobs.c.enqueue_done.is_(False),
+                    t.jobs.c.dataset_json.is_not(None),
+                )
+            ).all()
+        return [Job.from_row(row) for row in rows]
+
+    def take_enqueue(self, job_id: str, old_owner: str | None, new_owner: str) -> bool:
+        """Take over the enqueuing of a job from a replica that is gone (compare-and-set)."""
+        with self._write() as conn:
+            updated = conn.execute(
+                t.jobs.update()
+                .where(
+                    t.jobs.c.job_id == job_id,
+                    t.jobs.c.status == JobStatus.ENQUEUING.value,
+                    t.jobs.c.enqueue_owner == old_owner
+                    if old_owner is not None
+                    else t.jobs.c.enqueue_owner.is_(None),
+                )
+                .values(enqueue_owner=new_owner)
+            )
+            return updated.rowcount == 1
+
     def get_job(self, job_id: str) -> Job | None:
         with self._read() as conn:
             row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
@@ -422,7 +546,9 @@ class Store:
             if job.status.terminal:
                 return LeaseResult(batches=[], done=True)
             _record_results(conn, job, worker_id, results)
-            if max_batches > 0 and job.status is JobStatus.RUNNING:
+            # Workers lease while a file dataset is still being enqueued: they start on the
+            # first durable batches. Completion waits for `enqueue_done` (_maybe_complete).
+            if max_batches > 0 and job.status.in_progress:
                 leased = _take_batches(conn, job_id, worker_id, max_batches, now + lease_s)
                 if leased:
                     return LeaseResult(batches=leased)
@@ -619,6 +745,10 @@ class Store:
 
 
 # -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
+def _enqueuing_by(job: Job, owner: str) -> bool:
+    return job.status is JobStatus.ENQUEUING and not job.enqueue_done and job.enqueue_owner == owner
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

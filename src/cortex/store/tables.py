@@ -69,6 +69,13 @@ jobs = sa.Table(
     sa.Column("retry_of", sa.String(32), nullable=True),
     # Workers started to replace workers that died; bounded so a crash loop ends.
     sa.Column("worker_restarts", sa.Integer, nullable=False, server_default="0"),
+    # A file dataset, as submitted ({"kind": ..., "s3_paths": ...}); null for an item list,
+    # which is written whole at submission.
+    sa.Column("dataset_json", sa.Text, nullable=True),
+    # The resume cursor of an enqueuing job: items durably written as batches (the batches
+    # are `total_batch_count`), and the replica whose enqueuer writes them.
+    sa.Column("enqueued_items", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("enqueue_owner", sa.String(64), nullable=True),
     sa.Index("ix_jobs_api_start", "api_name", "start_time"),
     sa.Index("ix_jobs_status", "status"),
 )

@@ -1,0 +1,308 @@
+"""File datasets end to end: a real server reading local folders and a real S3-compatible
+server (moto's, on loopback), real workers recording the items they get."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+
+from cortex import datasets, enqueuer
+from cortex.client import Client
+from helpers import (
+    DeployedApi,
+    Server,
+    deploy_fixture,
+    free_port,
+    job_worker_processes,
+    kill_processes,
+    start_server,
+    stop_server,
+    wait_for,
+    wait_for_status,
+)
+
+BUCKET = "cortex-data"
+
+
+@dataclass
+class S3:
+    endpoint: str
+    env: dict[str, str]
+
+    def client(self) -> Any:
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        )
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    """moto's standalone S3 server, a real HTTP server on loopback."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    moto = Path(sys.executable).parent / "moto_server"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return httpx.get(endpoint, timeout=1).status_code < 500
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(up, 30, "moto_server to answer")
+        env = {
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        S3(endpoint, env).client().create_bucket(Bucket=BUCKET)
+        yield S3(endpoint, env)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(10)
+
+
+@dataclass
+class DataServer:
+    server: Server
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def data(s3: S3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataServer]:
+    """A server that reads local files under its own data root and S3 through moto."""
+    root = tmp_path_factory.mktemp("data-root")
+    server = start_server(tmp_path_factory.mktemp("server"), CORTEX_DATA_ROOTS=str(root), **s3.env)
+    yield DataServer(server, root)
+    stop_server(server)
+
+
+@pytest.fixture
+def dclient(data: DataServer) -> Iterator[Client]:
+    with data.server.client() as c:
+        yield c
+
+
+def _recorded(api: DeployedApi, job_id: str) -> list[list[Any]]:
+    return [json.loads(f.read_text()) for f in (api.out / job_id).glob("batch-*.json")]
+
+
+def _put(s3: S3, objects: dict[str, bytes]) -> None:
+    client = s3.client()
+    for key, body in objects.items():
+        client.put_object(Bucket=BUCKET, Key=key, Body=body)
+
+
+def _server_lines(client: Client, api: str, job_id: str) -> list[str]:
+    return [line for line in client.logs(api, job_id) if " server " in line]
+
+
+def test_file_path_lister_on_s3(s3: S3, dclient: Client, tmp_path: Path) -> None:
+    _put(
+        s3,
+        {
+            "lister/images/a/1.jpg": b"x",
+            "lister/images/a/2.png": b"x",
+            "lister/images/b/3.jpg": b"x",
+            "lister/images/c/": b"",  # a "directory" object: skipped
+            "lister/images2/4.jpg": b"",
+            "lister/other/5.jpg": b"x",
+            "lister/unrelated/6.jpg": b"x",
+        },
+    )
+    api = deploy_fixture(dclient, "recorder", tmp_path)
+    base = f"s3://{BUCKET}/lister"
+    dataset = {
+        # images/a/ lies under images (a string prefix, which also covers images2/): each
+        # file is listed once.
+        "s3_paths": [f"{base}/images/a/", f"{base}/other/", f"{base}/images"],
+        "includes": ["**.jpg"],
+        "excludes": [f"{base}/images/b/*"],
+        "batch_size": 2,
+    }
+    expected = [f"{base}/other/5.jpg", f"{base}/images/a/1.jpg", f"{base}/images2/4.jpg"]
+    dry = dclient.submit(api.name, {"workers": 1, "file_path_lister": dataset}, dry_run=True)
+    assert dry == "\n".join(expected) + "\nvalidations passed\n"
+
+    job = dclient.submit(api.name, {"workers": 2, "file_path_lister": dataset})
+    assert job["total_batch_count"] == 0  # answered before enqueuing
+    status = wait_for_status(dclient, api.name, job["job_id"])
+    assert status["status"] == "status_succeeded", status
+    assert status["total_batch_count"] == 2
+    batches = sorted(_recorded(api, job["job_id"]), key=len, reverse=True)
+    assert batches == [expected[:2], expected[2:]]  # the first batch spans two prefixes
+
+
+def test_delimited_files_on_s3(s3: S3, dclient: Client, tmp_path: Path) -> None:
+    _put(
+        s3,
+        {
+            "lines/part-1.jsonl": '{"n": 1, "t": "héllo wörld ✓"}\n{"n": 2}\n{"n": 3}'.encode(),
+            "lines/part-2.jsonl": b"",
+            "lines/sub/part-3.jsonl": b'{"n": 4}\r\n\r\n{"n": 5} {"n": 6}\r\n',
+            "lines/skip.txt": b"not json",
+        },
+    )
+    api = deploy_fixture(dclient, "recorder", tmp_path)
+    body = {
+        "workers": 1,
+        "delimited_files": {
+            "paths": [f"s3://{BUCKET}/lines/"],  # `paths`: the alias of s3_paths
+            "includes": ["**.jsonl"],
+            "batch_size": 4,
+        },
+    }
+    job_id = dclient.submit(api.name, body)["job_id"]
+    status = wait_for_status(dclient, api.name, job_id)
+    assert status["status"] == "status_succeeded", status
+    assert status["total_batch_count"] == 2
+    items = sorted((i for b in _recorded(api, job_id) for i in b), key=lambda i: i["n"])
+    assert [i["n"] for i in items] == [1, 2, 3, 4, 5, 6]
+    assert items[0]["t"] == "héllo wörld ✓"
+    lines = _server_lines(dclient, api.name, job_id)
+    assert any(f"enqueuing contents from file s3://{BUCKET}/lines/part-2.jsonl" in x for x in lines)
+    assert any("completed enqueuing a total of 2 batches" in x for x in lines)
+
+
+def test_a_big_local_file_streams_and_workers_start_before_enqueuing_ends(
+    data: DataServer, dclient: Client, tmp_path: Path
+) -> None:
+    # Over one read chunk (so values straddle chunk boundaries), and over one write chunk of
+    # batches (16 MiB of payloads: so enqueuing writes at least twice).
+    count = 2300
+    pad = "é" + "x" * 8000  # about 8 kB a line
+    path = data.root / "big.jsonl"
+    with open(path, "w") as out:
+        for n in range(count):
+            out.write(json.dumps({"n": n, "pad": pad}, ensure_ascii=False) + "\n")
+    assert path.stat().st_size > enqueuer.CHUNK_BYTES > datasets.READ_CHUNK_BYTES
+    api = deploy_fixture(dclient, "recorder", tmp_path)
+    body = {"workers": 2, "delimited_files": {"s3_paths": [str(path)], "batch_size": 100}}
+    job_id = dclient.submit(api.name, body)["job_id"]
+    status = wait_for_status(dclient, api.name, job_id, timeout_s=90)
+    assert status["status"] == "status_succeeded", status
+    assert status["total_batch_count"] == count // 100
+    items = [i for b in _recorded(api, job_id) for i in b]
+    assert sorted(i["n"] for i in items) == list(range(count))
+    assert all(i["pad"] == pad for i in items)
+    # The workers were started once the first chunk of batches was durable, before the rest
+    # was written: the server's lines about the job say so, in order.
+    lines = _server_lines(dclient, api.name, job_id)
+    order = [
+        next(i for i, line in enumerate(lines) if text in line)
+        for text in ("enqueued ", "started 2 workers", f"enqueued {count // 100} batches")
+    ]
+    assert order == sorted(order) and len(set(order)) == 3, lines
+
+
+def test_failures_are_precise(s3: S3, data: DataServer, dclient: Client, tmp_path: Path) -> None:
+    api = deploy_fixture(dclient, "recorder", tmp_path)
+
+    def refused(dataset: dict[str, Any], kind: str) -> str:
+        response = httpx.post(
+            f"{data.server.url}/{api.name}", json={"workers": 1, "delimited_files": dataset}
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["kind"] == kind, response.text
+        return str(response.json()["message"])
+
+    def failed(dataset: dict[str, Any]) -> dict[str, Any]:
+        job_id = dclient.submit(api.name, {"workers": 1, "delimited_files": dataset})["job_id"]
+        status = wait_for_status(dclient, api.name, job_id)
+        assert status["status"] == "status_enqueue_failed", status
+        return dict(status["error"])
+
+    message = refused(
+        {"s3_paths": [f"s3://{BUCKET}/nothing/"], "batch_size": 1}, "batchapi.no_s3_files_found"
+    )
+    assert message == "no s3 files match search criteria"
+    refused({"s3_paths": ["s3://no-such-bucket/x"], "batch_size": 1}, "batchapi.no_s3_files_found")
+    refused(
+        {"s3_paths": [str(data.root / "absent")], "batch_size": 1}, "batchapi.no_s3_files_found"
+    )
+    message = refused({"s3_paths": ["/etc/"], "batch_size": 1}, "batchapi.path_not_allowed")
+    assert "CORTEX_DATA_ROOTS" in message
+    refused({"s3_paths": [f"{data.root}/../x"], "batch_size": 1}, "batchapi.path_not_allowed")
+    refused({"s3_paths": ["s3://b/"], "includes": ["{a"], "batch_size": 1}, "batchapi.invalid_glob")
+
+    bad = data.root / "bad.jsonl"
+    bad.write_text('{"ok": 1}\n{"ok": 2}\n{"ok": \n')
+    error = failed({"s3_paths": [str(bad)], "batch_size": 1})
+    assert error["kind"] == "batchapi.invalid_item"
+    assert f"{bad}, line 3: not valid JSON" in error["message"]
+
+    _put(s3, {"huge/x.jsonl": b'1\n"' + b"x" * 300_000 + b'"\n'})
+    error = failed({"s3_paths": [f"s3://{BUCKET}/huge/"], "batch_size": 1})
+    assert error["kind"] == "batchapi.item_size_exceeds_limit"
+    assert f"s3://{BUCKET}/huge/x.jsonl, line 2:" in error["message"]
+
+    # Storage that cannot be reached: the job fails with the storage's own reason.
+    url = f"http://127.0.0.1:{free_port()}/data.jsonl"
+    error = failed({"s3_paths": [url], "batch_size": 1})
+    assert error["kind"] == "batchapi.storage_error"
+    assert f"cannot read {url}" in error["message"] and "Cannot connect" in error["message"]
+
+
+def test_a_restart_while_enqueuing_resumes(tmp_path: Path) -> None:
+    """Killed while enqueuing, the server resumes the job where its last durable chunk ended:
+    every item ends up in exactly one batch."""
+    root = tmp_path / "root"
+    root.mkdir()
+    count = 400_000
+    path = root / "many.jsonl"
+    path.write_text("".join(f"{n}\n" for n in range(count)))
+    port = free_port()
+    server = start_server(tmp_path / "server", port, CORTEX_DATA_ROOTS=str(root))
+    job_id = ""
+    try:
+        with server.client() as client:
+            api = deploy_fixture(client, "recorder", tmp_path)
+            body = {"workers": 1, "delimited_files": {"s3_paths": [str(path)], "batch_size": 5000}}
+            job_id = client.submit(api.name, body)["job_id"]
+
+            def partly_enqueued() -> dict[str, Any] | None:
+                status = client.get_job(api.name, job_id)["job_status"]
+                return status if status["total_batch_count"] > 0 else None
+
+            cut = wait_for(partly_enqueued, 30, "the first batches")
+        server.process.kill()  # SIGKILL: no clean shutdown
+        server.process.wait()
+        server = start_server(tmp_path / "server", port, CORTEX_DATA_ROOTS=str(root))
+        with server.client() as client:
+            status = wait_for_status(client, api.name, job_id, timeout_s=90)
+            assert status["status"] == "status_succeeded", status
+            assert status["total_batch_count"] == count // 5000
+            batches = _recorded(api, job_id)
+            assert sorted(i for b in batches for i in b) == list(range(count))
+            if cut["status"] == "status_enqueuing" and cut["total_batch_count"] < count // 5000:
+                lines = _server_lines(client, api.name, job_id)
+                assert any("resuming enqueuing after" in line for line in lines), lines
+    finally:
+        stop_server(server)
+        if job_id:
+            kill_processes(job_worker_processes(job_id))
