@@ -119,7 +119,8 @@ def heartbeat(body: WorkerBody, job: JobDep, service: ServiceDep) -> dict[str, b
 
 
 _STREAMS = frozenset({"stdout", "stderr", "log"})
-_MAX_LINE_CHARS = 64 << 10
+# An entry may hold many lines (the worker joins a run of prints); this bounds one entry.
+_MAX_LINE_CHARS = 4 << 20
 
 
 @router.post("/logs")

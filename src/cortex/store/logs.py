@@ -59,7 +59,7 @@ class LogStore:
             "source": source,
             "first_ts": min(stamps),
             "last_ts": max(stamps),
-            "line_count": len(lines),
+            "line_count": sum(line[4].count("\n") + 1 for line in lines),
             "lines": orjson.dumps(lines).decode(),
         }
         with self.store._write() as conn:
@@ -158,7 +158,9 @@ def _chunks(job_id: str, where: LogFilter) -> sa.Select[Any]:
 
 
 def _decode(row: Any) -> list[LogLine]:
+    """The lines of a chunk; an entry may hold several lines that share its fields."""
     return [
         LogLine(row.id, ts, row.source, stream, level, batch_id, message)
-        for ts, stream, level, batch_id, message in orjson.loads(row.lines)
+        for ts, stream, level, batch_id, text in orjson.loads(row.lines)
+        for message in text.split("\n")
     ]
