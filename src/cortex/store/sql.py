@@ -512,12 +512,16 @@ class Store:
         return [worker_record(r) for r in rows]
 
     def worker_counts(self, job_id: str) -> dict[str, int]:
-        counts = {state.value: 0 for state in WorkerState}
+        return self._state_counts(t.workers, [s.value for s in WorkerState], job_id)
+
+    def _state_counts(self, table: sa.Table, states: list[str], job_id: str) -> dict[str, int]:
+        """How many of a job's rows are in each state (every state present, 0 if none)."""
+        counts = dict.fromkeys(states, 0)
         with self._read() as conn:
             for state, n in conn.execute(
-                sa.select(t.workers.c.state, sa.func.count())
-                .where(t.workers.c.job_id == job_id)
-                .group_by(t.workers.c.state)
+                sa.select(table.c.state, sa.func.count())
+                .where(table.c.job_id == job_id)
+                .group_by(table.c.state)
             ):
                 counts[state] = n
         return counts
@@ -683,15 +687,7 @@ class Store:
             return updated.rowcount == 1
 
     def batch_counts(self, job_id: str) -> dict[str, int]:
-        counts = {state.value: 0 for state in BatchState}
-        with self._read() as conn:
-            for state, n in conn.execute(
-                sa.select(t.batches.c.state, sa.func.count())
-                .where(t.batches.c.job_id == job_id)
-                .group_by(t.batches.c.state)
-            ):
-                counts[state] = n
-        return counts
+        return self._state_counts(t.batches, [s.value for s in BatchState], job_id)
 
     def failed_payloads(self, job_id: str) -> Iterator[str]:
         """The payloads of a job's failed batches, in order, read in pages."""
