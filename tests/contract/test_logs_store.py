@@ -76,3 +76,11 @@ def test_retention_prunes_old_jobs_and_oversized_logs(store: Store) -> None:
     kept = [line.message for line in logs.read("big", 0, 100)[0]]
     # Whole chunks go, oldest first, until at most 25 lines are left.
     assert kept == [f"line {i}" for i in range(30, 50)]
+
+
+def test_deleting_an_api_deletes_its_jobs_logs(store: Store) -> None:
+    _job(store)
+    logs = LogStore(store)
+    logs.append("job1", "job1-0", _lines(0, 3))
+    store.delete_api("api")
+    assert logs.read("job1", 0, 10)[0] == []

@@ -198,6 +198,7 @@ class Store:
             job_ids = sa.select(t.jobs.c.job_id).where(t.jobs.c.api_name == name)
             conn.execute(t.batches.delete().where(t.batches.c.job_id.in_(job_ids)))
             conn.execute(t.workers.delete().where(t.workers.c.job_id.in_(job_ids)))
+            conn.execute(t.log_chunks.delete().where(t.log_chunks.c.job_id.in_(job_ids)))
             conn.execute(t.jobs.delete().where(t.jobs.c.api_name == name))
             conn.execute(t.api_specs.delete().where(t.api_specs.c.api_name == name))
             conn.execute(t.apis.delete().where(t.apis.c.name == name))
