@@ -46,6 +46,8 @@ Send = Callable[[list[Line], int], None]
 # What writers queue: (ts, stream, level, batch_id, text). Text from stdout/stderr may hold
 # part of a line or several; the shipper thread cuts it into lines.
 _Write = tuple[float, str, str | None, str | None, str]
+# Writes up to this size are counted, not measured (at most `max_pending_writes` of them wait).
+_SMALL_WRITE = 1024
 
 
 class Shipper(threading.Thread):
@@ -59,6 +61,7 @@ class Shipper(threading.Thread):
         *,
         period_s: float = 0.1,
         max_pending_chars: int = 8 << 20,
+        max_pending_writes: int = 50_000,
         max_per_request: int = 20_000,
         max_request_chars: int = 2 << 20,
         block_s: float = 2.0,
@@ -67,6 +70,7 @@ class Shipper(threading.Thread):
         self._send = send
         self.period_s = period_s
         self.max_pending_chars = max_pending_chars
+        self.max_pending_writes = max_pending_writes
         self.max_per_request = max_per_request
         self.max_request_chars = max_request_chars
         self.block_s = block_s
@@ -81,17 +85,32 @@ class Shipper(threading.Thread):
         self._closing = False
 
     def write(self, stream: str, level: str | None, text: str) -> None:
+        if len(text) <= _SMALL_WRITE:
+            # The hot path (a print is two small writes): no lock. Small writes are bounded by
+            # their number, big ones by their characters.
+            if len(self._writes) >= self.max_pending_writes and not self._wait_for_room():
+                with self._count_lock:
+                    self._dropped += text.count("\n") or 1
+                return
+            self._writes.append((time.time(), stream, level, _current_batch, text))
+            return
         if len(text) > self.max_request_chars:  # one giant write: keep what fits a request
             with self._count_lock:
                 self._dropped += text.count("\n", self.max_request_chars) or 1
             text = text[: self.max_request_chars] + "\n"
-        if self._pending_chars >= self.max_pending_chars and not self._wait_for_room():
+        if self._full() and not self._wait_for_room():
             with self._count_lock:
                 self._dropped += text.count("\n") or 1
             return
         with self._count_lock:
             self._pending_chars += len(text)
         self._writes.append((time.time(), stream, level, _current_batch, text))
+
+    def _full(self) -> bool:
+        return (
+            self._pending_chars >= self.max_pending_chars
+            or len(self._writes) >= self.max_pending_writes
+        )
 
     def _wait_for_room(self) -> bool:
         """The slow path: the shipper is behind. Wait a little, then give up on this write."""
@@ -100,7 +119,7 @@ class Shipper(threading.Thread):
         self._wake.set()
         deadline = time.monotonic() + self.block_s
         with self._drained:
-            while self._pending_chars >= self.max_pending_chars and not self._closing:
+            while self._full() and not self._closing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -116,11 +135,14 @@ class Shipper(threading.Thread):
         100,000 lines a second costs a few runs, not 100,000 list objects.
         """
         lines: list[Line] = []
-        taken_chars = 0
+        taken_chars = 0  # in this request
+        accounted_chars = 0  # of big writes, counted in _pending_chars
         writes = self._writes
         while writes and len(lines) < self.max_per_request and taken_chars < self.max_request_chars:
             ts, stream, level, batch_id, text = writes.popleft()
             taken_chars += len(text)
+            if len(text) > _SMALL_WRITE:
+                accounted_chars += len(text)
             if level is not None:  # a log record: whole lines already
                 lines.append([ts, "log", level, batch_id, text])
                 continue
@@ -141,6 +163,8 @@ class Shipper(threading.Thread):
                 writes.popleft()
                 texts.append(ntext)
                 taken_chars += len(ntext)
+                if len(ntext) > _SMALL_WRITE:
+                    accounted_chars += len(ntext)
             text = "".join(texts) if len(texts) > 1 else text
             pending = self._partial.pop(stream, None)
             if pending is not None:  # the rest of a line an earlier write began
@@ -152,7 +176,7 @@ class Shipper(threading.Thread):
             if end + 1 < len(text):
                 self._partial[stream] = (text[end + 1 :], ts, batch_id)
         with self._count_lock:
-            self._pending_chars -= taken_chars
+            self._pending_chars -= accounted_chars
         with self._drained:
             self._drained.notify_all()
         return lines
@@ -199,7 +223,8 @@ class _LineWriter(io.TextIOBase):
     """A text stream whose writes go to the shipper."""
 
     def __init__(self, shipper: Shipper, stream: str, original: TextIO) -> None:
-        self._write = shipper.write
+        self._shipper = shipper
+        self._writes = shipper._writes
         self._stream = stream
         self._original = original
 
@@ -207,8 +232,13 @@ class _LineWriter(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        self._write(self._stream, None, text)
-        return len(text)
+        # Shipper.write's hot path, inlined: this runs twice for every print.
+        size = len(text)
+        if size <= _SMALL_WRITE and len(self._writes) < self._shipper.max_pending_writes:
+            self._writes.append((time.time(), self._stream, None, _current_batch, text))
+        else:
+            self._shipper.write(self._stream, None, text)
+        return size
 
     def flush(self) -> None:
         pass
