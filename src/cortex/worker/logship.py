@@ -4,10 +4,19 @@
 the stream or level, and the id of the batch being predicted. A background thread sends them to
 the server's worker API every 100 ms (or sooner when many are waiting).
 
+Cost: `sys.stdout` and `sys.stderr` become C-implemented text streams over a buffer, the way
+Python's own stdout works when it is a pipe. A print costs what a print into a file costs; the
+capture's Python code runs once per buffer (64 KiB), not once per line, so a predictor printing
+100,000 lines a second is slowed by a few percent. The price is the one every pipe pays: stdout
+is stamped when its buffer is handed over (when it is full, at a batch's start and end, before a
+log record or a stderr line, and by the shipper every `period_s`), so a line's time is at most
+`period_s` after its print. stderr is line-buffered, as in Python, and hands over stdout's
+pending text first, so the two streams keep their order line by line.
+
 Back-pressure: at most `max_pending_chars` of text wait in memory. A writer that finds it full
 waits up to `block_s` for the shipper to catch up (a fast printer is slowed to the shipping rate,
-which is far above what a predictor prints), then drops the line and counts it; the count is
-sent with the next request and the server stores a line that says how many were lost.
+which is far above what a predictor prints), then drops the text and counts its lines; the count
+is sent with the next request and the server stores a line that says how many were lost.
 
 Output that bypasses Python (a C library writing to file descriptor 2, a segfault, an error
 before this module is installed) goes to the process's own stdout/stderr, which the launcher
@@ -16,6 +25,7 @@ keeps, and is stored when the worker exits.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
 import io
@@ -29,31 +39,38 @@ from typing import Any, TextIO
 
 # The batch being predicted, set by the worker loop; stamped on every line.
 _current_batch: str | None = None
+# The capture installed in this process, if any: batch boundaries hand over its buffers.
+_installed: Capture | None = None
 
 
 @contextlib.contextmanager
 def in_batch(batch_id: str) -> Iterator[None]:
+    """Lines printed inside carry `batch_id`: the buffers are handed over at both ends, so each
+    piece of text is stamped with the batch that was current when it was printed."""
     global _current_batch
+    capture = _installed
+    if capture is not None:
+        capture.flush()
     _current_batch = batch_id
     try:
         yield
     finally:
+        if capture is not None:
+            capture.flush()
         _current_batch = None
 
 
 Line = list[Any]  # [ts, stream, level, batch_id, message]: compact on the wire
 Send = Callable[[list[Line], int], None]
-# What writers queue: (ts, stream, level, batch_id, text). Text from stdout/stderr may hold
-# part of a line or several; the shipper thread cuts it into lines.
-_Write = tuple[float, str, str | None, str | None, str]
-# Writes up to this size are counted, not measured (at most `max_pending_writes` of them wait).
-_SMALL_WRITE = 1024
+# What the shipper queues: (ts, stream, level, batch_id, text). Text of stdout/stderr may end
+# in part of a line; the shipper cuts it into whole lines.
+_Chunk = tuple[float, str, str | None, str | None, str]
+# The level of a queued marker: drop the line the stream's queued text began.
+_DISCARD = "discard"
 
 
 class Shipper(threading.Thread):
-    """Queues writes without a lock on the writer's side (a deque append is atomic), and cuts
-    and ships lines from its own thread, so that a print costs the predictor well under a
-    microsecond more than it would anyway."""
+    """Queues text and ships it from its own thread as entries of whole lines."""
 
     def __init__(
         self,
@@ -61,8 +78,6 @@ class Shipper(threading.Thread):
         *,
         period_s: float = 0.1,
         max_pending_chars: int = 8 << 20,
-        max_pending_writes: int = 50_000,
-        max_per_request: int = 20_000,
         max_request_chars: int = 2 << 20,
         block_s: float = 2.0,
     ) -> None:
@@ -70,114 +85,123 @@ class Shipper(threading.Thread):
         self._send = send
         self.period_s = period_s
         self.max_pending_chars = max_pending_chars
-        self.max_pending_writes = max_pending_writes
-        self.max_per_request = max_per_request
         self.max_request_chars = max_request_chars
         self.block_s = block_s
-        self._writes: collections.deque[_Write] = collections.deque()
-        # Characters queued and not yet shipped; the lock makes the count exact across threads.
+        self._chunks: collections.deque[_Chunk] = collections.deque()
+        # Characters queued and not yet shipped, and lines dropped since the last request.
         self._pending_chars = 0
-        self._count_lock = threading.Lock()
-        self._partial: dict[str, tuple[str, float, str | None]] = {}
         self._dropped = 0
-        self._drained = threading.Condition()
+        self._stalled = False  # a writer waited block_s in vain: drop until the shipper moves
+        self._lock = threading.Lock()
+        self._partial: dict[str, tuple[str, float, str | None]] = {}
+        # Per stream: the last queued text ended inside a line (`open`), or a line is being
+        # dropped and the text up to its end must be too (`cut`).
+        self._open: dict[str, bool] = {}
+        self._cut: dict[str, bool] = {}
+        self._drained = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._closing = False
 
     def write(self, stream: str, level: str | None, text: str) -> None:
-        if len(text) <= _SMALL_WRITE:
-            # The hot path (a print is two small writes): no lock. Small writes are bounded by
-            # their number, big ones by their characters.
-            if len(self._writes) >= self.max_pending_writes and not self._wait_for_room():
-                with self._count_lock:
-                    self._dropped += text.count("\n") or 1
+        """Queue `text`: whole lines for a log record (`level` set), any text for a stream."""
+        step = self.max_request_chars
+        if len(text) > step:  # one giant write: in pieces that fit a request
+            for start in range(0, len(text), step):
+                self.write(stream, level, text[start : start + step])
+            return
+        with self._lock:
+            if self._pending_chars >= self.max_pending_chars and not self._wait_for_room():
+                self._drop(stream, level, text)
                 return
-            self._writes.append((time.time(), stream, level, _current_batch, text))
-            return
-        if len(text) > self.max_request_chars:  # one giant write: keep what fits a request
-            with self._count_lock:
-                self._dropped += text.count("\n", self.max_request_chars) or 1
-            text = text[: self.max_request_chars] + "\n"
-        if self._full() and not self._wait_for_room():
-            with self._count_lock:
-                self._dropped += text.count("\n") or 1
-            return
-        with self._count_lock:
+            if level is None:
+                if self._cut.get(stream):  # this text ends a line that was dropped
+                    end = text.find("\n")
+                    if end < 0:
+                        return
+                    self._cut[stream] = False
+                    text = text[end + 1 :]
+                    if not text:
+                        return
+                self._open[stream] = text[-1] != "\n"
             self._pending_chars += len(text)
-        self._writes.append((time.time(), stream, level, _current_batch, text))
+            self._chunks.append((time.time(), stream, level, _current_batch, text))
+        if self._pending_chars >= self.max_request_chars:
+            self._wake.set()
 
-    def _full(self) -> bool:
-        return (
-            self._pending_chars >= self.max_pending_chars
-            or len(self._writes) >= self.max_pending_writes
-        )
+    def _drop(self, stream: str, level: str | None, text: str) -> None:
+        """Lose `text` (the lock is held), counting each line once, however it was cut: a
+        line begun in queued text is taken back, one that goes on in later text is skipped."""
+        if level is not None:
+            self._dropped += text.count("\n") + 1
+            return
+        if self._cut.get(stream) or self._open.get(stream):
+            if self._open.get(stream):  # its beginning waits in the queue: take it back
+                self._open[stream] = False
+                self._dropped += 1
+                self._chunks.append((time.time(), stream, _DISCARD, None, ""))
+            end = text.find("\n")
+            if end < 0:
+                self._cut[stream] = True
+                return
+            text = text[end + 1 :]
+        lines = text.count("\n")
+        self._cut[stream] = bool(text) and text[-1] != "\n"
+        self._dropped += lines + self._cut[stream]
 
     def _wait_for_room(self) -> bool:
-        """The slow path: the shipper is behind. Wait a little, then give up on this write."""
+        """The slow path, with the lock held: the shipper is behind. Wait a little, then give
+        up on this write. Once a wait has failed, writes are dropped without waiting until the
+        shipper takes text again (a server that is away slows a printer once, not per write).
+        The shipper's own writes (its log records) never wait."""
         if threading.current_thread() is self:
+            return True
+        if self._closing or self._stalled:
             return False
         self._wake.set()
         deadline = time.monotonic() + self.block_s
-        with self._drained:
-            while self._full() and not self._closing:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._drained.wait(remaining)
+        while self._pending_chars >= self.max_pending_chars and not self._closing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._stalled = True
+                return False
+            self._drained.wait(remaining)
         return True
 
     def _take(self) -> list[Line]:
-        """Cut queued writes into entries of whole lines.
+        """Cut queued text into entries of whole lines, at most `max_request_chars` of them.
 
-        An entry may hold several lines (joined by newlines) that share a stream, a batch and a
-        time: the reader splits them. Coalescing the writes of a run this way keeps the
-        shipper's and the server's work per entry, not per line, so a predictor that prints
-        100,000 lines a second costs a few runs, not 100,000 list objects.
+        An entry holds every whole line of one chunk (joined by newlines; the reader splits
+        them), so the shipper's and the server's work is per chunk, not per line.
         """
         lines: list[Line] = []
-        taken_chars = 0  # in this request
-        accounted_chars = 0  # of big writes, counted in _pending_chars
-        writes = self._writes
-        while writes and len(lines) < self.max_per_request and taken_chars < self.max_request_chars:
-            ts, stream, level, batch_id, text = writes.popleft()
-            taken_chars += len(text)
-            if len(text) > _SMALL_WRITE:
-                accounted_chars += len(text)
+        taken = 0
+        chunks = self._chunks
+        while chunks and taken < self.max_request_chars:
+            ts, stream, level, batch_id, text = chunks.popleft()
+            taken += len(text)
+            if level is _DISCARD:  # the rest of the line was dropped: so is its beginning
+                self._partial.pop(stream, None)
+                continue
             if level is not None:  # a log record: whole lines already
                 lines.append([ts, "log", level, batch_id, text])
                 continue
-            # A run: writes to the same stream in the same batch (print writes the text and the
-            # newline separately). Its lines share the time of its first write, at most 10 ms
-            # before its last.
-            texts = [text]
-            while writes:
-                nts, nstream, nlevel, nbatch, ntext = writes[0]
-                if (
-                    nstream != stream
-                    or nlevel is not None
-                    or nbatch != batch_id
-                    or nts - ts > 0.01
-                    or taken_chars + len(ntext) > self.max_request_chars
-                ):
-                    break
-                writes.popleft()
-                texts.append(ntext)
-                taken_chars += len(ntext)
-                if len(ntext) > _SMALL_WRITE:
-                    accounted_chars += len(ntext)
-            text = "".join(texts) if len(texts) > 1 else text
             pending = self._partial.pop(stream, None)
-            if pending is not None:  # the rest of a line an earlier write began
+            if pending is not None:  # the rest of a line an earlier chunk began
                 text = pending[0] + text
                 ts, batch_id = pending[1], pending[2]
             end = text.rfind("\n")
             if end >= 0:
                 lines.append([ts, stream, None, batch_id, text[:end]])
             if end + 1 < len(text):
-                self._partial[stream] = (text[end + 1 :], ts, batch_id)
-        with self._count_lock:
-            self._pending_chars -= accounted_chars
+                rest = text[end + 1 :]
+                if len(rest) < self.max_request_chars:
+                    self._partial[stream] = (rest, ts, batch_id)
+                else:  # a line without end: ship it in pieces
+                    lines.append([ts, stream, None, batch_id, rest])
         with self._drained:
+            self._pending_chars -= taken
+            if taken:
+                self._stalled = False
             self._drained.notify_all()
         return lines
 
@@ -190,14 +214,14 @@ class Shipper(threading.Thread):
 
     def run(self) -> None:
         while True:
-            if len(self._writes) < self.max_per_request and not self._closing:
+            if self._pending_chars < self.max_request_chars and not self._closing:
                 self._wake.wait(self.period_s)
                 self._wake.clear()
             closing = self._closing
             lines = self._take()
-            if closing and not self._writes:
+            if closing and not self._chunks:
                 lines += self._flush_partial()
-            with self._count_lock:
+            with self._lock:
                 dropped, self._dropped = self._dropped, 0
             if lines or dropped:
                 try:
@@ -205,59 +229,71 @@ class Shipper(threading.Thread):
                 except Exception as err:  # the server is away: count the lines as lost
                     message = f"cortex: could not ship {len(lines)} log lines: {err}\n"
                     os.write(2, message.encode(errors="replace"))
-                    with self._count_lock:
-                        self._dropped += len(lines) + dropped
-            if closing and not self._writes:
+                    lost = sum(line[4].count("\n") + 1 for line in lines)
+                    with self._lock:
+                        self._dropped += lost + dropped
+            if closing and not self._chunks:
                 return
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Ship what is left and stop."""
-        self._closing = True
-        self._wake.set()
         with self._drained:
+            self._closing = True
             self._drained.notify_all()
+        self._wake.set()
         self.join(timeout_s)
 
 
-class _LineWriter(io.TextIOBase):
-    """A text stream whose writes go to the shipper."""
+class _Sink(io.RawIOBase):
+    """The raw end of a captured stream: receives its buffer's bytes, one buffer at a time."""
 
-    def __init__(self, shipper: Shipper, stream: str, original: TextIO) -> None:
+    def __init__(
+        self, shipper: Shipper, stream: str, fd: int, before: Callable[[], None] | None
+    ) -> None:
+        super().__init__()
         self._shipper = shipper
-        self._writes = shipper._writes
         self._stream = stream
-        self._original = original
+        self._fileno = fd
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._before = before
 
     def writable(self) -> bool:
         return True
 
-    def write(self, text: str) -> int:
-        # Shipper.write's hot path, inlined: this runs twice for every print.
-        size = len(text)
-        if size <= _SMALL_WRITE and len(self._writes) < self._shipper.max_pending_writes:
-            self._writes.append((time.time(), self._stream, None, _current_batch, text))
-        else:
+    def write(self, data: Any) -> int:
+        if self._before is not None:
+            self._before()
+        text = self._decoder.decode(data)
+        if text:
             self._shipper.write(self._stream, None, text)
-        return size
-
-    def flush(self) -> None:
-        pass
+        return len(data)
 
     def fileno(self) -> int:
-        return self._original.fileno()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
+        # Code that asks for the descriptor (faulthandler, subprocess) gets the process's own,
+        # which the launcher keeps.
+        return self._fileno
 
     def isatty(self) -> bool:
         return False
 
 
+def _text_stream(sink: _Sink, buffer_size: int, line_buffering: bool) -> io.TextIOWrapper:
+    # Both layers are C: a write takes the wrapper's pending text into the buffered writer
+    # without running Python code in between, and the buffered writer's lock orders the text
+    # that different threads (the predictor, the shipper's periodic flush) hand over.
+    return io.TextIOWrapper(
+        io.BufferedWriter(sink, buffer_size),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=line_buffering,
+    )
+
+
 class _ShipHandler(logging.Handler):
-    def __init__(self, shipper: Shipper) -> None:
+    def __init__(self, shipper: Shipper, before: Callable[[], None]) -> None:
         super().__init__()
         self._shipper = shipper
+        self._before = before
         self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -266,29 +302,78 @@ class _ShipHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        if threading.current_thread() is not self._shipper:
+            self._before()  # what was printed before this record comes before it
         self._shipper.write("log", record.levelname, message)
+
+
+class _Flusher(threading.Thread):
+    """Hands over buffered text every `period_s`, so that a slow printer's lines travel too.
+
+    Its own thread, not the shipper's: a writer waiting for room holds its stream's buffer
+    lock, and only the shipper can make room."""
+
+    def __init__(self, flush: Callable[[], None], period_s: float) -> None:
+        super().__init__(name="cortex-logs-flush", daemon=True)
+        self._flush = flush
+        self.period_s = period_s
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.period_s):
+            with contextlib.suppress(Exception):  # a stream the predictor closed
+                self._flush()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self.is_alive():
+            self.join(5.0)
 
 
 class Capture:
     """Install the shipper for this process: stdout, stderr and the root logger."""
 
-    def __init__(self, shipper: Shipper) -> None:
+    def __init__(self, shipper: Shipper, *, buffer_size: int = 64 << 10) -> None:
         self.shipper = shipper
-        self._stdout = _LineWriter(shipper, "stdout", sys.stdout)
-        self._stderr = _LineWriter(shipper, "stderr", sys.stderr)
-        self._handler = _ShipHandler(shipper)
+        self.stdout = _text_stream(
+            _Sink(shipper, "stdout", 1, None), buffer_size, line_buffering=False
+        )
+        self.stderr = _text_stream(
+            _Sink(shipper, "stderr", 2, self._flush_stdout),
+            buffer_size,
+            line_buffering=True,
+        )
+        self._handler = _ShipHandler(shipper, self.flush)
+        self._replaced: tuple[TextIO, TextIO] = (sys.stdout, sys.stderr)
+        self._flusher = _Flusher(self.flush, shipper.period_s)
+
+    def _flush_stdout(self) -> None:
+        self.stdout.flush()
+
+    def flush(self) -> None:
+        """Hand over what waits in the buffers (stdout first)."""
+        self.stdout.flush()
+        self.stderr.flush()
 
     def install(self) -> None:
+        global _installed
         self.shipper.start()
-        sys.stdout = self._stdout
-        sys.stderr = self._stderr
+        self._flusher.start()
+        self._replaced = (sys.stdout, sys.stderr)
+        sys.stdout = self.stdout
+        sys.stderr = self.stderr
+        _installed = self
         root = logging.getLogger()
         root.addHandler(self._handler)
         if root.level > logging.INFO or root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
 
     def uninstall(self) -> None:
-        sys.stdout = sys.__stdout__
-        sys.stderr = sys.__stderr__
+        global _installed
+        self._flusher.stop()
+        with contextlib.suppress(Exception):
+            self.flush()
+        sys.stdout, sys.stderr = self._replaced
+        _installed = None
         logging.getLogger().removeHandler(self._handler)
         self.shipper.close()
