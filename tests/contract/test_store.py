@@ -111,6 +111,24 @@ def test_results_are_counted_once_and_the_last_one_completes_the_job(store: Stor
     assert job.succeeded_time_s == pytest.approx(0.02)
 
 
+def test_near_the_end_workers_lease_a_fair_share_of_what_is_left(store: Store) -> None:
+    # Workers that are not leasing yet (pending) do not count: one worker gets what it asks.
+    alone = _job(store, batches=10, job_id="job2")
+    assert len(store.lease(alone, "job2-0", [], 100, 30).batches) == 10
+    # Two workers leasing: a big prefetch takes half of what is left, not all of it.
+    job_id = _job(store, batches=10)
+    store.update_worker("job1-0", WorkerState.RUNNING)
+    store.update_worker("job1-1", WorkerState.RUNNING)
+    first = store.lease(job_id, "job1-0", [], 100, 30).batches
+    assert len(first) == 5
+    assert len(store.lease(job_id, "job1-1", [], 100, 30).batches) == 5
+    # Far from the end, the worker's own ask is the limit.
+    big = _job(store, batches=100, job_id="job3")
+    store.update_worker("job3-0", WorkerState.RUNNING)
+    store.update_worker("job3-1", WorkerState.RUNNING)
+    assert len(store.lease(big, "job3-0", [], 20, 30).batches) == 20
+
+
 def test_results_from_a_worker_that_lost_its_lease_are_dropped(store: Store) -> None:
     job_id = _job(store, batches=1)
     batch = store.lease(job_id, "w1", [], 1, 30).batches[0]
