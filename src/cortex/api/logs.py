@@ -1,20 +1,27 @@
-"""The job log routes: `GET /<api>/logs?jobID=` (and `/<api>/<job_id>/logs`)."""
+"""The job log routes: `GET /<api>/logs?jobID=` (and `/<api>/<job_id>/logs`), and the
+websockets the Cortex CLI opened, `/logs/<api>?jobID=` (v0.21) and `/logs/<api>/<job_id>` (v0.20).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncGenerator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+import anyio
+from fastapi import APIRouter, Depends, Query, WebSocket
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from starlette.websockets import WebSocketDisconnect
 
 from cortex import errors, logs
 from cortex.api import deps
 from cortex.service import Service
 from cortex.store.logs import LogFilter
 
+log = logging.getLogger("cortex.server")
 router = APIRouter()
 ServiceDep = Annotated[Service, Depends(deps.service)]
 Pages = AsyncGenerator[list[str], None]
@@ -56,7 +63,7 @@ def _open(
     service: Service, api_name: str, job_id: str | None, follow: bool, options: Options
 ) -> Pages:
     """Check the job and the options (any error is raised here, before a byte is sent), then
-    the job's formatted lines, a page at a time: one place for every log route."""
+    the job's formatted lines, a page at a time: one place for the HTTP and websocket routes."""
     if job_id is None:
         service.get_api(api_name)
         raise errors.InvalidRequest(
@@ -85,6 +92,9 @@ def _open(
         finished=finished,
         fmt=logs.format_json if options.format == "json" else logs.format_text,
     )
+
+
+# -- HTTP: the lines as one streamed body ---------------------------------------------------
 
 
 def _response(pages: Pages, options: Options) -> StreamingResponse:
@@ -121,3 +131,71 @@ def job_logs_by_path(
     follow: Follow = False,
 ) -> StreamingResponse:
     return _response(_open(service, api_name, job_id, follow, options), options)
+
+
+# -- websocket: one text frame per line, as Cortex's operator sent them ---------------------
+# A refused socket (unknown API or job, no jobID, a bad option) gets the HTTP route's error
+# response instead of the handshake: see the error mapping in app.py.
+
+
+@router.websocket("/logs/{api_name}")
+async def job_logs_socket(
+    websocket: WebSocket,
+    api_name: str,
+    service: ServiceDep,
+    options: OptionsDep,
+    job_id: JobID = None,
+    follow: Follow = True,
+) -> None:
+    pages = await run_in_threadpool(_open, service, api_name, job_id, follow, options)
+    await _send(websocket, pages, job_id)
+
+
+@router.websocket("/logs/{api_name}/{job_id}")
+async def job_logs_socket_by_path(
+    websocket: WebSocket,
+    api_name: str,
+    job_id: str,
+    service: ServiceDep,
+    options: OptionsDep,
+    follow: Follow = True,
+) -> None:
+    pages = await run_in_threadpool(_open, service, api_name, job_id, follow, options)
+    await _send(websocket, pages, job_id)
+
+
+async def _send(websocket: WebSocket, pages: Pages, job_id: str | None) -> None:
+    """Accept, send each line as one text frame, and close with 1000 once the stream ends.
+
+    A client that goes away cancels the stream at once: a follower that only noticed when its
+    next send failed would poll the store until the job ended, even if it never logs again."""
+    await websocket.accept()
+    sent, how = 0, "the client left"
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_cancel_on_disconnect, websocket, group.cancel_scope)
+            async with contextlib.aclosing(pages):
+                async for page in pages:
+                    for line in page:
+                        await websocket.send_text(line)
+                        sent += 1
+            await websocket.close(1000)
+            how = "the stream ended"
+            group.cancel_scope.cancel()
+    except BaseExceptionGroup as wrapped:
+        # The task group wraps what the stream raised; the app's error mapping wants the error
+        # itself (it closes the socket with the message as reason).
+        error = wrapped.exceptions[0] if len(wrapped.exceptions) == 1 else wrapped
+        if isinstance(error, WebSocketDisconnect):
+            return  # the client left during a send
+        how = "an error"
+        raise error from None
+    finally:
+        log.debug("log socket of job %s closed: %s after %d lines", job_id, how, sent)
+
+
+async def _cancel_on_disconnect(websocket: WebSocket, scope: anyio.CancelScope) -> None:
+    # Whatever the client sends is ignored; only its leaving matters.
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass
+    scope.cancel()
