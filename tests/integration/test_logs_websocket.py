@@ -197,3 +197,18 @@ def test_a_follower_that_leaves_stops_its_stream_at_once(guarded: Server, tmp_pa
         )
         assert client.get_job(api.name, job_id)["job_status"]["status"] in IN_PROGRESS
         client.stop_job(api.name, job_id)
+
+
+def test_a_follower_of_a_job_whose_api_is_deleted_is_closed(
+    guarded: Server, tmp_path: Path
+) -> None:
+    with Client(guarded.url, token=TOKEN) as client:
+        api = deploy_fixture(client, "recorder", tmp_path)
+        body = {"workers": 1, "item_list": {"items": [{"sleep": 0.5}] * 60, "batch_size": 1}}
+        job_id = str(client.submit(api.name, body)["job_id"])
+        with _open(_ws(guarded, f"/logs/{api.name}/{job_id}"), TOKEN) as socket:
+            assert "partitioning 60 items" in str(socket.recv(timeout=10))
+            client.delete_api(api.name)
+            # The job and its log are gone: nothing more will come, so the stream ends.
+            _, code = _receive_all(socket, timeout_s=10)
+        assert code == 1000

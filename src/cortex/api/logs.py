@@ -79,7 +79,9 @@ def _open(
 
     def finished() -> bool:
         current = service.store.get_job(job_id)
-        if current is None or not current.status.terminal:
+        if current is None:
+            return True  # deleted with its API, and its log with it: nothing more will come
+        if not current.status.terminal:
             return False
         return not any(w.state.alive for w in service.store.list_workers(job_id))
 
