@@ -258,6 +258,11 @@ def serve(
         log_level=log_level,
         log_config=log_config,
         access_log=log_level == "debug",
+        # wsproto rather than "auto" (websockets' sans-I/O protocol where the websockets
+        # package is installed): that one logs an error for every websocket refused with a
+        # response, as the log websockets refuse an unknown job or a missing token
+        # (Kludex/uvicorn#3138).
+        ws="wsproto",
     )
 
 

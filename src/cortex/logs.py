@@ -7,7 +7,7 @@ import datetime
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -85,15 +85,15 @@ async def stream_lines(
     follow: bool,
     finished: Callable[[], bool],
     fmt: Callable[[str, LogLine], str],
-) -> AsyncIterator[str]:
-    """Yield formatted lines, a few chunks at a time (a huge log is never loaded whole). With
-    `follow`, keep going until `finished()` says the job ended and every worker is gone, then
-    drain what is left."""
+) -> AsyncGenerator[list[str], None]:
+    """Yield formatted lines a page (a few chunks) at a time: a huge log is never loaded whole.
+    With `follow`, keep going until `finished()` says the job ended and every worker is gone,
+    then drain what is left."""
     after = 0
     if tail is not None:
         lines, after = await run_in_threadpool(logs.tail, job.job_id, tail, where)
         if lines:
-            yield "".join(fmt(job.job_id, line) for line in lines)
+            yield [fmt(job.job_id, line) for line in lines]
         if not follow:
             return
     draining = False
@@ -102,7 +102,7 @@ async def stream_lines(
             logs.read, job.job_id, after, PAGE_CHUNKS, where
         )
         if lines:
-            yield "".join(fmt(job.job_id, line) for line in lines)
+            yield [fmt(job.job_id, line) for line in lines]
         if more:
             continue
         if not follow or draining:

@@ -8,9 +8,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import (
+    RequestValidationError,
+    ValidationException,
+    WebSocketRequestValidationError,
+)
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket, WebSocketState
 
 from cortex import errors, launchers, replicas
 from cortex.api import logs, public, worker
@@ -57,17 +63,18 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
 
     @app.exception_handler(errors.CortexError)
-    async def cortex_error(_request: Request, err: errors.CortexError) -> JSONResponse:
-        return JSONResponse(err.to_dict(), status_code=err.status_code)
+    async def cortex_error(conn: HTTPConnection, err: errors.CortexError) -> JSONResponse | None:
+        return await _reply(conn, err.to_dict(), err.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
+    @app.exception_handler(WebSocketRequestValidationError)
+    async def validation_error(
+        conn: HTTPConnection, err: ValidationException
+    ) -> JSONResponse | None:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}".strip(": ")
-        return JSONResponse(
-            {"kind": errors.InvalidRequest.kind, "message": message}, status_code=400
-        )
+        return await _reply(conn, {"kind": errors.InvalidRequest.kind, "message": message}, 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -104,3 +111,31 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.auth_token:
         app.add_middleware(BearerAuth, token=settings.auth_token)
     return app
+
+
+async def _reply(
+    conn: HTTPConnection, body: dict[str, str], status_code: int
+) -> JSONResponse | None:
+    """An error as `{"kind", "message"}`.
+
+    A websocket not yet accepted is refused with that same response in place of its handshake,
+    as Cortex's operator refused one (its CLI prints the kind and message of a refused
+    handshake). Once accepted, or where the server cannot send a response to a websocket, the
+    socket closes with 1008 (1011 for a server error) and the message as its reason."""
+    response = JSONResponse(body, status_code=status_code)
+    if not isinstance(conn, WebSocket):
+        return response
+    state = conn.application_state
+    if state == WebSocketState.CONNECTING and "websocket.http.response" in (
+        conn.scope.get("extensions") or {}
+    ):
+        return response
+    if state in (WebSocketState.CONNECTING, WebSocketState.CONNECTED):
+        code = 1011 if status_code >= 500 else 1008
+        await conn.close(code, _close_reason(body["message"]))
+    return None
+
+
+def _close_reason(message: str) -> str:
+    """A close frame's reason holds at most 123 bytes of UTF-8."""
+    return message.encode()[:123].decode(errors="ignore")

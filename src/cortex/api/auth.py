@@ -16,14 +16,15 @@ _WORKER_PREFIX = "/worker/"
 
 
 class BearerAuth:
-    """Pure ASGI middleware: requests without the server's token get a 401 and go no further."""
+    """Pure ASGI middleware: requests and websockets without the server's token get a 401 and
+    go no further (a websocket is refused before its handshake)."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):  # lifespan
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
@@ -39,10 +40,18 @@ class BearerAuth:
         if hmac.compare_digest(given, self.expected):
             await self.app(scope, receive, send)
             return
-        await _reject(send)
+        await _reject(scope, send)
 
 
-async def _reject(send: Send) -> None:
+async def _reject(scope: Scope, send: Send) -> None:
+    prefix = ""
+    if scope["type"] == "websocket":
+        if "websocket.http.response" not in (scope.get("extensions") or {}):
+            # A server that cannot answer a handshake with a response: a close before the
+            # handshake is refused with a bare 403.
+            await send({"type": "websocket.close", "code": 1008, "reason": ""})
+            return
+        prefix = "websocket."  # the same 401, in place of the handshake
     err = errors.Unauthorized(
         "this server requires a token: send Authorization: Bearer <token> "
         "(the CLI reads it from CORTEX_AUTH_TOKEN)"
@@ -53,5 +62,5 @@ async def _reject(send: Send) -> None:
         (b"content-length", str(len(body)).encode()),
         (b"www-authenticate", b"Bearer"),
     ]
-    await send({"type": "http.response.start", "status": 401, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": f"{prefix}http.response.start", "status": 401, "headers": headers})
+    await send({"type": f"{prefix}http.response.body", "body": body})

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from cortex.service import Service
 
 
-def service(request: Request) -> Service:
-    svc: Service = request.app.state.service
+def service(conn: HTTPConnection) -> Service:
+    """The service, for an HTTP request or a websocket."""
+    svc: Service = conn.app.state.service
     return svc
 
 
