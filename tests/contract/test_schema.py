@@ -133,3 +133,40 @@ def test_a_store_that_cannot_be_reached_is_one_line() -> None:
         assert "secret" not in line
     finally:
         store.close()
+
+
+def test_batches_written_before_0005_keep_their_payloads_both_ways(new_url: Any) -> None:
+    """0005 moves payloads to a table of their own: a queued batch of an older store is
+    leased with its payload after the upgrade, and a downgrade puts it back."""
+    store = Store(new_url())
+    try:
+        with store.engine.begin() as conn:
+            command.upgrade(schema.config(conn), "0004")
+            conn.execute(
+                sa.text(
+                    "INSERT INTO apis (name, spec_id, created_at, updated_at) "
+                    "VALUES ('api', 's', 1, 1)"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO jobs (job_id, api_name, spec_id, status, workers, max_attempts,"
+                    " start_time, total_batch_count, worker_token) "
+                    "VALUES ('job1', 'api', 's', 'status_running', 1, 1, 1, 1, 'token')"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO batches (job_id, seq, batch_id, payload, state) "
+                    "VALUES ('job1', 0, 'b0', '[1, 2, 3]', 'queued')"
+                )
+            )
+        schema.upgrade(store)
+        leased = store.lease("job1", "w1", [], 10, 30).batches
+        assert [(b.batch_id, b.payload) for b in leased] == [("b0", "[1, 2, 3]")]
+        with store.engine.begin() as conn:
+            command.downgrade(schema.config(conn), "0004")
+            payload = conn.execute(sa.text("SELECT payload FROM batches")).scalar_one()
+        assert payload == "[1, 2, 3]"
+    finally:
+        store.close()

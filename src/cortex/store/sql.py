@@ -26,7 +26,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, overload
 
 import sqlalchemy as sa
@@ -197,6 +197,7 @@ class Store:
             ).all()
             job_ids = sa.select(t.jobs.c.job_id).where(t.jobs.c.api_name == name)
             conn.execute(t.batches.delete().where(t.batches.c.job_id.in_(job_ids)))
+            conn.execute(t.batch_payloads.delete().where(t.batch_payloads.c.job_id.in_(job_ids)))
             conn.execute(t.workers.delete().where(t.workers.c.job_id.in_(job_ids)))
             conn.execute(t.log_chunks.delete().where(t.log_chunks.c.job_id.in_(job_ids)))
             conn.execute(t.jobs.delete().where(t.jobs.c.api_name == name))
@@ -253,23 +254,16 @@ class Store:
                 )
             )
             total = 0
-            rows: list[dict[str, Any]] = []
+            chunk: list[str] = []
             for payload in payloads:
-                rows.append(
-                    {
-                        "job_id": job_id,
-                        "seq": total,
-                        "batch_id": str(uuid.uuid4()),
-                        "payload": payload,
-                        "state": BatchState.QUEUED.value,
-                    }
-                )
-                total += 1
-                if len(rows) >= _INSERT_CHUNK:
-                    conn.execute(t.batches.insert(), rows)
-                    rows = []
-            if rows:
-                conn.execute(t.batches.insert(), rows)
+                chunk.append(payload)
+                if len(chunk) >= _INSERT_CHUNK:
+                    _insert_batches(conn, job_id, total, chunk)
+                    total += len(chunk)
+                    chunk = []
+            if chunk:
+                _insert_batches(conn, job_id, total, chunk)
+                total += len(chunk)
             conn.execute(
                 t.jobs.update()
                 .where(t.jobs.c.job_id == job_id)
@@ -332,18 +326,8 @@ class Store:
                 return None
             start = job.total_batch_count
             for offset in range(0, len(payloads), _INSERT_CHUNK):
-                conn.execute(
-                    t.batches.insert(),
-                    [
-                        {
-                            "job_id": job_id,
-                            "seq": start + offset + i,
-                            "batch_id": str(uuid.uuid4()),
-                            "payload": payload,
-                            "state": BatchState.QUEUED.value,
-                        }
-                        for i, payload in enumerate(payloads[offset : offset + _INSERT_CHUNK])
-                    ],
+                _insert_batches(
+                    conn, job_id, start + offset, payloads[offset : offset + _INSERT_CHUNK]
                 )
             conn.execute(
                 t.jobs.update()
@@ -701,7 +685,8 @@ class Store:
         while True:
             with self._read() as conn:
                 rows = conn.execute(
-                    sa.select(t.batches.c.seq, t.batches.c.payload)
+                    sa.select(t.batches.c.seq, t.batch_payloads.c.payload)
+                    .join(t.batch_payloads, _payload_of_batch)
                     .where(
                         t.batches.c.job_id == job_id,
                         t.batches.c.state == BatchState.FAILED.value,
@@ -726,8 +711,9 @@ class Store:
                     t.batches.c.error_kind,
                     t.batches.c.error_message,
                     t.batches.c.error_traceback,
-                    t.batches.c.payload,
+                    t.batch_payloads.c.payload,
                 )
+                .join(t.batch_payloads, _payload_of_batch)
                 .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.FAILED.value)
                 .order_by(t.batches.c.seq)
                 .limit(limit)
@@ -904,7 +890,9 @@ def _take_batches(
     take the same batch and neither waits for the other.
     """
     candidates = conn.execute(
-        sa.select(t.batches.c.seq, t.batches.c.batch_id, t.batches.c.payload, t.batches.c.attempts)
+        sa.select(
+            t.batches.c.seq, t.batches.c.batch_id, t.batches.c.attempts, t.batches.c.payload_size
+        )
         .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.QUEUED.value)
         .order_by(t.batches.c.seq)
         .limit(max_batches)
@@ -916,16 +904,17 @@ def _take_batches(
     # many small batches travel together, a few big ones do not make one huge response.
     kept, size = 0, 0
     for candidate in candidates:
-        size += len(candidate.payload)
+        size += candidate.payload_size
         kept += 1
         if size >= _MAX_LEASE_BYTES:
             break
     candidates = candidates[:kept]
+    seqs = [c.seq for c in candidates]
     conn.execute(
         t.batches.update()
         .where(
             t.batches.c.job_id == job_id,
-            t.batches.c.seq.in_([c.seq for c in candidates]),
+            t.batches.c.seq.in_(seqs),
             t.batches.c.state == BatchState.QUEUED.value,
         )
         .values(
@@ -935,7 +924,44 @@ def _take_batches(
             attempts=t.batches.c.attempts + 1,
         )
     )
-    return [LeasedBatch(c.batch_id, c.payload, c.attempts + 1) for c in candidates]
+    payloads: dict[int, str] = {
+        row.seq: row.payload
+        for row in conn.execute(
+            sa.select(t.batch_payloads.c.seq, t.batch_payloads.c.payload).where(
+                t.batch_payloads.c.job_id == job_id, t.batch_payloads.c.seq.in_(seqs)
+            )
+        )
+    }
+    return [LeasedBatch(c.batch_id, payloads[c.seq], c.attempts + 1) for c in candidates]
+
+
+def _insert_batches(conn: Connection, job_id: str, start: int, payloads: Sequence[str]) -> None:
+    """Write queued batches `start`, `start + 1`, ... with these payloads."""
+    conn.execute(
+        t.batches.insert(),
+        [
+            {
+                "job_id": job_id,
+                "seq": start + i,
+                "batch_id": str(uuid.uuid4()),
+                "payload_size": len(payload),
+                "state": BatchState.QUEUED.value,
+            }
+            for i, payload in enumerate(payloads)
+        ],
+    )
+    conn.execute(
+        t.batch_payloads.insert(),
+        [
+            {"job_id": job_id, "seq": start + i, "payload": payload}
+            for i, payload in enumerate(payloads)
+        ],
+    )
+
+
+_payload_of_batch = sa.and_(
+    t.batch_payloads.c.job_id == t.batches.c.job_id, t.batch_payloads.c.seq == t.batches.c.seq
+)
 
 
 def _set_status(

@@ -86,7 +86,6 @@ batches = sa.Table(
     sa.Column("job_id", sa.String(32), primary_key=True),
     sa.Column("seq", sa.Integer, primary_key=True),
     sa.Column("batch_id", sa.String(36), nullable=False, unique=True),
-    sa.Column("payload", sa.Text, nullable=False),
     sa.Column("state", sa.String(12), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("lease_owner", sa.String(64), nullable=True),
@@ -96,8 +95,21 @@ batches = sa.Table(
     sa.Column("error_kind", sa.String(32), nullable=True),
     sa.Column("error_message", sa.Text, nullable=True),
     sa.Column("error_traceback", sa.Text, nullable=True),
+    # Characters of the payload (in batch_payloads): a lease sizes its answer without it.
+    sa.Column("payload_size", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_batches_job_state_seq", "job_id", "state", "seq"),
     sa.Index("ix_batches_lease", "state", "lease_expires_at"),
+)
+
+# A batch's JSON payload, written once and read by each lease of the batch. It lives apart from
+# the batch's state: SQLite rewrites a whole row (a 200 kB payload included) on every update,
+# and a batch's row is updated at least twice.
+batch_payloads = sa.Table(
+    "batch_payloads",
+    metadata,
+    sa.Column("job_id", sa.String(32), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("payload", sa.Text, nullable=False),
 )
 
 # What a job's workers printed or logged, and the server's lines about the job, stored in the
