@@ -61,6 +61,24 @@ def test_a_job_is_durable_and_running_once_created(store: Store) -> None:
     assert store.batch_counts(job_id) == {"queued": 5, "leased": 0, "succeeded": 0, "failed": 0}
 
 
+def test_a_jobs_progress_is_its_row_and_its_counts(store: Store) -> None:
+    assert store.job_progress("nope") is None
+    job_id = _job(store, batches=3)
+    store.update_worker("job1-0", WorkerState.RUNNING)
+    batch = store.lease(job_id, "job1-0", [], 1, 30).batches[0]
+    progress = store.job_progress(job_id)
+    assert progress is not None
+    job, batches, workers = progress
+    assert job.job_id == job_id and job.status is JobStatus.RUNNING
+    assert batches == {"queued": 2, "leased": 1, "succeeded": 0, "failed": 0}
+    assert workers is not None and (workers["running"], workers["pending"]) == (1, 1)
+    store.lease(job_id, "job1-0", [ok(batch.batch_id)], 0, 30)
+    assert store.set_status(job_id, JobStatus.STOPPED)
+    job, batches, workers = store.job_progress(job_id) or (None, {}, {})
+    assert job is not None and job.status.terminal
+    assert batches["succeeded"] == 1 and workers is None  # workers are counted while it runs
+
+
 def test_create_job_writes_nothing_when_the_payloads_fail(store: Store) -> None:
     store.put_api("api", "spec1", API_SPEC, b"a")
 

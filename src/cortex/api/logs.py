@@ -46,7 +46,7 @@ class Options:
     format: Literal["text", "json"]
 
 
-def _options(
+async def _options(
     since: Since = None,
     tail: Tail = None,
     worker: Worker = None,

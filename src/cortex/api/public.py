@@ -15,11 +15,11 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from cortex import errors, views
 from cortex.api import deps
 from cortex.api.body import read_json
-from cortex.jobs import JobStatus
 from cortex.project import MAX_ARCHIVE_BYTES
 from cortex.service import Service
 from cortex.spec import DEFAULT_MAX_ATTEMPTS, MAX_INT32
 from cortex.store import Job
+from cortex.store.sql import JobProgress
 
 
 class ErrorBody(pydantic.BaseModel):
@@ -42,19 +42,35 @@ _JOBS_PER_API = 10
 
 
 def status_json(service: Service, job: Job, base_url: str) -> dict[str, Any]:
+    progress = service.store.job_progress(job.job_id)
+    if progress is None:  # deleted since it was listed
+        raise errors.JobNotFound(job.api_name, job.job_id)
+    return _status_json(service, progress, base_url)
+
+
+def _status_json(service: Service, progress: JobProgress, base_url: str) -> dict[str, Any]:
+    job, batch_counts, worker_counts = progress
     api_spec = service.api_spec_for(job)
-    # Workers run while a file dataset is still enqueuing, so their counts show then too.
-    running = job.status in (JobStatus.ENQUEUING, JobStatus.RUNNING)
     return {
         "job_status": views.job_status_json(
-            job,
-            api_spec,
-            batch_counts=service.store.batch_counts(job.job_id),
-            worker_counts=service.store.worker_counts(job.job_id) if running else None,
+            job, api_spec, batch_counts=batch_counts, worker_counts=worker_counts
         ),
         "api_spec": api_spec,
         "endpoint": f"{base_url}/{job.api_name}/{job.job_id}",
     }
+
+
+async def _job_status(service: Service, api_name: str, job_id: str, base_url: str) -> Response:
+    """The status route's work: read inline on SQLite (see `deps.read`), one connection."""
+
+    def read() -> dict[str, Any]:
+        progress = service.store.job_progress(job_id)
+        if progress is None or progress[0].api_name != api_name:
+            service.get_job(api_name, job_id)  # raises the error to report
+            raise errors.JobNotFound(api_name, job_id)  # (deleted in between)
+        return _status_json(service, progress, base_url)
+
+    return _json(await deps.read(service, read))
 
 
 def _api_summary(service: Service, name: str, base_url: str, limit: int) -> dict[str, Any]:
@@ -261,7 +277,7 @@ def _json(data: Any) -> Response:
 
 
 @router.get("/{api_name}", response_model=None, responses=_STATUS_DOC)
-def get_job_or_list(
+async def get_job_or_list(
     api_name: str,
     service: ServiceDep,
     base_url: BaseUrl,
@@ -269,19 +285,21 @@ def get_job_or_list(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     if job_id is not None:
-        return _json(status_json(service, service.get_job(api_name, job_id), base_url))
-    jobs = service.list_jobs(api_name, limit)
-    return _json(
-        {
+        return await _job_status(service, api_name, job_id, base_url)
+
+    def listing() -> dict[str, Any]:
+        jobs = service.list_jobs(api_name, limit)
+        return {
             "api_name": api_name,
             "job_statuses": [status_json(service, job, base_url)["job_status"] for job in jobs],
         }
-    )
+
+    return _json(await run_in_threadpool(listing))
 
 
 @router.get("/{api_name}/{job_id}", response_model=None, responses=_STATUS_DOC)
-def get_job(api_name: str, job_id: str, service: ServiceDep, base_url: BaseUrl) -> Response:
-    return _json(status_json(service, service.get_job(api_name, job_id), base_url))
+async def get_job(api_name: str, job_id: str, service: ServiceDep, base_url: BaseUrl) -> Response:
+    return await _job_status(service, api_name, job_id, base_url)
 
 
 @router.delete("/{api_name}")

@@ -23,13 +23,14 @@ router = APIRouter(prefix="/worker/v1/jobs/{job_id}", include_in_schema=False)
 ServiceDep = Annotated[Service, Depends(deps.service)]
 
 
-def _job(
+async def _job(
     job_id: str, service: ServiceDep, authorization: Annotated[str | None, Header()] = None
 ) -> Job:
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise errors.Unauthorized("a worker token is required (Authorization: Bearer <token>)")
-    return service.authorize_worker(job_id, token)
+    # Every worker request reads its job: inline on SQLite, not one more thread hand-off.
+    return await deps.read(service, lambda: service.authorize_worker(job_id, token))
 
 
 JobDep = Annotated[Job, Depends(_job)]

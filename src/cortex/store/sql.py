@@ -68,6 +68,10 @@ def display_url(url: str) -> str:
         return url
 
 
+# A job, its batches by state and (while it runs) its workers by state.
+JobProgress = tuple[Job, dict[str, int], dict[str, int] | None]
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = engine_url(url)
@@ -499,17 +503,24 @@ class Store:
     def worker_counts(self, job_id: str) -> dict[str, int]:
         return self._state_counts(t.workers, [s.value for s in WorkerState], job_id)
 
-    def _state_counts(self, table: sa.Table, states: list[str], job_id: str) -> dict[str, int]:
-        """How many of a job's rows are in each state (every state present, 0 if none)."""
-        counts = dict.fromkeys(states, 0)
+    def job_progress(self, job_id: str) -> JobProgress | None:
+        """A job with its batch counts and, while it runs, its worker counts: what a status
+        request shows, read on one connection (None if there is no such job)."""
         with self._read() as conn:
-            for state, n in conn.execute(
-                sa.select(table.c.state, sa.func.count())
-                .where(table.c.job_id == job_id)
-                .group_by(table.c.state)
-            ):
-                counts[state] = n
-        return counts
+            row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
+            if row is None:
+                return None
+            job = Job.from_row(row)
+            batches = _state_counts(conn, t.batches, [s.value for s in BatchState], job_id)
+            # Workers run while a file dataset is still enqueuing, so they count then too.
+            workers = None
+            if job.status in (JobStatus.ENQUEUING, JobStatus.RUNNING):
+                workers = _state_counts(conn, t.workers, [s.value for s in WorkerState], job_id)
+        return job, batches, workers
+
+    def _state_counts(self, table: sa.Table, states: list[str], job_id: str) -> dict[str, int]:
+        with self._read() as conn:
+            return _state_counts(conn, table, states, job_id)
 
     # -- the queue --------------------------------------------------------------------------
 
@@ -733,6 +744,20 @@ class Store:
 
 
 # -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
+def _state_counts(
+    conn: Connection, table: sa.Table, states: list[str], job_id: str
+) -> dict[str, int]:
+    """How many of a job's rows are in each state (every state present, 0 if none)."""
+    counts = dict.fromkeys(states, 0)
+    for state, n in conn.execute(
+        sa.select(table.c.state, sa.func.count())
+        .where(table.c.job_id == job_id)
+        .group_by(table.c.state)
+    ):
+        counts[state] = n
+    return counts
 
 
 def _enqueuing_by(job: Job, owner: str) -> bool:
