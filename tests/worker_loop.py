@@ -37,7 +37,7 @@ def work(store: Store, job_id: str, worker: str, record: Record, start: Any) -> 
                 continue
             for batch in reply.batches:
                 record.leased.append((batch.batch_id, batch.attempt, worker))
-                flaky = '"flaky"' in batch.payload and batch.attempt == 1
+                flaky = b'"flaky"' in batch.payload and batch.attempt == 1
                 results.append(BatchResult(batch.batch_id, not flaky, 0.001, "flaky", None))
     except BaseException as err:  # reported by the test, not lost in a thread
         record.errors.append(err)

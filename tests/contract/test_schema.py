@@ -163,7 +163,7 @@ def test_batches_written_before_0005_keep_their_payloads_both_ways(new_url: Any)
             )
         schema.upgrade(store)
         leased = store.lease("job1", "w1", [], 10, 30).batches
-        assert [(b.batch_id, b.payload) for b in leased] == [("b0", "[1, 2, 3]")]
+        assert [(b.batch_id, b.payload) for b in leased] == [("b0", b"[1, 2, 3]")]
         with store.engine.begin() as conn:
             command.downgrade(schema.config(conn), "0004")
             payload = conn.execute(sa.text("SELECT payload FROM batches")).scalar_one()

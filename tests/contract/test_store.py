@@ -106,8 +106,8 @@ def test_lease_hands_out_each_batch_once_in_order(store: Store) -> None:
     job_id = _job(store, batches=5)
     first = store.lease(job_id, "w1", [], 2, 30)
     second = store.lease(job_id, "w2", [], 10, 30)
-    assert [b.payload for b in first.batches] == ["[0]", "[1]"]
-    assert [b.payload for b in second.batches] == ["[2]", "[3]", "[4]"]
+    assert [b.payload for b in first.batches] == [b"[0]", b"[1]"]
+    assert [b.payload for b in second.batches] == [b"[2]", b"[3]", b"[4]"]
     assert all(b.attempt == 1 for b in first.batches + second.batches)
     nothing = store.lease(job_id, "w3", [], 10, 30)
     # Batches are still leased by others: the worker waits, it is not done.

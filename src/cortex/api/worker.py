@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -101,16 +100,16 @@ def lease(body: LeaseBody, job: JobDep, service: ServiceDep) -> Response:
         BatchResult(r.batch_id, r.ok, r.duration_s, r.error, r.traceback) for r in body.results
     ]
     leased = service.lease(job, body.worker_id, results, body.max_batches)
-    # Payloads are stored as JSON text: splice them in rather than parse and re-encode them.
-    batches = ",".join(
-        f'{{"batch_id":{json.dumps(b.batch_id)},"attempt":{b.attempt},"payload":{b.payload}}}'
-        for b in leased.batches
-    )
-    content = (
-        f'{{"batches":[{batches}],"run_hook":{json.dumps(leased.run_hook)},'
-        f'"done":{json.dumps(leased.done)}}}'
-    )
-    return Response(content, media_type="application/json")
+    # Payloads are stored as JSON text: splice their bytes in rather than parse and re-encode.
+    parts = [b'{"batches":[']
+    for i, b in enumerate(leased.batches):
+        head = orjson.dumps({"batch_id": b.batch_id, "attempt": b.attempt})
+        parts += [b"," if i else b"", head[:-1], b',"payload":', b.payload, b"}"]
+    parts.append(b'],"run_hook":%s,"done":%s}' % (_BOOL[leased.run_hook], _BOOL[leased.done]))
+    return Response(b"".join(parts), media_type="application/json")
+
+
+_BOOL = {True: b"true", False: b"false"}
 
 
 @router.post("/heartbeat")

@@ -99,7 +99,7 @@ class WorkerRecord:
 @dataclasses.dataclass(frozen=True)
 class LeasedBatch:
     batch_id: str
-    payload: str  # the batch's JSON array, as stored
+    payload: bytes  # the batch's JSON array, as stored (UTF-8): spliced into answers as is
     attempt: int
 
 

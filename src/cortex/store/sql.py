@@ -949,10 +949,10 @@ def _take_batches(
             attempts=t.batches.c.attempts + 1,
         )
     )
-    payloads: dict[int, str] = {
+    payloads: dict[int, bytes] = {
         row.seq: row.payload
         for row in conn.execute(
-            sa.select(t.batch_payloads.c.seq, t.batch_payloads.c.payload).where(
+            sa.select(t.batch_payloads.c.seq, _payload_bytes(conn)).where(
                 t.batch_payloads.c.job_id == job_id, t.batch_payloads.c.seq.in_(seqs)
             )
         )
@@ -981,6 +981,17 @@ def _insert_batches(conn: Connection, job_id: str, start: int, payloads: Sequenc
             {"job_id": job_id, "seq": start + i, "payload": payload}
             for i, payload in enumerate(payloads)
         ],
+    )
+
+
+def _payload_bytes(conn: Connection) -> sa.ColumnElement[bytes]:
+    """A payload as UTF-8 bytes, as the database hands them over: a lease answer splices
+    megabytes of payloads, and decoding them to text only to encode them again cost a third of
+    the lease's time."""
+    if conn.dialect.name == "sqlite":
+        return sa.cast(t.batch_payloads.c.payload, sa.LargeBinary).label("payload")
+    return sa.func.convert_to(t.batch_payloads.c.payload, "UTF8", type_=sa.LargeBinary).label(
+        "payload"
     )
 
 
