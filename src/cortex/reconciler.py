@@ -162,6 +162,11 @@ class Reconciler:
             )
             if pruned:
                 log.info("pruned %d log chunks past the retention settings", pruned)
+            # An ended job's succeeded batches are never read again: their payloads (often
+            # most of the store) go; failed ones stay for retry_failed.
+            freed = self.service.store.prune_payloads()
+            if freed:
+                log.info("deleted the payloads of %d succeeded batches of ended jobs", freed)
 
     def _on_exit(self, ended: WorkerExit) -> None:
         store = self.service.store

@@ -7,9 +7,11 @@ import time
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from cortex.jobs import JobStatus, WorkerState
 from cortex.store import Store
+from cortex.store import tables as t
 from cortex.store.records import BatchResult
 
 API_SPEC: dict[str, Any] = {"name": "api", "kind": "BatchAPI", "predictor": {"config": {}}}
@@ -171,6 +173,30 @@ def test_a_failed_batch_is_retried_with_the_same_id_then_failed(store: Store) ->
     assert failed["attempts"] == 2
     assert failed["error"] == "ValueError: no"
     assert failed["traceback"] == "Traceback ..."
+
+
+def test_an_ended_jobs_succeeded_payloads_are_pruned_and_failed_ones_kept(store: Store) -> None:
+    ended = _job(store, batches=3, max_attempts=1)
+    running = _job(store, batches=2, job_id="job2")
+    a, b, c = store.lease(ended, "w1", [], 3, 30).batches
+    store.lease(ended, "w1", [ok(a.batch_id), fail(b.batch_id), ok(c.batch_id)], 0, 30)
+    first = store.lease(running, "w2", [], 1, 30).batches[0]
+    store.lease(running, "w2", [ok(first.batch_id)], 0, 30)
+    job = store.get_job(ended)
+    assert job is not None and job.status is JobStatus.COMPLETED_WITH_FAILURES
+
+    assert store.prune_payloads(chunk=1) == 2  # in chunks of one, until nothing is left
+    assert store.prune_payloads() == 0
+    with store.engine.connect() as conn:
+        left = conn.execute(
+            sa.select(t.batch_payloads.c.job_id, t.batch_payloads.c.seq).order_by(
+                t.batch_payloads.c.job_id, t.batch_payloads.c.seq
+            )
+        ).all()
+    # The failed batch (seq 1) and every batch of the running job keep their payloads.
+    assert [tuple(row) for row in left] == [("job1", 1), ("job2", 0), ("job2", 1)]
+    assert list(store.failed_payloads(ended)) == ["[1]"]
+    assert store.failed_batches(ended)[0]["payload"] == [1]
 
 
 def test_the_hook_is_claimed_by_exactly_one_worker(store: Store) -> None:

@@ -690,6 +690,34 @@ class Store:
     def batch_counts(self, job_id: str) -> dict[str, int]:
         return self._state_counts(t.batches, [s.value for s in BatchState], job_id)
 
+    def prune_payloads(self, chunk: int = 5000, max_chunks: int = 20) -> int:
+        """Delete the payloads of the succeeded batches of ended jobs (the failed ones stay,
+        for `retry_failed` and the failed-batch listing), `chunk` rows a transaction so that
+        workers' leases are not held up. Returns how many went."""
+        terminal = [s.value for s in JobStatus if s.terminal]
+        deleted = 0
+        for _ in range(max_chunks):
+            done = (
+                sa.select(t.batch_payloads.c.job_id, t.batch_payloads.c.seq)
+                .join(t.batches, _payload_of_batch)
+                .join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
+                .where(
+                    t.jobs.c.status.in_(terminal),
+                    t.batches.c.state == BatchState.SUCCEEDED.value,
+                )
+                .limit(chunk)
+            )
+            with self._write() as conn:
+                count = conn.execute(
+                    t.batch_payloads.delete().where(
+                        sa.tuple_(t.batch_payloads.c.job_id, t.batch_payloads.c.seq).in_(done)
+                    )
+                ).rowcount
+            deleted += count
+            if count < chunk:
+                break
+        return deleted
+
     def failed_payloads(self, job_id: str) -> Iterator[str]:
         """The payloads of a job's failed batches, in order, read in pages."""
         last = -1
