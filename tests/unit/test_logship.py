@@ -102,6 +102,21 @@ def test_stdout_stderr_and_log_records_keep_their_order(received: Received) -> N
     ]
 
 
+def test_a_workers_lines_are_in_time_order_around_a_line_finished_later(
+    received: Received,
+) -> None:
+    with capturing(received):
+        print("begun", end="")
+        logging.getLogger("predictor").warning("meanwhile")
+        print(" and finished")
+    assert [message for _, _, message in received.lines()] == [
+        "predictor: meanwhile",
+        "begun and finished",
+    ]
+    stamps = [entry[0] for entry in received.entries]
+    assert stamps == sorted(stamps)
+
+
 def test_a_slow_printer_is_shipped_without_further_writes(received: Received) -> None:
     with capturing(received):
         printed = time.time()
@@ -129,7 +144,9 @@ def test_lines_from_threads_arrive_whole_and_in_order_per_thread(received: Recei
         for i in range(20_000):
             print(f"{name} {i}")
 
-    with capturing(received):
+    # Small buffers: many hand-overs while the threads write (one shared text stream loses or
+    # garbles text here within a few runs).
+    with capturing(received, buffer_size=512):
         threads = [threading.Thread(target=talk, args=(f"t{n}",)) for n in range(3)]
         for thread in threads:
             thread.start()
