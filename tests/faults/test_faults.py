@@ -213,6 +213,29 @@ def test_a_server_killed_mid_job_picks_up_where_it_left(own_server: Server, tmp_
     assert text.count(" done ") == 16
 
 
+def test_a_server_restarted_mid_job_still_enforces_the_memory_limit(
+    own_server: Server, tmp_path: Path
+) -> None:
+    with own_server.client() as client:
+        api = deploy_fixture(client, "recorder", tmp_path, compute={"mem": "150Mi"})
+        # The second batch allocates past the limit; it can only be leased from the new server.
+        items = [{"sleep": 0.5}, {"alloc_mb": 400, "hold_s": 10}]
+        job_id = _submit(client, api.name, items, workers=1)
+        wait_for(lambda: len(_attempts(api, job_id)) >= 1, 20, "the first batch to start")
+
+    own_server.process.send_signal(signal.SIGKILL)
+    own_server.process.wait()
+    port = int(own_server.url.rsplit(":", 1)[1])
+    restarted = start_server(own_server.data_dir, port=port)
+    own_server.process = restarted.process  # so the fixture stops the new one
+
+    with restarted.client() as client:
+        status = wait_for_status(client, api.name, job_id, 60)
+    assert status["status"] == "status_worker_oom", status
+    assert "limit of 150 MiB" in status["error"]["message"]
+    assert _worker_rows(restarted, job_id) == 1  # the adopted worker, not a new one
+
+
 def test_a_job_whose_workers_died_with_the_server_is_recovered(
     own_server: Server, tmp_path: Path
 ) -> None:

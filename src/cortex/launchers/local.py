@@ -3,7 +3,8 @@
 `compute.mem` is enforced by a watchdog: on every poll (the reconciler's tick, 4 times a
 second) the resident memory of each worker's process tree is measured, and a worker over its
 limit is killed with its whole session and reported as out of memory. A kernel cgroup would be
-exact; this needs no privileges and works on any machine.
+exact; this needs no privileges and works on any machine. The limit travels in the worker's
+environment, so a server restarted mid-job enforces it on the workers it adopts.
 
 `compute.gpu: N` gives each worker N devices of its own through `CUDA_VISIBLE_DEVICES`, taken
 from the server's GPUs (`cortex.gpus`) and given back when the worker's exit is seen; a worker
@@ -26,6 +27,9 @@ import psutil
 from cortex import gpus, spec
 from cortex.launchers.base import WorkerExit, WorkerLaunch
 
+# The worker's memory limit in its environment, for a later server that adopts it.
+_MEM_LIMIT_ENV = "CORTEX_MEM_LIMIT_BYTES"
+
 
 @dataclass
 class _Proc:
@@ -47,6 +51,9 @@ class LocalLauncher:
 
     def start(self, launch: WorkerLaunch) -> int | None:
         env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
+        if launch.compute.mem_bytes is not None:
+            # Read back by `adopt`: a server restarted mid-job keeps enforcing the limit.
+            env[_MEM_LIMIT_ENV] = str(launch.compute.mem_bytes)
         if launch.compute.gpu:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(
                 self.gpus.take(launch.worker_id, launch.compute.gpu)
@@ -91,8 +98,9 @@ class LocalLauncher:
         except (psutil.Error, OSError):
             return False
         self.gpus.hold(worker_id, gpus.parse(environ.get("CUDA_VISIBLE_DEVICES", "")))
+        limit = environ.get(_MEM_LIMIT_ENV, "")
         with self._lock:
-            self._procs[worker_id] = _Proc(job_id, None, pid)
+            self._procs[worker_id] = _Proc(job_id, None, pid, int(limit) if limit else None)
         return True
 
     def poll(self) -> list[WorkerExit]:
