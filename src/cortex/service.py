@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import itertools
 import logging
@@ -84,10 +85,16 @@ class Service:
         return the files it matches (none for an item list), listed as they are read."""
         submission = spec.parse_submission(data)
         self._check_workers(submission.workers)
+        job_id = new_job_id()
         # An unknown API is reported before the items are checked.
-        self._check_capacity(self.get_api(api_name), submission.workers)
-        if submission.file_dataset is not None:
-            return self._submit_files(api_name, submission, dry_run)
+        with self._reserved(self.get_api(api_name), job_id, submission.workers, dry_run):
+            if submission.file_dataset is not None:
+                return self._submit_files(job_id, api_name, submission, dry_run)
+            return self._submit_items(job_id, api_name, submission, dry_run)
+
+    def _submit_items(
+        self, job_id: str, api_name: str, submission: spec.Submission, dry_run: bool
+    ) -> Job | Iterator[str]:
         assert submission.item_list is not None
         item_list = submission.item_list
         payloads = spec.item_batches(item_list.items, item_list.batch_size)
@@ -96,7 +103,7 @@ class Service:
                 pass
             return iter(())
         job = self.store.create_job(
-            job_id=new_job_id(),
+            job_id=job_id,
             api_name=api_name,
             workers=submission.workers,
             config=submission.config,
@@ -115,7 +122,7 @@ class Service:
         return job
 
     def _submit_files(
-        self, api_name: str, submission: spec.Submission, dry_run: bool
+        self, job_id: str, api_name: str, submission: spec.Submission, dry_run: bool
     ) -> Job | Iterator[str]:
         """A file dataset: list until one file matches (else 400), store the job as
         enqueuing, and enqueue it on a thread of its own; the answer does not wait."""
@@ -140,7 +147,7 @@ class Service:
         files.close()
         kind = submission.dataset_kind
         job = self.store.create_enqueuing_job(
-            job_id=new_job_id(),
+            job_id=job_id,
             api_name=api_name,
             workers=submission.workers,
             config=submission.config,
@@ -251,12 +258,22 @@ class Service:
                 kind="batchapi.too_many_workers",
             )
 
-    def _check_capacity(self, api: ApiRecord, workers: int) -> None:
-        """Refuse a job that the launcher cannot place now (GPUs on the local launcher). Two
-        submissions racing for the last GPUs can both pass: the second's workers then fail to
-        start and it ends `status_unexpected_error`, saying why."""
+    @contextlib.contextmanager
+    def _reserved(
+        self, api: ApiRecord, job_id: str, workers: int, dry_run: bool = False
+    ) -> Iterator[None]:
+        """Refuse a job that the launcher cannot place now (GPUs on the local launcher), or
+        hold what its workers will take while it is created. What they do not take is given
+        back when the job ends; everything, if it is not created (or only a dry run)."""
         compute = spec.APISpec.model_validate(api.spec).compute
-        self.launcher.check_capacity(compute, workers)
+        self.launcher.reserve(job_id, compute, workers)
+        try:
+            yield
+        except BaseException:
+            self.launcher.unreserve(job_id)
+            raise
+        if dry_run:
+            self.launcher.unreserve(job_id)
 
     def retry_failed(self, api_name: str, job_id: str, workers: int | None = None) -> Job:
         """A new job, linked to `job_id` by `retry_of`, that runs only its failed batches.
@@ -276,10 +293,15 @@ class Service:
             )
         workers = workers or old.workers
         self._check_workers(workers)
-        self._check_capacity(self.get_api(api_name), workers)
+        new_id = new_job_id()
+        with self._reserved(self.get_api(api_name), new_id, workers):
+            return self._retry(old, new_id, workers)
+
+    def _retry(self, old: Job, new_id: str, workers: int) -> Job:
+        job_id = old.job_id
         job = self.store.create_job(
-            job_id=new_job_id(),
-            api_name=api_name,
+            job_id=new_id,
+            api_name=old.api_name,
             workers=workers,
             config=old.config,
             timeout_s=old.timeout_s,
@@ -329,6 +351,7 @@ class Service:
 
     def _ended(self, job_id: str, status: JobStatus, message: str | None) -> None:
         """Say that a job reached its final status, and let the reconciler act on it."""
+        self.launcher.unreserve(job_id)  # what its workers were promised and did not take
         level = "INFO" if status in (JobStatus.SUCCEEDED, JobStatus.STOPPED) else "WARNING"
         suffix = f": {message}" if message else ""
         self.job_event(job_id, f"job status: {status.value}{suffix}", level)

@@ -48,9 +48,12 @@ class WorkerExit:
 
 
 class Launcher(Protocol):
-    def check_capacity(self, compute: spec.Compute, workers: int) -> None:
-        """Refuse, before the job is created, a job this launcher cannot place now (raises a
-        `CortexError`, answered as a 400)."""
+    def reserve(self, job_id: str, compute: spec.Compute, workers: int) -> None:
+        """Before the job is created: refuse a job this launcher cannot place now (raises a
+        `CortexError`, answered as a 400), or hold what its workers will need."""
+
+    def unreserve(self, job_id: str) -> None:
+        """Give back what `reserve` held and the job's workers did not take."""
 
     def start(self, launch: WorkerLaunch) -> int | None:
         """Start one worker; returns its pid where there is one."""

@@ -46,8 +46,11 @@ class LocalLauncher:
         self._lock = threading.Lock()
         self.gpus = gpus.Pool(devices)
 
-    def check_capacity(self, compute: spec.Compute, workers: int) -> None:
-        self.gpus.check(compute.gpu, workers)
+    def reserve(self, job_id: str, compute: spec.Compute, workers: int) -> None:
+        self.gpus.reserve(job_id, compute.gpu, workers)
+
+    def unreserve(self, job_id: str) -> None:
+        self.gpus.unreserve(job_id)
 
     def start(self, launch: WorkerLaunch) -> int | None:
         env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
@@ -56,7 +59,7 @@ class LocalLauncher:
             env[_MEM_LIMIT_ENV] = str(launch.compute.mem_bytes)
         if launch.compute.gpu:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(
-                self.gpus.take(launch.worker_id, launch.compute.gpu)
+                self.gpus.take(launch.worker_id, launch.compute.gpu, launch.job_id)
             )
         elif self.gpus.devices:
             env["CUDA_VISIBLE_DEVICES"] = ""

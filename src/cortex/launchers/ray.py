@@ -232,9 +232,12 @@ class RayLauncher:
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
 
-    def check_capacity(self, compute: spec.Compute, workers: int) -> None:
-        """Nothing is refused: Ray queues an actor until a node has its resources (the worker
-        stays `pending`), and an autoscaler may add that node."""
+    def reserve(self, job_id: str, compute: spec.Compute, workers: int) -> None:
+        """Nothing is refused or held: Ray queues an actor until a node has its resources (the
+        worker stays `pending`), and an autoscaler may add that node."""
+
+    def unreserve(self, job_id: str) -> None:
+        pass
 
     def start(self, launch: WorkerLaunch) -> int | None:
         project = launch.project_dir
