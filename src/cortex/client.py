@@ -114,8 +114,18 @@ class Client:
         return result
 
     def submit(self, api_name: str, submission: Any, dry_run: bool = False) -> Any:
+        """POST a submission: a JSON-able object, or JSON text already encoded (bytes)."""
         params = {"dryRun": "true"} if dry_run else None
-        response = self._request("POST", f"/{api_name}", json=submission, params=params)
+        if isinstance(submission, bytes):
+            response = self._request(
+                "POST",
+                f"/{api_name}",
+                content=submission,
+                headers={"Content-Type": "application/json"},
+                params=params,
+            )
+        else:
+            response = self._request("POST", f"/{api_name}", json=submission, params=params)
         if dry_run:
             return response.text
         return response.json()

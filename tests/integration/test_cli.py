@@ -101,6 +101,10 @@ def test_submit_get_and_watch(server: Server, client: Client, tmp_path: Path) ->
     watch = cortex(server.url, "get", api.name, job_id, "--watch")
     assert watch.returncode == 0, watch.stderr
     assert "status: succeeded" in watch.stdout
+    # --workers overrides the file's count (the file itself is sent as it is otherwise).
+    more = cortex(server.url, "submit", api.name, str(submission), "--workers", "2", "-o", "json")
+    assert more.returncode == 0, more.stderr
+    assert json.loads(more.stdout)["workers"] == 2
 
     one = cortex(server.url, "get", api.name, job_id).stdout
     for expected in (
