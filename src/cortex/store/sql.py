@@ -21,22 +21,20 @@ that correct (SQLite ignores the row locks and gets the same order from its one 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, overload
 
 import sqlalchemy as sa
-import sqlalchemy.dialects.postgresql
-import sqlalchemy.dialects.sqlite
 from sqlalchemy.engine import Connection
 
 from cortex import errors
 from cortex.jobs import BatchState, JobStatus, WorkerState, can_transition, new_worker_id
+from cortex.store import engine
 from cortex.store import tables as t
+from cortex.store.engine import display_url, engine_url, insert_ignore
 from cortex.store.records import (
     ApiRecord,
     BatchResult,
@@ -46,74 +44,25 @@ from cortex.store.records import (
     WorkerRecord,
 )
 
+__all__ = [
+    "JobProgress",
+    "Store",
+    "display_url",
+    "engine_url",
+    "insert_ignore",
+    "worker_record",
+]
+
 _INSERT_CHUNK = 2000
 _MAX_LEASE_BYTES = 4 << 20
 _ACTIVE = (BatchState.QUEUED.value, BatchState.LEASED.value)
-
-
-def engine_url(url: str) -> str:
-    """The SQLAlchemy URL for a store URL: a plain `postgresql://` (or `postgres://`) URL, as
-    users and tools write it, uses psycopg 3."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    return url
-
-
-def display_url(url: str) -> str:
-    """A store URL fit for logs and error messages: without its password."""
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return url
 
 
 # A job, its batches by state and (while it runs) its workers by state.
 JobProgress = tuple[Job, dict[str, int], dict[str, int] | None]
 
 
-class Store:
-    def __init__(self, url: str) -> None:
-        self.url = engine_url(url)
-        self.is_sqlite = self.url.startswith("sqlite")
-        if self.is_sqlite:
-            self.engine = sa.create_engine(
-                self.url, connect_args={"check_same_thread": False, "timeout": 30}
-            )
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-            self._write_lock: contextlib.AbstractContextManager[Any] = threading.RLock()
-        else:
-            # READ COMMITTED is what the locking above is written for; set it rather than rely
-            # on the server's default. pre_ping: a PostgreSQL restart costs no failed request.
-            self.engine = sa.create_engine(
-                self.url,
-                pool_size=10,
-                max_overflow=20,
-                pool_pre_ping=True,
-                isolation_level="READ COMMITTED",
-            )
-            self._write_lock = contextlib.nullcontext()
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-    def checkpoint(self) -> None:
-        """Copy the SQLite write-ahead log into the database (PASSIVE: it waits for no reader
-        or writer, and copies what it can). Nothing to do on PostgreSQL."""
-        if self.is_sqlite:
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self._write_lock, self.engine.begin() as conn:
-            yield conn
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
-            yield conn
-
+class Store(engine.BaseStore):
     # -- APIs -------------------------------------------------------------------------------
 
     def put_api(self, name: str, spec_id: str, spec: dict[str, Any], archive: bytes) -> str:
@@ -792,22 +741,6 @@ def _enqueuing_by(job: Job, owner: str) -> bool:
     return job.status is JobStatus.ENQUEUING and not job.enqueue_done and job.enqueue_owner == owner
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cursor = dbapi_conn.cursor()
-    # Big pages for a new database (an existing one keeps its own): a batch's payload is often
-    # tens or hundreds of kilobytes, and 64 KiB pages write a 44 MB submission 3x faster
-    # than 4 KiB ones and halve the pages a lease reads and a checkpoint copies.
-    cursor.execute("PRAGMA page_size=65536")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    # No checkpoint inside a commit: a lease must not pay for copying the megabytes a big
-    # submission wrote. `Store.checkpoint` runs from the reconciler's thread instead.
-    cursor.execute("PRAGMA wal_autocheckpoint=0")
-    cursor.close()
-
-
 def worker_record(r: Any) -> WorkerRecord:
     return WorkerRecord(
         worker_id=r.worker_id,
@@ -872,14 +805,6 @@ def _lock_api(conn: Connection, name: str, *, share: bool = False) -> Any:
     """The API's row (its spec_id) under FOR UPDATE, or FOR SHARE; None if not deployed."""
     query = sa.select(t.apis.c.spec_id).where(t.apis.c.name == name)
     return conn.execute(query.with_for_update(read=share)).first()
-
-
-def insert_ignore(conn: Connection, table: sa.Table) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING: waits for a concurrent insert of the same key, then
-    inserts nothing (rowcount 0) instead of failing."""
-    dialect = sa.dialects.postgresql if conn.dialect.name == "postgresql" else sa.dialects.sqlite
-    # An INSERT's rowcount is only kept when asked for.
-    return dialect.insert(table).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
 
 
 def _insert_spec(
