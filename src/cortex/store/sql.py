@@ -25,16 +25,17 @@ import json
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal, overload
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cortex import errors
-from cortex.jobs import BatchState, JobStatus, WorkerState, can_transition, new_worker_id
-from cortex.store import engine
+from cortex.jobs import BatchState, JobStatus, WorkerState, new_worker_id
+from cortex.store import jobrows
 from cortex.store import tables as t
 from cortex.store.engine import display_url, engine_url, insert_ignore
+from cortex.store.jobrows import JobProgress
 from cortex.store.records import (
     ApiRecord,
     BatchResult,
@@ -58,11 +59,7 @@ _MAX_LEASE_BYTES = 4 << 20
 _ACTIVE = (BatchState.QUEUED.value, BatchState.LEASED.value)
 
 
-# A job, its batches by state and (while it runs) its workers by state.
-JobProgress = tuple[Job, dict[str, int], dict[str, int] | None]
-
-
-class Store(engine.BaseStore):
+class Store(jobrows.JobStore):
     # -- APIs -------------------------------------------------------------------------------
 
     def put_api(self, name: str, spec_id: str, spec: dict[str, Any], archive: bytes) -> str:
@@ -227,7 +224,7 @@ class Store(engine.BaseStore):
                 )
             )
             _insert_workers(conn, job_id, range(workers), replica_id, now)
-            return _get_job(conn, job_id)
+            return jobrows.get(conn, job_id)
 
     def create_enqueuing_job(
         self,
@@ -265,7 +262,7 @@ class Store(engine.BaseStore):
                     enqueue_owner=replica_id,
                 )
             )
-            return _get_job(conn, job_id)
+            return jobrows.get(conn, job_id)
 
     def append_batches(
         self, job_id: str, payloads: list[str], items: int, owner: str
@@ -274,7 +271,7 @@ class Store(engine.BaseStore):
         in one transaction; None (and nothing written) if the job is no longer enqueuing or
         another replica's enqueuer took it over."""
         with self._write() as conn:
-            job = _lock_job(conn, job_id, missing_ok=True)
+            job = jobrows.lock(conn, job_id, missing_ok=True)
             if job is None or not _enqueuing_by(job, owner):
                 return None
             start = job.total_batch_count
@@ -290,17 +287,17 @@ class Store(engine.BaseStore):
                     enqueued_items=job.enqueued_items + items,
                 )
             )
-            return _get_job(conn, job_id)
+            return jobrows.get(conn, job_id)
 
     def finish_enqueue(self, job_id: str, owner: str, empty_message: str) -> Job | None:
         """Every batch is written: the job runs (or, with none, failed while enqueuing);
         None if the job is no longer this owner's to finish."""
         with self._write() as conn:
-            job = _lock_job(conn, job_id, missing_ok=True)
+            job = jobrows.lock(conn, job_id, missing_ok=True)
             if job is None or not _enqueuing_by(job, owner):
                 return None
             if job.total_batch_count == 0:
-                _set_status(
+                jobrows.transition(
                     conn,
                     job_id,
                     JobStatus.ENQUEUE_FAILED,
@@ -313,7 +310,7 @@ class Store(engine.BaseStore):
                     .where(t.jobs.c.job_id == job_id)
                     .values(enqueue_done=True, status=JobStatus.RUNNING.value)
                 )
-            return _get_job(conn, job_id)
+            return jobrows.get(conn, job_id)
 
     def unfinished_enqueues(self) -> list[Job]:
         """Jobs whose file dataset is still being enqueued (or should be)."""
@@ -343,43 +340,6 @@ class Store(engine.BaseStore):
             )
             return updated.rowcount == 1
 
-    def get_job(self, job_id: str) -> Job | None:
-        with self._read() as conn:
-            row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
-        return None if row is None else Job.from_row(row)
-
-    def list_jobs(self, api_name: str, limit: int = 100) -> list[Job]:
-        """In-progress jobs first, then the newest others, at most `limit` in all."""
-        in_progress = [s.value for s in JobStatus if s.in_progress]
-        with self._read() as conn:
-            rows = conn.execute(
-                sa.select(t.jobs)
-                .where(t.jobs.c.api_name == api_name)
-                .order_by(t.jobs.c.status.in_(in_progress).desc(), t.jobs.c.start_time.desc())
-                .limit(limit)
-            ).all()
-        return [Job.from_row(row) for row in rows]
-
-    def in_progress_jobs(self) -> list[Job]:
-        in_progress = [s.value for s in JobStatus if s.in_progress]
-        with self._read() as conn:
-            rows = conn.execute(sa.select(t.jobs).where(t.jobs.c.status.in_(in_progress))).all()
-        return [Job.from_row(row) for row in rows]
-
-    def set_status(
-        self,
-        job_id: str,
-        new: JobStatus,
-        *,
-        error_kind: str | None = None,
-        error_message: str | None = None,
-        error_traceback: str | None = None,
-    ) -> bool:
-        """Move a job to `new` if the state machine allows it; False if it does not (for
-        example the job already ended: the first terminal status wins)."""
-        with self._write() as conn:
-            return _set_status(conn, job_id, new, error_kind, error_message, error_traceback)
-
     # -- workers ----------------------------------------------------------------------------
 
     def add_workers(self, job_id: str, count: int, replica_id: str) -> list[str]:
@@ -389,7 +349,7 @@ class Store(engine.BaseStore):
         workers to one job at once get distinct ids.
         """
         with self._write() as conn:
-            _lock_job(conn, job_id)
+            jobrows.lock(conn, job_id)
             existing = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(t.workers)
@@ -425,14 +385,6 @@ class Store(engine.BaseStore):
                 .values(**values)
             )
 
-    def set_has_hook(self, job_id: str, has_hook: bool) -> None:
-        with self._write() as conn:
-            conn.execute(
-                t.jobs.update()
-                .where(t.jobs.c.job_id == job_id, t.jobs.c.has_hook.is_(None))
-                .values(has_hook=has_hook)
-            )
-
     def get_worker(self, worker_id: str) -> WorkerRecord | None:
         with self._read() as conn:
             row = conn.execute(
@@ -448,28 +400,6 @@ class Store(engine.BaseStore):
                 .order_by(t.workers.c.started_at)
             ).all()
         return [worker_record(r) for r in rows]
-
-    def worker_counts(self, job_id: str) -> dict[str, int]:
-        return self._state_counts(t.workers, [s.value for s in WorkerState], job_id)
-
-    def job_progress(self, job_id: str) -> JobProgress | None:
-        """A job with its batch counts and, while it runs, its worker counts: what a status
-        request shows, read on one connection (None if there is no such job)."""
-        with self._read() as conn:
-            row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
-            if row is None:
-                return None
-            job = Job.from_row(row)
-            batches = _state_counts(conn, t.batches, [s.value for s in BatchState], job_id)
-            # Workers run while a file dataset is still enqueuing, so they count then too.
-            workers = None
-            if job.status in (JobStatus.ENQUEUING, JobStatus.RUNNING):
-                workers = _state_counts(conn, t.workers, [s.value for s in WorkerState], job_id)
-        return job, batches, workers
-
-    def _state_counts(self, table: sa.Table, states: list[str], job_id: str) -> dict[str, int]:
-        with self._read() as conn:
-            return _state_counts(conn, table, states, job_id)
 
     # -- the queue --------------------------------------------------------------------------
 
@@ -491,7 +421,7 @@ class Store(engine.BaseStore):
         with self._write() as conn:
             # Results may end the job's last batch, so a report takes the job row exclusively;
             # a bare lease only needs the status to hold still (see the module docstring).
-            job = _lock_job(conn, job_id, key_share=not results)
+            job = jobrows.lock(conn, job_id, key_share=not results)
             if job.status.terminal:
                 return LeaseResult(batches=[], done=True)
             _record_results(conn, job, worker_id, results)
@@ -511,7 +441,7 @@ class Store(engine.BaseStore):
         # Nothing to lease: whether the job is complete is decided under the exclusive lock,
         # so two workers ending the last two batches at once cannot both miss it.
         with self._write() as conn:
-            _lock_job(conn, job_id)
+            jobrows.lock(conn, job_id)
             return _maybe_complete(conn, job_id, worker_id)
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> bool:
@@ -519,7 +449,7 @@ class Store(engine.BaseStore):
         has ended."""
         now = time.time()
         with self._write() as conn:
-            job = _get_job(conn, job_id)
+            job = jobrows.get(conn, job_id)
             if job.status.terminal:
                 return False
             # Only the lease expiry changes (never a batch's state), so no job lock is needed:
@@ -545,16 +475,16 @@ class Store(engine.BaseStore):
     ) -> JobStatus:
         """The claimed worker ran on_job_complete; write the final status now."""
         with self._write() as conn:
-            job = _lock_job(conn, job_id)
+            job = jobrows.lock(conn, job_id)
             if job.completion_state != "claimed" or job.completion_worker != worker_id:
                 return job.status
             conn.execute(
                 t.jobs.update().where(t.jobs.c.job_id == job_id).values(completion_state="done")
             )
             if error is None:
-                _finalize(conn, job)
+                jobrows.finalize(conn, job)
             else:
-                _set_status(
+                jobrows.transition(
                     conn,
                     job_id,
                     JobStatus.WORKER_ERROR,
@@ -562,7 +492,7 @@ class Store(engine.BaseStore):
                     f"on_job_complete raised on worker {worker_id}: {error}",
                     traceback,
                 )
-            return _get_job(conn, job_id).status
+            return jobrows.get(conn, job_id).status
 
     def expire_leases(self) -> int:
         """End the attempt of every batch whose lease ran out: it is queued again, or failed if
@@ -579,7 +509,7 @@ class Store(engine.BaseStore):
         ended = 0
         for job_id in job_ids:  # one transaction per job: its row first, then its batches
             with self._write() as conn:
-                if _lock_job(conn, job_id, missing_ok=True) is None:
+                if jobrows.lock(conn, job_id, missing_ok=True) is None:
                     continue
                 rows = conn.execute(
                     _leased_rows().where(t.batches.c.job_id == job_id, *expired)
@@ -599,7 +529,7 @@ class Store(engine.BaseStore):
     ) -> int:
         """A worker is known dead: end the attempts it held now rather than at lease expiry."""
         with self._write() as conn:
-            if _lock_job(conn, job_id, missing_ok=True) is None:
+            if jobrows.lock(conn, job_id, missing_ok=True) is None:
                 return 0
             rows = conn.execute(
                 _leased_rows().where(
@@ -625,19 +555,6 @@ class Store(engine.BaseStore):
                 )
                 .values(lease_expires_at=time.time() + lease_s)
             )
-
-    def count_restart(self, job_id: str, limit: int) -> bool:
-        """Take one worker restart from the job's budget; False when it is spent."""
-        with self._write() as conn:
-            updated = conn.execute(
-                t.jobs.update()
-                .where(t.jobs.c.job_id == job_id, t.jobs.c.worker_restarts < limit)
-                .values(worker_restarts=t.jobs.c.worker_restarts + 1)
-            )
-            return updated.rowcount == 1
-
-    def batch_counts(self, job_id: str) -> dict[str, int]:
-        return self._state_counts(t.batches, [s.value for s in BatchState], job_id)
 
     def prune_payloads(self, chunk: int = 5000, max_chunks: int = 20) -> int:
         """Delete the payloads of the succeeded batches of ended jobs (the failed ones stay,
@@ -723,20 +640,6 @@ class Store(engine.BaseStore):
 # -- helpers that run inside a caller's transaction ---------------------------------------------
 
 
-def _state_counts(
-    conn: Connection, table: sa.Table, states: list[str], job_id: str
-) -> dict[str, int]:
-    """How many of a job's rows are in each state (every state present, 0 if none)."""
-    counts = dict.fromkeys(states, 0)
-    for state, n in conn.execute(
-        sa.select(table.c.state, sa.func.count())
-        .where(table.c.job_id == job_id)
-        .group_by(table.c.state)
-    ):
-        counts[state] = n
-    return counts
-
-
 def _enqueuing_by(job: Job, owner: str) -> bool:
     return job.status is JobStatus.ENQUEUING and not job.enqueue_done and job.enqueue_owner == owner
 
@@ -764,41 +667,6 @@ def _api_record(row: Any) -> ApiRecord:
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
-
-
-def _get_job(conn: Connection, job_id: str) -> Job:
-    row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
-    if row is None:
-        raise errors.NotFound(f"job {job_id} does not exist")
-    return Job.from_row(row)
-
-
-@overload
-def _lock_job(conn: Connection, job_id: str, *, key_share: bool = ...) -> Job: ...
-@overload
-def _lock_job(
-    conn: Connection, job_id: str, *, key_share: bool = ..., missing_ok: Literal[True]
-) -> Job | None: ...
-def _lock_job(
-    conn: Connection, job_id: str, *, key_share: bool = False, missing_ok: bool = False
-) -> Job | None:
-    """Read a job under its row lock: `FOR UPDATE`, or `FOR KEY SHARE` for a bare lease.
-
-    FOR KEY SHARE conflicts with FOR UPDATE only: bare leases do not wait for each other nor
-    for counter updates, while a status change waits for them (and they for it). SQLite
-    ignores both; its writers are serial.
-    """
-    query = sa.select(t.jobs).where(t.jobs.c.job_id == job_id)
-    if key_share:
-        query = query.with_for_update(read=True, key_share=True)
-    else:
-        query = query.with_for_update()
-    row = conn.execute(query).first()
-    if row is None:
-        if missing_ok:
-            return None
-        raise errors.NotFound(f"job {job_id} does not exist")
-    return Job.from_row(row)
 
 
 def _lock_api(conn: Connection, name: str, *, share: bool = False) -> Any:
@@ -953,42 +821,6 @@ _payload_of_batch = sa.and_(
 )
 
 
-def _set_status(
-    conn: Connection,
-    job_id: str,
-    new: JobStatus,
-    error_kind: str | None = None,
-    error_message: str | None = None,
-    error_traceback: str | None = None,
-) -> bool:
-    job = _lock_job(conn, job_id)
-    if not can_transition(job.status, new):
-        return False
-    values: dict[str, Any] = {"status": new.value}
-    if new.terminal:
-        values["end_time"] = time.time()
-    if error_kind is not None:
-        values.update(
-            error_kind=error_kind, error_message=error_message, error_traceback=error_traceback
-        )
-    # Compare-and-set on the status we read, so two writers cannot both win.
-    updated = conn.execute(
-        t.jobs.update()
-        .where(t.jobs.c.job_id == job_id, t.jobs.c.status == job.status.value)
-        .values(**values)
-    )
-    if updated.rowcount != 1:
-        return False
-    if new.terminal:
-        # No batch stays leased once a job has ended; results that arrive later are ignored.
-        conn.execute(
-            t.batches.update()
-            .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.LEASED.value)
-            .values(state=BatchState.QUEUED.value, lease_owner=None, lease_expires_at=None)
-        )
-    return True
-
-
 def _record_results(conn: Connection, job: Job, worker_id: str, results: list[BatchResult]) -> None:
     """Apply a worker's results for the batches it still holds, in a few statements.
 
@@ -1103,7 +935,7 @@ def _end_attempt(
 
 def _maybe_complete(conn: Connection, job_id: str, worker_id: str) -> LeaseResult:
     """Nothing to lease: decide whether the job is complete, and who runs the hook."""
-    job = _get_job(conn, job_id)
+    job = jobrows.get(conn, job_id)
     if job.status.terminal:
         return LeaseResult(batches=[], done=True)
     if not job.enqueue_done:
@@ -1135,11 +967,4 @@ def _maybe_complete(conn: Connection, job_id: str, worker_id: str) -> LeaseResul
         .where(t.jobs.c.job_id == job_id)
         .values(completion_state="done", completion_worker=worker_id)
     )
-    return LeaseResult(batches=[], done=True, final_status=_finalize(conn, job))
-
-
-def _finalize(conn: Connection, job: Job) -> JobStatus:
-    current = _get_job(conn, job.job_id)
-    status = JobStatus.SUCCEEDED if current.failed == 0 else JobStatus.COMPLETED_WITH_FAILURES
-    _set_status(conn, job.job_id, status)
-    return status
+    return LeaseResult(batches=[], done=True, final_status=jobrows.finalize(conn, job))
