@@ -111,6 +111,9 @@ class ApiStore(engine.BaseStore):
             conn.execute(t.apis.delete().where(t.apis.c.name == name))
 
 
+# -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
 def _api_record(row: Any) -> ApiRecord:
     return ApiRecord(
         name=row.name,

@@ -102,6 +102,9 @@ class BatchStore(engine.BaseStore):
         ]
 
 
+# -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
 def insert(conn: Connection, job_id: str, start: int, payloads: Sequence[str]) -> None:
     """Write queued batches `start`, `start + 1`, ... with these payloads."""
     conn.execute(

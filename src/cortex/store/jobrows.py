@@ -1,7 +1,5 @@
 """Job rows: reading, listing and counting them, and the status transitions, under the job row
 lock that every write about a job takes first (see `sql`'s docstring for the rules).
-
-The module-level functions run inside a caller's transaction.
 """
 
 from __future__ import annotations
@@ -104,6 +102,9 @@ class JobStore(engine.BaseStore):
                 .values(worker_restarts=t.jobs.c.worker_restarts + 1)
             )
             return updated.rowcount == 1
+
+
+# -- helpers that run inside a caller's transaction ---------------------------------------------
 
 
 def get(conn: Connection, job_id: str) -> Job:

@@ -175,6 +175,9 @@ class QueueStore(engine.BaseStore):
             )
 
 
+# -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
 def _leasing_workers(conn: Connection, job_id: str) -> int:
     """How many of the job's workers lease batches now or are about to (at least 1)."""
     count = conn.execute(

@@ -76,6 +76,9 @@ class WorkerStore(engine.BaseStore):
         return [worker_record(r) for r in rows]
 
 
+# -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
 def worker_record(r: Any) -> WorkerRecord:
     return WorkerRecord(
         worker_id=r.worker_id,
