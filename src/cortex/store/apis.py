@@ -1,0 +1,145 @@
+"""APIs and their deployed versions: deploys, their specs and code, and deleting an API with
+its job history. An API's row orders the deploys, deletes and job submissions of that API."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from cortex.store import engine
+from cortex.store import tables as t
+from cortex.store.records import ApiRecord
+
+
+class ApiStore(engine.BaseStore):
+    """`Store`'s deploys, API reads and API deletes."""
+
+    def put_api(self, name: str, spec_id: str, spec: dict[str, Any], archive: bytes) -> str:
+        """Record a deploy; returns "created", "updated" or "up_to_date"."""
+        now = time.time()
+        with self._write() as conn:
+            # The API's row orders the deploys, deletes and job submissions of one API.
+            row = lock(conn, name)
+            if row is None:
+                created = conn.execute(
+                    engine.insert_ignore(conn, t.apis).values(
+                        name=name, spec_id=spec_id, created_at=now, updated_at=now
+                    )
+                )
+                if created.rowcount == 1:
+                    _insert_spec(conn, name, spec_id, spec, archive, now)
+                    return "created"
+                row = lock(conn, name)  # another deploy created it first
+                assert row is not None
+            if row.spec_id == spec_id:
+                return "up_to_date"
+            _insert_spec(conn, name, spec_id, spec, archive, now)
+            conn.execute(
+                t.apis.update().where(t.apis.c.name == name).values(spec_id=spec_id, updated_at=now)
+            )
+            # Drop versions that neither the API nor any job refers to any more. A job being
+            # created holds the API row (FOR SHARE), so none is half-written here.
+            in_use = sa.select(t.jobs.c.spec_id).where(t.jobs.c.api_name == name)
+            conn.execute(
+                t.api_specs.delete().where(
+                    t.api_specs.c.api_name == name,
+                    t.api_specs.c.spec_id != spec_id,
+                    t.api_specs.c.spec_id.not_in(in_use),
+                )
+            )
+            return "updated"
+
+    def get_api(self, name: str) -> ApiRecord | None:
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(t.apis, t.api_specs.c.spec_json)
+                .join(t.api_specs, t.api_specs.c.spec_id == t.apis.c.spec_id)
+                .where(t.apis.c.name == name)
+            ).first()
+        return None if row is None else _api_record(row)
+
+    def list_apis(self) -> list[ApiRecord]:
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(t.apis, t.api_specs.c.spec_json)
+                .join(t.api_specs, t.api_specs.c.spec_id == t.apis.c.spec_id)
+                .order_by(t.apis.c.name)
+            ).all()
+        return [_api_record(row) for row in rows]
+
+    def get_spec_json(self, spec_id: str) -> dict[str, Any]:
+        """An API version's spec, without its archive."""
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(t.api_specs.c.spec_json).where(t.api_specs.c.spec_id == spec_id)
+            ).one()
+        result: dict[str, Any] = json.loads(row.spec_json)
+        return result
+
+    def get_spec(self, spec_id: str) -> tuple[dict[str, Any], bytes]:
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(t.api_specs.c.spec_json, t.api_specs.c.archive).where(
+                    t.api_specs.c.spec_id == spec_id
+                )
+            ).one()
+        return json.loads(row.spec_json), bytes(row.archive)
+
+    def delete_api(self, name: str) -> None:
+        """Erase an API and its job history (its jobs must have been stopped)."""
+        with self._write() as conn:
+            if lock(conn, name) is None:
+                return
+            # Lock its jobs first (job rows before batch rows, as every writer does).
+            conn.execute(
+                sa.select(t.jobs.c.job_id)
+                .where(t.jobs.c.api_name == name)
+                .order_by(t.jobs.c.job_id)
+                .with_for_update()
+            ).all()
+            job_ids = sa.select(t.jobs.c.job_id).where(t.jobs.c.api_name == name)
+            conn.execute(t.batches.delete().where(t.batches.c.job_id.in_(job_ids)))
+            conn.execute(t.batch_payloads.delete().where(t.batch_payloads.c.job_id.in_(job_ids)))
+            conn.execute(t.workers.delete().where(t.workers.c.job_id.in_(job_ids)))
+            conn.execute(t.log_chunks.delete().where(t.log_chunks.c.job_id.in_(job_ids)))
+            conn.execute(t.jobs.delete().where(t.jobs.c.api_name == name))
+            conn.execute(t.api_specs.delete().where(t.api_specs.c.api_name == name))
+            conn.execute(t.apis.delete().where(t.apis.c.name == name))
+
+
+# -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
+def _api_record(row: Any) -> ApiRecord:
+    return ApiRecord(
+        name=row.name,
+        spec_id=row.spec_id,
+        spec=json.loads(row.spec_json),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def lock(conn: Connection, name: str, *, share: bool = False) -> Any:
+    """The API's row (its spec_id) under FOR UPDATE, or FOR SHARE; None if not deployed."""
+    query = sa.select(t.apis.c.spec_id).where(t.apis.c.name == name)
+    return conn.execute(query.with_for_update(read=share)).first()
+
+
+def _insert_spec(
+    conn: Connection, name: str, spec_id: str, spec: dict[str, Any], archive: bytes, now: float
+) -> None:
+    # A spec id is a digest of the spec and the code: if it is stored, it is this one.
+    conn.execute(
+        engine.insert_ignore(conn, t.api_specs).values(
+            spec_id=spec_id,
+            api_name=name,
+            spec_json=json.dumps(spec),
+            archive=archive,
+            created_at=now,
+        )
+    )

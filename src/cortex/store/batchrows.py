@@ -1,0 +1,145 @@
+"""Batch rows and their payloads: writing a job's batches, reading its failed ones back, and
+deleting the payloads that are no longer needed. Leasing them is `queue`'s."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from cortex.jobs import BatchState, JobStatus
+from cortex.store import engine
+from cortex.store import tables as t
+
+INSERT_CHUNK = 2000
+
+
+class BatchStore(engine.BaseStore):
+    """`Store`'s failed-batch reads and payload pruning."""
+
+    def prune_payloads(self, chunk: int = 5000, max_chunks: int = 20) -> int:
+        """Delete the payloads of the succeeded batches of ended jobs (the failed ones stay,
+        for `retry_failed` and the failed-batch listing), `chunk` rows a transaction so that
+        workers' leases are not held up. Returns how many went."""
+        terminal = [s.value for s in JobStatus if s.terminal]
+        deleted = 0
+        for _ in range(max_chunks):
+            done = (
+                sa.select(t.batch_payloads.c.job_id, t.batch_payloads.c.seq)
+                .join(t.batches, _payload_of_batch)
+                .join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
+                .where(
+                    t.jobs.c.status.in_(terminal),
+                    t.batches.c.state == BatchState.SUCCEEDED.value,
+                )
+                .limit(chunk)
+            )
+            with self._write() as conn:
+                count = conn.execute(
+                    t.batch_payloads.delete().where(
+                        sa.tuple_(t.batch_payloads.c.job_id, t.batch_payloads.c.seq).in_(done)
+                    )
+                ).rowcount
+            deleted += count
+            if count < chunk:
+                break
+        return deleted
+
+    def failed_payloads(self, job_id: str) -> Iterator[str]:
+        """The payloads of a job's failed batches, in order, read in pages."""
+        last = -1
+        while True:
+            with self._read() as conn:
+                rows = conn.execute(
+                    sa.select(t.batches.c.seq, t.batch_payloads.c.payload)
+                    .join(t.batch_payloads, _payload_of_batch)
+                    .where(
+                        t.batches.c.job_id == job_id,
+                        t.batches.c.state == BatchState.FAILED.value,
+                        t.batches.c.seq > last,
+                    )
+                    .order_by(t.batches.c.seq)
+                    .limit(INSERT_CHUNK)
+                ).all()
+            if not rows:
+                return
+            for row in rows:
+                yield row.payload
+            last = rows[-1].seq
+
+    def failed_batches(self, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(
+                    t.batches.c.batch_id,
+                    t.batches.c.seq,
+                    t.batches.c.attempts,
+                    t.batches.c.error_kind,
+                    t.batches.c.error_message,
+                    t.batches.c.error_traceback,
+                    t.batch_payloads.c.payload,
+                )
+                .join(t.batch_payloads, _payload_of_batch)
+                .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.FAILED.value)
+                .order_by(t.batches.c.seq)
+                .limit(limit)
+            ).all()
+        return [
+            {
+                "batch_id": row.batch_id,
+                "index": row.seq,
+                "attempts": row.attempts,
+                "error_kind": row.error_kind,
+                "error": row.error_message,
+                "traceback": row.error_traceback,
+                "payload": json.loads(row.payload),
+            }
+            for row in rows
+        ]
+
+
+# -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
+def insert(conn: Connection, job_id: str, start: int, payloads: Sequence[str]) -> None:
+    """Write queued batches `start`, `start + 1`, ... with these payloads."""
+    conn.execute(
+        t.batches.insert(),
+        [
+            {
+                "job_id": job_id,
+                "seq": start + i,
+                "batch_id": str(uuid.uuid4()),
+                "payload_size": len(payload),
+                "state": BatchState.QUEUED.value,
+            }
+            for i, payload in enumerate(payloads)
+        ],
+    )
+    conn.execute(
+        t.batch_payloads.insert(),
+        [
+            {"job_id": job_id, "seq": start + i, "payload": payload}
+            for i, payload in enumerate(payloads)
+        ],
+    )
+
+
+def payload_bytes(conn: Connection) -> sa.ColumnElement[bytes]:
+    """A payload as UTF-8 bytes, as the database hands them over: a lease answer splices
+    megabytes of payloads, and decoding them to text only to encode them again cost a third of
+    the lease's time."""
+    if conn.dialect.name == "sqlite":
+        return sa.cast(t.batch_payloads.c.payload, sa.LargeBinary).label("payload")
+    return sa.func.convert_to(t.batch_payloads.c.payload, "UTF8", type_=sa.LargeBinary).label(
+        "payload"
+    )
+
+
+_payload_of_batch = sa.and_(
+    t.batch_payloads.c.job_id == t.batches.c.job_id, t.batch_payloads.c.seq == t.batches.c.seq
+)

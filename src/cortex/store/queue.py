@@ -1,0 +1,395 @@
+"""The batch queue: leasing batches to workers, their results, heartbeats, lease expiry, and
+deciding when a job is complete (and which worker runs its `on_job_complete`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from cortex.jobs import BatchState, JobStatus, WorkerState
+from cortex.store import batchrows, engine, jobrows
+from cortex.store import tables as t
+from cortex.store.records import BatchResult, Job, LeasedBatch, LeaseResult
+
+_MAX_LEASE_BYTES = 4 << 20
+_ACTIVE = (BatchState.QUEUED.value, BatchState.LEASED.value)
+
+
+class QueueStore(engine.BaseStore):
+    """`Store`'s side of the worker queue: lease, heartbeat, hook, expiry."""
+
+    def lease(
+        self,
+        job_id: str,
+        worker_id: str,
+        results: list[BatchResult],
+        max_batches: int,
+        lease_s: float,
+    ) -> LeaseResult:
+        """Record a worker's results and lease it up to `max_batches` more, in one transaction.
+
+        When the results end the job's last batch, the completion is decided here too: a job
+        whose predictor has `on_job_complete` is claimed by this worker (it alone gets
+        `run_hook`); any other job gets its final status in this same transaction.
+        """
+        now = time.time()
+        with self._write() as conn:
+            # Results may end the job's last batch, so a report takes the job row exclusively;
+            # a bare lease only needs the status to hold still (see `sql`'s docstring).
+            job = jobrows.lock(conn, job_id, key_share=not results)
+            if job.status.terminal:
+                return LeaseResult(batches=[], done=True)
+            _record_results(conn, job, worker_id, results)
+            # Workers lease while a file dataset is still being enqueued: they start on the
+            # first durable batches. Completion waits for `enqueue_done` (_maybe_complete).
+            if max_batches > 0 and job.status.in_progress:
+                left = job.total_batch_count - job.succeeded - job.failed - len(results)
+                if left < max_batches * job.workers:
+                    # Near the end, a fair share of what is left: one worker's prefetch must
+                    # not hold the last batches while the others stand idle.
+                    max_batches = min(max_batches, -(-left // _leasing_workers(conn, job_id)))
+                leased = _take_batches(conn, job_id, worker_id, max(1, max_batches), now + lease_s)
+                if leased:
+                    return LeaseResult(batches=leased)
+            if results:
+                return _maybe_complete(conn, job_id, worker_id)
+        # Nothing to lease: whether the job is complete is decided under the exclusive lock,
+        # so two workers ending the last two batches at once cannot both miss it.
+        with self._write() as conn:
+            jobrows.lock(conn, job_id)
+            return _maybe_complete(conn, job_id, worker_id)
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> bool:
+        """Extend every lease the worker holds and note that it was seen; False if the job
+        has ended."""
+        now = time.time()
+        with self._write() as conn:
+            job = jobrows.get(conn, job_id)
+            if job.status.terminal:
+                return False
+            # Only the lease expiry changes (never a batch's state), so no job lock is needed:
+            # an expiry or a stop that runs at the same time re-checks its WHERE after this.
+            conn.execute(
+                t.workers.update()
+                .where(t.workers.c.worker_id == worker_id, t.workers.c.job_id == job_id)
+                .values(seen_at=now)
+            )
+            conn.execute(
+                t.batches.update()
+                .where(
+                    t.batches.c.job_id == job_id,
+                    t.batches.c.state == BatchState.LEASED.value,
+                    t.batches.c.lease_owner == worker_id,
+                )
+                .values(lease_expires_at=now + lease_s)
+            )
+            return True
+
+    def finish_hook(
+        self, job_id: str, worker_id: str, error: str | None, traceback: str | None
+    ) -> JobStatus:
+        """The claimed worker ran on_job_complete; write the final status now."""
+        with self._write() as conn:
+            job = jobrows.lock(conn, job_id)
+            if job.completion_state != "claimed" or job.completion_worker != worker_id:
+                return job.status
+            conn.execute(
+                t.jobs.update().where(t.jobs.c.job_id == job_id).values(completion_state="done")
+            )
+            if error is None:
+                jobrows.finalize(conn, job)
+            else:
+                jobrows.transition(
+                    conn,
+                    job_id,
+                    JobStatus.WORKER_ERROR,
+                    "batchapi.on_job_complete_failed",
+                    f"on_job_complete raised on worker {worker_id}: {error}",
+                    traceback,
+                )
+            return jobrows.get(conn, job_id).status
+
+    def expire_leases(self) -> int:
+        """End the attempt of every batch whose lease ran out: it is queued again, or failed if
+        it has used all its attempts (a batch that keeps killing its worker must not loop)."""
+        now = time.time()
+        expired = (
+            t.batches.c.state == BatchState.LEASED.value,
+            t.batches.c.lease_expires_at < now,
+        )
+        with self._read() as conn:
+            job_ids: list[str] = list(
+                conn.execute(sa.select(t.batches.c.job_id).where(*expired).distinct()).scalars()
+            )
+        ended = 0
+        for job_id in job_ids:  # one transaction per job: its row first, then its batches
+            with self._write() as conn:
+                if jobrows.lock(conn, job_id, missing_ok=True) is None:
+                    continue
+                rows = conn.execute(
+                    _leased_rows().where(t.batches.c.job_id == job_id, *expired)
+                ).all()
+                for row in rows:
+                    ended += _end_attempt(
+                        conn,
+                        row,
+                        "lease_expired",
+                        "the lease expired: the worker stopped heartbeating (it hung, crashed "
+                        "or lost the server)",
+                    )
+        return ended
+
+    def release_worker_leases(
+        self, job_id: str, worker_id: str, kind: str = "worker_died", reason: str = ""
+    ) -> int:
+        """A worker is known dead: end the attempts it held now rather than at lease expiry."""
+        with self._write() as conn:
+            if jobrows.lock(conn, job_id, missing_ok=True) is None:
+                return 0
+            rows = conn.execute(
+                _leased_rows().where(
+                    t.batches.c.job_id == job_id,
+                    t.batches.c.state == BatchState.LEASED.value,
+                    t.batches.c.lease_owner == worker_id,
+                )
+            ).all()
+            ended = 0
+            for row in rows:
+                ended += _end_attempt(conn, row, kind, reason or f"worker {worker_id} died")
+            return ended
+
+    def extend_worker_leases(self, job_id: str, worker_id: str, lease_s: float) -> None:
+        """Renew a worker's leases without checking the job (used when adopting workers)."""
+        with self._write() as conn:
+            conn.execute(
+                t.batches.update()
+                .where(
+                    t.batches.c.job_id == job_id,
+                    t.batches.c.state == BatchState.LEASED.value,
+                    t.batches.c.lease_owner == worker_id,
+                )
+                .values(lease_expires_at=time.time() + lease_s)
+            )
+
+
+# -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
+def _leasing_workers(conn: Connection, job_id: str) -> int:
+    """How many of the job's workers lease batches now or are about to (at least 1)."""
+    count = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(t.workers)
+        .where(
+            t.workers.c.job_id == job_id,
+            t.workers.c.state.in_([WorkerState.INITIALIZING.value, WorkerState.RUNNING.value]),
+        )
+    ).scalar_one()
+    return max(1, int(count))
+
+
+def _take_batches(
+    conn: Connection, job_id: str, worker_id: str, max_batches: int, expires_at: float
+) -> list[LeasedBatch]:
+    """Lease up to `max_batches` queued batches, oldest first.
+
+    SKIP LOCKED passes over rows another lease is taking right now, and PostgreSQL re-checks
+    `state = queued` on a row that changed since the statement began, so two leases never
+    take the same batch and neither waits for the other.
+    """
+    candidates = conn.execute(
+        sa.select(
+            t.batches.c.seq, t.batches.c.batch_id, t.batches.c.attempts, t.batches.c.payload_size
+        )
+        .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.QUEUED.value)
+        .order_by(t.batches.c.seq)
+        .limit(max_batches)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not candidates:
+        return []
+    # A lease answer holds at most about `_MAX_LEASE_BYTES` of payloads (always one batch):
+    # many small batches travel together, a few big ones do not make one huge response.
+    kept, size = 0, 0
+    for candidate in candidates:
+        size += candidate.payload_size
+        kept += 1
+        if size >= _MAX_LEASE_BYTES:
+            break
+    candidates = candidates[:kept]
+    seqs = [c.seq for c in candidates]
+    conn.execute(
+        t.batches.update()
+        .where(
+            t.batches.c.job_id == job_id,
+            t.batches.c.seq.in_(seqs),
+            t.batches.c.state == BatchState.QUEUED.value,
+        )
+        .values(
+            state=BatchState.LEASED.value,
+            lease_owner=worker_id,
+            lease_expires_at=expires_at,
+            attempts=t.batches.c.attempts + 1,
+        )
+    )
+    payloads: dict[int, bytes] = {
+        row.seq: row.payload
+        for row in conn.execute(
+            sa.select(t.batch_payloads.c.seq, batchrows.payload_bytes(conn)).where(
+                t.batch_payloads.c.job_id == job_id, t.batch_payloads.c.seq.in_(seqs)
+            )
+        )
+    }
+    return [LeasedBatch(c.batch_id, payloads[c.seq], c.attempts + 1) for c in candidates]
+
+
+def _record_results(conn: Connection, job: Job, worker_id: str, results: list[BatchResult]) -> None:
+    """Apply a worker's results for the batches it still holds, in a few statements.
+
+    A result for a batch that is no longer leased to this worker (its lease expired and the
+    batch went to someone else, or the report is a retry of one already applied) is dropped,
+    so every batch is counted once. Successes are one executemany and one counter update;
+    failures (rare) go one by one through `_end_attempt`.
+    """
+    latest = {result.batch_id: result for result in results}  # a batch reported twice: once
+    held = {
+        row.batch_id: row
+        for row in conn.execute(
+            _leased_rows()
+            .add_columns(t.batches.c.batch_id)
+            .where(
+                t.batches.c.job_id == job.job_id,
+                t.batches.c.state == BatchState.LEASED.value,
+                t.batches.c.lease_owner == worker_id,
+                t.batches.c.batch_id.in_(list(latest)),
+            )
+        )
+    }
+    succeeded = [(r, held[r.batch_id]) for r in latest.values() if r.ok and r.batch_id in held]
+    if succeeded:
+        conn.execute(
+            _SUCCEED,
+            [{"j": job.job_id, "s": row.seq, "d": r.duration_s} for r, row in succeeded],
+        )
+        conn.execute(
+            t.jobs.update()
+            .where(t.jobs.c.job_id == job.job_id)
+            .values(
+                succeeded=t.jobs.c.succeeded + len(succeeded),
+                succeeded_time_s=t.jobs.c.succeeded_time_s
+                + sum(r.duration_s for r, _ in succeeded),
+            )
+        )
+    for result in latest.values():
+        if not result.ok and result.batch_id in held:
+            _end_attempt(
+                conn,
+                held[result.batch_id],
+                "predict_error",
+                result.error,
+                result.traceback,
+                result.duration_s,
+            )
+
+
+# The rows were just read under the job's lock, still leased to the reporting worker.
+_SUCCEED = (
+    t.batches.update()
+    .where(
+        t.batches.c.job_id == sa.bindparam("j"),
+        t.batches.c.seq == sa.bindparam("s"),
+        t.batches.c.state == BatchState.LEASED.value,
+    )
+    .values(
+        state=BatchState.SUCCEEDED.value,
+        lease_owner=None,
+        lease_expires_at=None,
+        duration_s=sa.bindparam("d"),
+    )
+)
+
+
+def _leased_rows() -> sa.Select[Any]:
+    """Batch rows with what `_end_attempt` needs to know."""
+    return sa.select(
+        t.batches.c.job_id, t.batches.c.seq, t.batches.c.attempts, t.jobs.c.max_attempts
+    ).join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
+
+
+def _end_attempt(
+    conn: Connection,
+    row: Any,
+    kind: str,
+    message: str | None,
+    traceback: str | None = None,
+    duration_s: float | None = None,
+) -> int:
+    """A leased batch's attempt failed: queue it again, or fail it on its last attempt.
+    Returns 1 if it was still leased (and so was ended here), else 0.
+
+    Attempts are counted when a batch is leased, so a batch that kills its worker uses them up
+    like one that raises, and ends `failed` with the reason instead of looping forever.
+    """
+    final = row.attempts >= row.max_attempts
+    updated = conn.execute(
+        t.batches.update()
+        .where(
+            t.batches.c.job_id == row.job_id,
+            t.batches.c.seq == row.seq,
+            t.batches.c.state == BatchState.LEASED.value,
+        )
+        .values(
+            state=(BatchState.FAILED if final else BatchState.QUEUED).value,
+            lease_owner=None,
+            lease_expires_at=None,
+            duration_s=duration_s,
+            error_kind=kind,
+            error_message=message,
+            error_traceback=traceback,
+        )
+    )
+    if final and updated.rowcount == 1:
+        conn.execute(
+            t.jobs.update().where(t.jobs.c.job_id == row.job_id).values(failed=t.jobs.c.failed + 1)
+        )
+    return int(updated.rowcount)
+
+
+def _maybe_complete(conn: Connection, job_id: str, worker_id: str) -> LeaseResult:
+    """Nothing to lease: decide whether the job is complete, and who runs the hook."""
+    job = jobrows.get(conn, job_id)
+    if job.status.terminal:
+        return LeaseResult(batches=[], done=True)
+    if not job.enqueue_done:
+        return LeaseResult(batches=[])
+    active = conn.execute(
+        sa.select(t.batches.c.seq)
+        .where(t.batches.c.job_id == job_id, t.batches.c.state.in_(_ACTIVE))
+        .limit(1)
+    ).first()
+    if active is not None:
+        # Other workers still hold batches; one may fail and come back, so stay.
+        return LeaseResult(batches=[])
+    if job.completion_state is not None:
+        return LeaseResult(batches=[], done=job.completion_worker != worker_id)
+    if job.has_hook is None:
+        return LeaseResult(batches=[])  # no worker has loaded the predictor yet
+    if job.has_hook:
+        # The compare-and-set on completion_state makes this worker the only one to run it.
+        claimed = conn.execute(
+            t.jobs.update()
+            .where(t.jobs.c.job_id == job_id, t.jobs.c.completion_state.is_(None))
+            .values(completion_state="claimed", completion_worker=worker_id)
+        )
+        if claimed.rowcount == 1:
+            return LeaseResult(batches=[], run_hook=True)
+        return LeaseResult(batches=[], done=True)
+    conn.execute(
+        t.jobs.update()
+        .where(t.jobs.c.job_id == job_id)
+        .values(completion_state="done", completion_worker=worker_id)
+    )
+    return LeaseResult(batches=[], done=True, final_status=jobrows.finalize(conn, job))

@@ -1,0 +1,212 @@
+"""Submitting jobs: a job with all its batches in one transaction, or a job whose file dataset
+one replica enqueues chunk by chunk (and another takes over if that replica goes)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+
+from cortex import errors
+from cortex.jobs import JobStatus
+from cortex.store import apis, batchrows, engine, jobrows, workerrows
+from cortex.store import tables as t
+from cortex.store.records import Job
+
+
+class SubmissionStore(engine.BaseStore):
+    """`Store`'s job creation and enqueuing."""
+
+    def create_job(
+        self,
+        *,
+        job_id: str,
+        api_name: str,
+        workers: int,
+        config: dict[str, Any] | None,
+        timeout_s: int | None,
+        max_attempts: int,
+        worker_token: str,
+        payloads: Iterable[str],
+        replica_id: str,
+        retry_of: str | None = None,
+    ) -> Job:
+        """Store a job, all of its batches and its workers' rows in one transaction, then mark
+        it running.
+
+        An inline item list is already in memory, so writing it before answering costs little
+        and means a job id, once returned, names durable batches. If the payloads iterator
+        raises (an item over the size limit), nothing is written. The job runs the API's spec
+        as deployed when this transaction runs. Its `workers` rows are pending and owned by
+        `replica_id`, which starts them: if that replica dies before it does, the rows are
+        there for the leader to find (see `cluster.lost_workers`).
+        """
+        now = time.time()
+        with self._write() as conn:
+            # FOR SHARE on the API row: a concurrent deploy cannot drop the spec this job
+            # names, nor a delete leave the job without its API.
+            api = apis.lock(conn, api_name, share=True)
+            if api is None:
+                raise errors.ApiNotDeployed(api_name)
+            spec_id = api.spec_id
+            conn.execute(
+                t.jobs.insert().values(
+                    job_id=job_id,
+                    api_name=api_name,
+                    spec_id=spec_id,
+                    status=JobStatus.ENQUEUING.value,
+                    workers=workers,
+                    config_json=None if config is None else json.dumps(config),
+                    timeout_s=timeout_s,
+                    max_attempts=max_attempts,
+                    start_time=now,
+                    worker_token=worker_token,
+                    retry_of=retry_of,
+                )
+            )
+            total = 0
+            chunk: list[str] = []
+            for payload in payloads:
+                chunk.append(payload)
+                if len(chunk) >= batchrows.INSERT_CHUNK:
+                    batchrows.insert(conn, job_id, total, chunk)
+                    total += len(chunk)
+                    chunk = []
+            if chunk:
+                batchrows.insert(conn, job_id, total, chunk)
+                total += len(chunk)
+            conn.execute(
+                t.jobs.update()
+                .where(t.jobs.c.job_id == job_id)
+                .values(
+                    total_batch_count=total,
+                    enqueue_done=True,
+                    status=JobStatus.RUNNING.value,
+                )
+            )
+            workerrows.insert(conn, job_id, range(workers), replica_id, now)
+            return jobrows.get(conn, job_id)
+
+    def create_enqueuing_job(
+        self,
+        *,
+        job_id: str,
+        api_name: str,
+        workers: int,
+        config: dict[str, Any] | None,
+        timeout_s: int | None,
+        max_attempts: int,
+        worker_token: str,
+        dataset: dict[str, Any],
+        replica_id: str,
+    ) -> Job:
+        """Store a job whose file dataset `replica_id` enqueues from now on (`append_batches`,
+        then `finish_enqueue`). It has no batches and no workers yet."""
+        now = time.time()
+        with self._write() as conn:
+            api = apis.lock(conn, api_name, share=True)  # as in create_job
+            if api is None:
+                raise errors.ApiNotDeployed(api_name)
+            conn.execute(
+                t.jobs.insert().values(
+                    job_id=job_id,
+                    api_name=api_name,
+                    spec_id=api.spec_id,
+                    status=JobStatus.ENQUEUING.value,
+                    workers=workers,
+                    config_json=None if config is None else json.dumps(config),
+                    timeout_s=timeout_s,
+                    max_attempts=max_attempts,
+                    start_time=now,
+                    worker_token=worker_token,
+                    dataset_json=json.dumps(dataset),
+                    enqueue_owner=replica_id,
+                )
+            )
+            return jobrows.get(conn, job_id)
+
+    def append_batches(
+        self, job_id: str, payloads: list[str], items: int, owner: str
+    ) -> Job | None:
+        """Write the next batches of an enqueuing job and move its resume cursor by `items`,
+        in one transaction; None (and nothing written) if the job is no longer enqueuing or
+        another replica's enqueuer took it over."""
+        with self._write() as conn:
+            job = jobrows.lock(conn, job_id, missing_ok=True)
+            if job is None or not _enqueuing_by(job, owner):
+                return None
+            start = job.total_batch_count
+            for offset in range(0, len(payloads), batchrows.INSERT_CHUNK):
+                batchrows.insert(
+                    conn, job_id, start + offset, payloads[offset : offset + batchrows.INSERT_CHUNK]
+                )
+            conn.execute(
+                t.jobs.update()
+                .where(t.jobs.c.job_id == job_id)
+                .values(
+                    total_batch_count=start + len(payloads),
+                    enqueued_items=job.enqueued_items + items,
+                )
+            )
+            return jobrows.get(conn, job_id)
+
+    def finish_enqueue(self, job_id: str, owner: str, empty_message: str) -> Job | None:
+        """Every batch is written: the job runs (or, with none, failed while enqueuing);
+        None if the job is no longer this owner's to finish."""
+        with self._write() as conn:
+            job = jobrows.lock(conn, job_id, missing_ok=True)
+            if job is None or not _enqueuing_by(job, owner):
+                return None
+            if job.total_batch_count == 0:
+                jobrows.transition(
+                    conn,
+                    job_id,
+                    JobStatus.ENQUEUE_FAILED,
+                    "batchapi.no_data_found",
+                    empty_message,
+                )
+            else:
+                conn.execute(
+                    t.jobs.update()
+                    .where(t.jobs.c.job_id == job_id)
+                    .values(enqueue_done=True, status=JobStatus.RUNNING.value)
+                )
+            return jobrows.get(conn, job_id)
+
+    def unfinished_enqueues(self) -> list[Job]:
+        """Jobs whose file dataset is still being enqueued (or should be)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(t.jobs).where(
+                    t.jobs.c.status == JobStatus.ENQUEUING.value,
+                    t.jobs.c.enqueue_done.is_(False),
+                    t.jobs.c.dataset_json.is_not(None),
+                )
+            ).all()
+        return [Job.from_row(row) for row in rows]
+
+    def take_enqueue(self, job_id: str, old_owner: str | None, new_owner: str) -> bool:
+        """Take over the enqueuing of a job from a replica that is gone (compare-and-set)."""
+        with self._write() as conn:
+            updated = conn.execute(
+                t.jobs.update()
+                .where(
+                    t.jobs.c.job_id == job_id,
+                    t.jobs.c.status == JobStatus.ENQUEUING.value,
+                    t.jobs.c.enqueue_owner == old_owner
+                    if old_owner is not None
+                    else t.jobs.c.enqueue_owner.is_(None),
+                )
+                .values(enqueue_owner=new_owner)
+            )
+            return updated.rowcount == 1
+
+
+# -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
+def _enqueuing_by(job: Job, owner: str) -> bool:
+    return job.status is JobStatus.ENQUEUING and not job.enqueue_done and job.enqueue_owner == owner
