@@ -42,7 +42,8 @@ class QueueStore(engine.BaseStore):
             job = jobrows.lock(conn, job_id, key_share=not results)
             if job.status.terminal:
                 return LeaseResult(batches=[], done=True)
-            _record_results(conn, job, worker_id, results)
+            if results:
+                _record_results(conn, job, worker_id, results)
             # Workers lease while a file dataset is still being enqueued: they start on the
             # first durable batches. Completion waits for `enqueue_done` (_maybe_complete).
             if max_batches > 0 and job.status.in_progress:
