@@ -274,6 +274,31 @@ def status_under_load(server: Server, samples: int = 600) -> dict[str, float]:
     }
 
 
+def log_latency(server: Server) -> dict[str, float]:
+    """From a print in a worker to the line in a follower's hands: a predictor prints the time
+    every 50 ms for 3 s (a slow printer: its lines wait for the periodic hand-over, not for a
+    full buffer) while `GET /<api>/logs?follow=true` streams them."""
+    body = {
+        "workers": 1,
+        "item_list": {"items": [1], "batch_size": 1},
+        "config": {"mode": "tick", "ticks": 60, "every_s": 0.05},
+    }
+    job = server.http.post("/bench", json=body).json()["job_id"]
+    delays: list[float] = []
+    params = {"jobID": job, "follow": True}
+    with server.http.stream("GET", "/bench/logs", params=params, timeout=60) as response:
+        for line in response.iter_lines():
+            arrived = time.time()
+            if " tick " in line:
+                delays.append((arrived - float(line.rsplit(" ", 1)[1])) * 1000)
+    delays.sort()
+    return {
+        "p50_ms": statistics.median(delays),
+        "max_ms": delays[-1],
+        "lines": len(delays),
+    }
+
+
 def worker_rss(server: Server) -> float:
     job = server.http.post(
         "/bench",
@@ -369,6 +394,7 @@ def main() -> None:
             results["w4_server_growth_mb"] = statistics.median(W4_MEMORY)
         results["status_under_load"] = status_under_load(server)
         results["worker_rss_mb"] = worker_rss(server)
+        results["log_latency"] = log_latency(server)
         results["idle_server_rss_after_mb"] = server.rss_mb()
     finally:
         server.close()
@@ -395,6 +421,7 @@ def write_table(results: dict[str, Any]) -> None:
             f"| {r['unit']} |"
         )
     status = results["status_under_load"]
+    latency = results["log_latency"]
     extra = [
         "",
         f"- status `GET /<api>?jobID=` at 200/s during W1: p50 {status['p50_ms']:.1f} ms, "
@@ -403,6 +430,8 @@ def write_table(results: dict[str, Any]) -> None:
         f"- idle server RSS: {results['idle_server_rss_mb']:.0f} MB at start, "
         f"{results['idle_server_rss_after_mb']:.0f} MB after the run",
         f"- worker RSS with a predictor that imports nothing: {results['worker_rss_mb']:.0f} MB",
+        f"- a print to a log follower (a line every 50 ms): p50 {latency['p50_ms']:.0f} ms, "
+        f"max {latency['max_ms']:.0f} ms ({latency['lines']} lines)",
         f"- machine: {results['machine']}; {results['runs']} run(s) each, {results['date']}",
     ]
     table = "\n".join([START, *rows, *extra, END])

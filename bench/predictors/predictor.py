@@ -3,6 +3,7 @@
 sum: return the sum of the batch (W1). burn: burn about config["burn_ms"] of CPU in a busy loop
 (W2). count: return the number of items (W3). first: record the time of the first predict call
 in config["mark"] (cold start). print: print config["lines"] lines per batch (log overhead).
+tick: print the time every config["every_s"], config["ticks"] times (log latency).
 """
 
 import os
@@ -35,6 +36,11 @@ class PythonPredictor:
             if not os.path.exists(mark):
                 with open(mark, "w") as f:
                     f.write(repr(time.time()))
+            return None
+        if mode == "tick":
+            for _ in range(self.config["ticks"]):
+                print(f"tick {time.time()!r}")
+                time.sleep(self.config["every_s"])
             return None
         if mode == "print":
             for i in range(self.config.get("lines", 100)):
