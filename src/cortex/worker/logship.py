@@ -240,6 +240,11 @@ class Shipper(threading.Thread):
             if closing and not self._chunks:
                 return
 
+    def nudge(self) -> None:
+        """Ship what is queued now rather than at the end of the period."""
+        if self._chunks:
+            self._wake.set()
+
     def close(self, timeout_s: float = 30.0) -> None:
         """Ship what is left and stop."""
         with self._drained:
@@ -411,6 +416,8 @@ class Capture:
         with self._streams_lock:
             ended = [entry for entry in self._streams if not entry[0].is_alive()]
         self.flush()
+        # What was handed over travels now: a line waits for one period, not two.
+        self.shipper.nudge()
         if ended:
             with self._streams_lock:
                 self._streams = [entry for entry in self._streams if entry not in ended]
