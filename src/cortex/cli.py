@@ -178,6 +178,13 @@ store_option = click.option(
     help="Folders (colon-separated) local file datasets may be read from "
     "(default: the folder the server is started in).",
 )
+@click.option(
+    "--data-urls",
+    envvar="CORTEX_DATA_URLS",
+    default="",
+    help="URL prefixes (comma-separated, e.g. s3://bucket/data/,https://host/) remote file "
+    "datasets must start with (default: any).",
+)
 @click.option("--log-level", envvar="CORTEX_LOG_LEVEL", default="info")
 @click.option(
     "--log-format",
@@ -206,6 +213,7 @@ def serve(
     log_retention_s: float,
     log_max_lines: int,
     data_roots: str,
+    data_urls: str,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -243,6 +251,7 @@ def serve(
         log_retention_s=log_retention_s,
         log_max_lines_per_job=log_max_lines,
         data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
+        data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
     )
     log_config = serverlog.config(log_level, json_lines=log_format == "json")
     logging.config.dictConfig(log_config)
@@ -306,6 +315,15 @@ def migrate(data_dir: Path, store_url: str) -> None:
             f"migrated {where} from {done.before or 'an empty database'} "
             f"to schema revision {done.after}"
         )
+
+
+def _url_prefix(url: str) -> str:
+    """A `--data-urls` prefix. One that names only a bucket or host gets its slash, so that
+    `s3://data` does not also allow `s3://data-private`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme or not rest:
+        raise click.UsageError(f"--data-urls: {url!r} is not a URL prefix (s3://bucket/path/)")
+    return url if "/" in rest else url + "/"
 
 
 def _is_loopback(host: str) -> bool:

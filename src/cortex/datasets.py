@@ -91,6 +91,21 @@ def parse_location(url: str) -> Location:
     return Location(scheme, url, rest)
 
 
+def check_remote(paths: Iterable[str], allowed: tuple[str, ...]) -> None:
+    """Refuse a remote location (s3://, gs://, http(s)://) outside the `allowed` URL prefixes
+    (`CORTEX_DATA_URLS`); with none set, every remote location may be read (the server's
+    credentials and network are the limit). Local paths are checked against the data roots."""
+    if not allowed:
+        return
+    for path in paths:
+        loc = parse_location(path)
+        if loc.scheme != _LOCAL and not any(loc.prefix.startswith(p) for p in allowed):
+            raise PathNotAllowed(
+                f"{path}: this server reads remote datasets only under "
+                f"{', '.join(allowed)} (CORTEX_DATA_URLS)"
+            )
+
+
 def _invalid_path(url: str, why: str) -> errors.InvalidSubmission:
     return errors.InvalidSubmission(f"{url}: {why}", kind="batchapi.invalid_path")
 

@@ -128,6 +128,7 @@ class Service:
         enqueuing, and enqueue it on a thread of its own; the answer does not wait."""
         dataset = submission.file_dataset
         assert dataset is not None
+        datasets.check_remote(dataset.paths, self.settings.data_urls)
         files = datasets.list_files(dataset, self.settings.resolved_data_roots)
         try:
             first = next(files, None)

@@ -52,6 +52,9 @@ class Settings:
     # Local file datasets are read only under these folders; empty means the folder the
     # server was started in.
     data_roots: tuple[Path, ...] = ()
+    # Remote datasets (s3://, gs://, http(s)://) are read only under these URL prefixes;
+    # empty means anywhere the server's credentials and network reach.
+    data_urls: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never print the token
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

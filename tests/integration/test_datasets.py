@@ -306,3 +306,18 @@ def test_a_restart_while_enqueuing_resumes(tmp_path: Path) -> None:
         stop_server(server)
         if job_id:
             kill_processes(job_worker_processes(job_id))
+
+
+def test_the_server_can_be_limited_to_some_remote_locations(tmp_path: Path) -> None:
+    srv = start_server(tmp_path / "server", CORTEX_DATA_URLS="s3://allowed,https://files")
+    try:
+        with srv.client() as client:
+            api = deploy_fixture(client, "recorder", tmp_path)
+        for path in ("s3://allowed-not/x", "s3://other/data/x", "http://169.254.169.254/"):
+            body = {"workers": 1, "delimited_files": {"s3_paths": [path], "batch_size": 1}}
+            response = httpx.post(f"{srv.url}/{api.name}", json=body)
+            assert response.status_code == 400, response.text
+            assert response.json()["kind"] == "batchapi.path_not_allowed"
+            assert "s3://allowed/, https://files/ (CORTEX_DATA_URLS)" in response.json()["message"]
+    finally:
+        stop_server(srv)

@@ -190,3 +190,19 @@ def test_unknown_schemes_are_refused() -> None:
     with pytest.raises(errors.InvalidSubmission) as info:
         datasets.filesystem(datasets.parse_location("nosuchproto://b/x"))
     assert info.value.kind == "batchapi.invalid_path"
+
+
+def test_remote_datasets_can_be_limited_to_url_prefixes() -> None:
+    allowed = ("s3://data/jobs/", "https://files.example.com/")
+    datasets.check_remote(["s3://data/jobs/a.jsonl", "https://files.example.com/x"], allowed)
+    datasets.check_remote(["/local/paths/are/the/roots/business"], allowed)
+    for outside in (
+        "s3://data/private/a.jsonl",
+        "s3://data-jobs/x",
+        "gs://data/jobs/x",
+        "https://files.example.com.evil.org/x",
+        "http://169.254.169.254/latest/meta-data/",
+    ):
+        with pytest.raises(datasets.PathNotAllowed, match="CORTEX_DATA_URLS"):
+            datasets.check_remote([outside], allowed)
+    datasets.check_remote(["http://169.254.169.254/"], ())  # none set: anywhere
