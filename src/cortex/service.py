@@ -24,6 +24,11 @@ from cortex.store.records import BatchResult
 
 log = logging.getLogger("cortex.server")
 
+# The dataset kind of a job whose items came inline (an item list) while they are written.
+ITEM_LIST = "item_list"
+# Batches per transaction when an item list is written (and at most enqueuer.CHUNK_BYTES).
+_ITEM_CHUNK_BATCHES = 5000
+
 
 class Service:
     def __init__(
@@ -95,31 +100,77 @@ class Service:
     def _submit_items(
         self, job_id: str, api_name: str, submission: spec.Submission, dry_run: bool
     ) -> Job | Iterator[str]:
+        """An item list: every batch is built (and every item checked) first, then the job is
+        stored and its workers started, and the batches are written while the workers boot,
+        in chunks they lease from as each commits. The answer comes once all are written: a
+        job id, once returned, names durable batches.
+
+        Until then the job is `status_enqueuing`, owned by this replica, with the dataset kind
+        `item_list`; the items live only in this request, so if the server dies before the
+        last chunk, the reconciler fails the job (`_enqueue`) instead of resuming it."""
         assert submission.item_list is not None
         item_list = submission.item_list
-        payloads = spec.item_batches(item_list.items, item_list.batch_size)
+        payloads = list(spec.item_batches(item_list.items, item_list.batch_size))
         if dry_run:
-            for _ in payloads:  # the size checks run as the batches are built
-                pass
             return iter(())
-        job = self.store.create_job(
-            job_id=job_id,
-            api_name=api_name,
-            workers=submission.workers,
-            config=submission.config,
-            timeout_s=submission.timeout,
-            max_attempts=submission.max_attempts,
-            worker_token=secrets.token_urlsafe(32),
-            payloads=payloads,
-            replica_id=self.replica_id,
-        )
-        self.job_event(
-            job.job_id,
-            f"partitioning {len(item_list.items)} items found in job submission into "
-            f"{job.total_batch_count} batches of size {item_list.batch_size}",
-        )
-        self.start_workers(job, [new_worker_id(job.job_id, i) for i in range(job.workers)])
-        return job
+        # This thread is the job's enqueuer from before its row exists: the reconciler, which
+        # resumes enqueuing jobs nobody writes, must not start another.
+        with self._enqueuers_lock:
+            self._enqueuers[job_id] = threading.current_thread()
+        try:
+            job = self.store.create_enqueuing_job(
+                job_id=job_id,
+                api_name=api_name,
+                workers=submission.workers,
+                config=submission.config,
+                timeout_s=submission.timeout,
+                max_attempts=submission.max_attempts,
+                worker_token=secrets.token_urlsafe(32),
+                dataset={"kind": ITEM_LIST},
+                replica_id=self.replica_id,
+            )
+            self.job_event(
+                job_id,
+                f"partitioning {len(item_list.items)} items found in job submission into "
+                f"{len(payloads)} batches of size {item_list.batch_size}",
+            )
+            self.launch_workers(job, job.workers)
+            return self._write_items(job, payloads, item_list.batch_size)
+        finally:
+            with self._enqueuers_lock:
+                self._enqueuers.pop(job_id, None)
+
+    def _write_items(self, job: Job, payloads: list[str], batch_size: int) -> Job:
+        owner = self.replica_id
+        try:
+            start = 0
+            while start < len(payloads):
+                end, size = start, 0
+                while end < len(payloads) and end - start < _ITEM_CHUNK_BATCHES:
+                    size += len(payloads[end])
+                    end += 1
+                    if size >= enqueuer.CHUNK_BYTES:
+                        break
+                written = self.store.append_batches(
+                    job.job_id, payloads[start:end], (end - start) * batch_size, owner
+                )
+                if written is None:  # stopped (or timed out) meanwhile
+                    return self.store.get_job(job.job_id) or job
+                start = end
+            done = self.store.finish_enqueue(job.job_id, owner, enqueuer.NO_DATA)
+        except Exception as err:
+            log.exception("job %s: cannot write its batches", job.job_id)
+            self._end(
+                job.job_id,
+                JobStatus.UNEXPECTED_ERROR,
+                "batchapi.enqueue_failed",
+                f"failed to write the job's batches: {err}",
+            )
+            raise
+        if done is None:
+            return self.store.get_job(job.job_id) or job
+        self.wake()  # workers may be waiting only for enqueue_done
+        return done
 
     def _submit_files(
         self, job_id: str, api_name: str, submission: spec.Submission, dry_run: bool
@@ -184,6 +235,16 @@ class Service:
         try:
             job = self.store.get_job(job_id)
             if job is None or job.enqueue_owner != self.replica_id or job.enqueue_done:
+                return
+            if job.dataset is not None and job.dataset.get("kind") == ITEM_LIST:
+                # Its items were in the request of a server that died while writing them.
+                self._end(
+                    job_id,
+                    JobStatus.ENQUEUE_FAILED,
+                    "batchapi.enqueue_interrupted",
+                    "the server stopped while writing this job's batches; its items were sent "
+                    "inline and are not kept: submit the job again",
+                )
                 return
             if job.enqueued_items:
                 self.job_event(

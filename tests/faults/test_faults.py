@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -234,6 +236,49 @@ def test_a_server_restarted_mid_job_still_enforces_the_memory_limit(
     assert status["status"] == "status_worker_oom", status
     assert "limit of 150 MiB" in status["error"]["message"]
     assert _worker_rows(restarted, job_id) == 1  # the adopted worker, not a new one
+
+
+def test_a_server_killed_while_writing_an_item_list_fails_the_job_not_leaves_it(
+    tmp_path: Path,
+) -> None:
+    """Inline items live only in their request: a server killed while writing their batches
+    (the job is visible, enqueuing, its workers started) leaves a job that the restarted
+    server fails with the reason, and whose workers go away."""
+    big = {"CORTEX_MAX_BODY_BYTES": str(64 << 20)}
+    srv = start_server(tmp_path / "server", **big)
+    port = int(srv.url.rsplit(":", 1)[1])
+    try:
+        with srv.client() as client:
+            api = deploy_fixture(client, "recorder", tmp_path)
+        body = {"workers": 1, "item_list": {"items": list(range(400_000)), "batch_size": 1}}
+
+        def post() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # the server dies under it
+                httpx.post(f"{srv.url}/{api.name}", json=body, timeout=60)
+
+        posting = threading.Thread(target=post, daemon=True)
+        posting.start()
+
+        def writing() -> str | None:
+            with srv.client() as client:
+                jobs = client._request("GET", f"/{api.name}").json()["job_statuses"]
+            return jobs[0]["job_id"] if jobs else None
+
+        job_id = wait_for(writing, 30, "the job to be created")
+        srv.process.send_signal(signal.SIGKILL)
+        srv.process.wait()
+        posting.join(30)
+        srv = start_server(tmp_path / "server", port=port, **big)
+        with srv.client() as client:
+            status = wait_for_status(client, api.name, job_id, 60)
+        if status["total_batch_count"] == 400_000 and status["status"] != "status_enqueue_failed":
+            pytest.skip("the request finished writing before the kill landed")
+        assert status["status"] == "status_enqueue_failed", status
+        assert status["error"]["kind"] == "batchapi.enqueue_interrupted"
+        assert "submit the job again" in status["error"]["message"]
+        wait_for(lambda: not srv.worker_processes(job_id), 20, "the job's workers to be gone")
+    finally:
+        stop_server(srv)
 
 
 def test_a_job_whose_workers_died_with_the_server_is_recovered(
