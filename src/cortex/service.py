@@ -118,17 +118,7 @@ class Service:
         with self._enqueuers_lock:
             self._enqueuers[job_id] = threading.current_thread()
         try:
-            job = self.store.create_enqueuing_job(
-                job_id=job_id,
-                api_name=api_name,
-                workers=submission.workers,
-                config=submission.config,
-                timeout_s=submission.timeout,
-                max_attempts=submission.max_attempts,
-                worker_token=secrets.token_urlsafe(32),
-                dataset={"kind": ITEM_LIST},
-                replica_id=self.replica_id,
-            )
+            job = self._create_enqueuing(job_id, api_name, submission, {"kind": ITEM_LIST})
             self.job_event(
                 job_id,
                 f"partitioning {len(item_list.items)} items found in job submission into "
@@ -139,6 +129,22 @@ class Service:
         finally:
             with self._enqueuers_lock:
                 self._enqueuers.pop(job_id, None)
+
+    def _create_enqueuing(
+        self, job_id: str, api_name: str, submission: spec.Submission, dataset: dict[str, Any]
+    ) -> Job:
+        """Store a submission's job as enqueuing, owned by this replica."""
+        return self.store.create_enqueuing_job(
+            job_id=job_id,
+            api_name=api_name,
+            workers=submission.workers,
+            config=submission.config,
+            timeout_s=submission.timeout,
+            max_attempts=submission.max_attempts,
+            worker_token=secrets.token_urlsafe(32),
+            dataset=dataset,
+            replica_id=self.replica_id,
+        )
 
     def _write_items(self, job: Job, payloads: list[str], batch_size: int) -> Job:
         owner = self.replica_id
@@ -198,16 +204,8 @@ class Service:
             return itertools.chain([first], files)
         files.close()
         kind = submission.dataset_kind
-        job = self.store.create_enqueuing_job(
-            job_id=job_id,
-            api_name=api_name,
-            workers=submission.workers,
-            config=submission.config,
-            timeout_s=submission.timeout,
-            max_attempts=submission.max_attempts,
-            worker_token=secrets.token_urlsafe(32),
-            dataset={"kind": kind, **dataset.to_json()},
-            replica_id=self.replica_id,
+        job = self._create_enqueuing(
+            job_id, api_name, submission, {"kind": kind, **dataset.to_json()}
         )
         self.job_event(job.job_id, "started enqueuing batches")
         self.start_enqueuing(job.job_id)
