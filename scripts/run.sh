@@ -6,13 +6,23 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 export CORTEX_URL="${CORTEX_URL:-http://127.0.0.1:8888}"
 
+healthy() {
+  "$BIN/python" -c "import httpx,sys; httpx.get('$CORTEX_URL/healthz').raise_for_status()" \
+    2>/dev/null
+}
+
+# Another server on the port would answer the checks below and get the example deployed.
+if healthy; then
+  echo "a server already answers at $CORTEX_URL: stop it, or set CORTEX_PORT and CORTEX_URL" >&2
+  exit 1
+fi
+
 "$BIN/cortex" serve &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null' INT TERM EXIT
 
 for _ in $(seq 1 150); do
-  if "$BIN/python" -c "import httpx,sys; httpx.get('$CORTEX_URL/healthz').raise_for_status()" \
-      2>/dev/null; then
+  if healthy; then
     break
   fi
   if ! kill -0 "$server" 2>/dev/null; then
