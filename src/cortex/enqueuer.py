@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cortex import datasets, spec
@@ -47,10 +47,24 @@ def run(
     values = datasets.items(kind, dataset, roots, on_file)
     # Resuming: skip what earlier runs wrote (read again, not written again).
     values = itertools.islice(values, job.enqueued_items, None)
+    batches = datasets.batch_payloads(values, dataset.batch_size)
+    return write(store, job.job_id, owner, batches, on_chunk)
+
+
+def write(
+    store: Store,
+    job_id: str,
+    owner: str,
+    batches: Iterable[tuple[str, int]],
+    on_chunk: Callable[[Job], None],
+) -> Job | None:
+    """Write (payload, item count) batches in chunks, a transaction each, then finish the
+    job's enqueuing; None if it stopped being `owner`'s to enqueue. Shared by file datasets
+    and item lists."""
     chunk: list[str] = []
     chunk_items = chunk_bytes = 0
     last_flush = time.monotonic()
-    for payload, count in datasets.batch_payloads(values, dataset.batch_size):
+    for payload, count in batches:
         chunk.append(payload)
         chunk_items += count
         chunk_bytes += len(payload)
@@ -59,15 +73,15 @@ def run(
             or chunk_bytes >= CHUNK_BYTES
             or time.monotonic() - last_flush >= FLUSH_S
         ):
-            written = store.append_batches(job.job_id, chunk, chunk_items, owner)
+            written = store.append_batches(job_id, chunk, chunk_items, owner)
             if written is None:
                 return None
             on_chunk(written)
             chunk, chunk_items, chunk_bytes = [], 0, 0
             last_flush = time.monotonic()
     if chunk:
-        written = store.append_batches(job.job_id, chunk, chunk_items, owner)
+        written = store.append_batches(job_id, chunk, chunk_items, owner)
         if written is None:
             return None
         on_chunk(written)
-    return store.finish_enqueue(job.job_id, owner, NO_DATA)
+    return store.finish_enqueue(job_id, owner, NO_DATA)

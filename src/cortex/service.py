@@ -26,8 +26,6 @@ log = logging.getLogger("cortex.server")
 
 # The dataset kind of a job whose items came inline (an item list) while they are written.
 ITEM_LIST = "item_list"
-# Batches per transaction when an item list is written (and at most enqueuer.CHUNK_BYTES).
-_ITEM_CHUNK_BATCHES = 5000
 
 
 class Service:
@@ -125,7 +123,7 @@ class Service:
                 f"{len(payloads)} batches of size {item_list.batch_size}",
             )
             self.launch_workers(job, job.workers)
-            return self._write_items(job, payloads, item_list.batch_size)
+            return self._write_items(job, payloads, len(item_list.items), item_list.batch_size)
         finally:
             with self._enqueuers_lock:
                 self._enqueuers.pop(job_id, None)
@@ -146,24 +144,19 @@ class Service:
             replica_id=self.replica_id,
         )
 
-    def _write_items(self, job: Job, payloads: list[str], batch_size: int) -> Job:
-        owner = self.replica_id
+    def _write_items(self, job: Job, payloads: list[str], items: int, batch_size: int) -> Job:
         try:
-            start = 0
-            while start < len(payloads):
-                end, size = start, 0
-                while end < len(payloads) and end - start < _ITEM_CHUNK_BATCHES:
-                    size += len(payloads[end])
-                    end += 1
-                    if size >= enqueuer.CHUNK_BYTES:
-                        break
-                written = self.store.append_batches(
-                    job.job_id, payloads[start:end], (end - start) * batch_size, owner
-                )
-                if written is None:  # stopped (or timed out) meanwhile
-                    return self.store.get_job(job.job_id) or job
-                start = end
-            done = self.store.finish_enqueue(job.job_id, owner, enqueuer.NO_DATA)
+            done = enqueuer.write(
+                self.store,
+                job.job_id,
+                self.replica_id,
+                # (payload, items): every batch is full but the last.
+                (
+                    (payload, min(batch_size, items - i * batch_size))
+                    for i, payload in enumerate(payloads)
+                ),
+                on_chunk=lambda _: None,
+            )
         except Exception as err:
             log.exception("job %s: cannot write its batches", job.job_id)
             self._end(
@@ -173,7 +166,7 @@ class Service:
                 f"failed to write the job's batches: {err}",
             )
             raise
-        if done is None:
+        if done is None:  # stopped (or timed out) meanwhile
             return self.store.get_job(job.job_id) or job
         self.wake()  # workers may be waiting only for enqueue_done
         return done

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import Connection
 
 from cortex import errors
 from cortex.jobs import JobStatus
@@ -35,37 +36,25 @@ class SubmissionStore(engine.BaseStore):
         retry_of: str | None = None,
     ) -> Job:
         """Store a job, all of its batches and its workers' rows in one transaction, then mark
-        it running.
+        it running (a retry of failed batches, whose payloads are already stored).
 
-        An inline item list is already in memory, so writing it before answering costs little
-        and means a job id, once returned, names durable batches. If the payloads iterator
-        raises (an item over the size limit), nothing is written. The job runs the API's spec
-        as deployed when this transaction runs. Its `workers` rows are pending and owned by
-        `replica_id`, which starts them: if that replica dies before it does, the rows are
-        there for the leader to find (see `cluster.lost_workers`).
+        If the payloads iterator raises, nothing is written. Its `workers` rows are pending and
+        owned by `replica_id`, which starts them: if that replica dies before it does, the rows
+        are there for the leader to find (see `cluster.lost_workers`).
         """
         now = time.time()
         with self._write() as conn:
-            # FOR SHARE on the API row: a concurrent deploy cannot drop the spec this job
-            # names, nor a delete leave the job without its API.
-            api = apis.lock(conn, api_name, share=True)
-            if api is None:
-                raise errors.ApiNotDeployed(api_name)
-            spec_id = api.spec_id
-            conn.execute(
-                t.jobs.insert().values(
-                    job_id=job_id,
-                    api_name=api_name,
-                    spec_id=spec_id,
-                    status=JobStatus.ENQUEUING.value,
-                    workers=workers,
-                    config_json=None if config is None else json.dumps(config),
-                    timeout_s=timeout_s,
-                    max_attempts=max_attempts,
-                    start_time=now,
-                    worker_token=worker_token,
-                    retry_of=retry_of,
-                )
+            _insert_job(
+                conn,
+                now,
+                job_id=job_id,
+                api_name=api_name,
+                workers=workers,
+                config_json=None if config is None else json.dumps(config),
+                timeout_s=timeout_s,
+                max_attempts=max_attempts,
+                worker_token=worker_token,
+                retry_of=retry_of,
             )
             total = 0
             chunk: list[str] = []
@@ -103,28 +92,22 @@ class SubmissionStore(engine.BaseStore):
         dataset: dict[str, Any],
         replica_id: str,
     ) -> Job:
-        """Store a job whose file dataset `replica_id` enqueues from now on (`append_batches`,
-        then `finish_enqueue`). It has no batches and no workers yet."""
-        now = time.time()
+        """Store a job whose dataset (a file dataset, or an item list being written by the
+        request) `replica_id` enqueues from now on (`append_batches`, then `finish_enqueue`).
+        It has no batches and no workers yet."""
         with self._write() as conn:
-            api = apis.lock(conn, api_name, share=True)  # as in create_job
-            if api is None:
-                raise errors.ApiNotDeployed(api_name)
-            conn.execute(
-                t.jobs.insert().values(
-                    job_id=job_id,
-                    api_name=api_name,
-                    spec_id=api.spec_id,
-                    status=JobStatus.ENQUEUING.value,
-                    workers=workers,
-                    config_json=None if config is None else json.dumps(config),
-                    timeout_s=timeout_s,
-                    max_attempts=max_attempts,
-                    start_time=now,
-                    worker_token=worker_token,
-                    dataset_json=json.dumps(dataset),
-                    enqueue_owner=replica_id,
-                )
+            _insert_job(
+                conn,
+                time.time(),
+                job_id=job_id,
+                api_name=api_name,
+                workers=workers,
+                config_json=None if config is None else json.dumps(config),
+                timeout_s=timeout_s,
+                max_attempts=max_attempts,
+                worker_token=worker_token,
+                dataset_json=json.dumps(dataset),
+                enqueue_owner=replica_id,
             )
             return jobrows.get(conn, job_id)
 
@@ -210,3 +193,22 @@ class SubmissionStore(engine.BaseStore):
 
 def _enqueuing_by(job: Job, owner: str) -> bool:
     return job.status is JobStatus.ENQUEUING and not job.enqueue_done and job.enqueue_owner == owner
+
+
+def _insert_job(conn: Connection, now: float, *, api_name: str, **values: Any) -> None:
+    """A new job's row, enqueuing, running the API's spec as deployed now.
+
+    FOR SHARE on the API row: a concurrent deploy cannot drop the spec this job names, nor a
+    delete leave the job without its API."""
+    api = apis.lock(conn, api_name, share=True)
+    if api is None:
+        raise errors.ApiNotDeployed(api_name)
+    conn.execute(
+        t.jobs.insert().values(
+            api_name=api_name,
+            spec_id=api.spec_id,
+            status=JobStatus.ENQUEUING.value,
+            start_time=now,
+            **values,
+        )
+    )
