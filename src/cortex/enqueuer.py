@@ -57,10 +57,11 @@ def write(
     owner: str,
     batches: Iterable[tuple[str, int]],
     on_chunk: Callable[[Job], None],
+    chunk_batches: int = CHUNK_BATCHES,
 ) -> Job | None:
     """Write (payload, item count) batches in chunks, a transaction each, then finish the
     job's enqueuing; None if it stopped being `owner`'s to enqueue. Shared by file datasets
-    and item lists."""
+    and item lists (already in memory: bigger chunks, fewer commits)."""
     chunk: list[str] = []
     chunk_items = chunk_bytes = 0
     last_flush = time.monotonic()
@@ -69,7 +70,7 @@ def write(
         chunk_items += count
         chunk_bytes += len(payload)
         if (
-            len(chunk) >= CHUNK_BATCHES
+            len(chunk) >= chunk_batches
             or chunk_bytes >= CHUNK_BYTES
             or time.monotonic() - last_flush >= FLUSH_S
         ):

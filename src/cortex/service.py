@@ -24,6 +24,11 @@ from cortex.store.records import BatchResult
 
 log = logging.getLogger("cortex.server")
 
+# Batches per transaction when an item list is written: it is in memory already, and fewer
+# commits interleave less with the leases of workers that started meanwhile (W4: 0.48 s with
+# chunks of 1000, 0.35 s with 5000).
+_ITEM_CHUNK_BATCHES = 5000
+
 # The dataset kind of a job whose items came inline (an item list) while they are written.
 ITEM_LIST = "item_list"
 
@@ -156,6 +161,7 @@ class Service:
                     for i, payload in enumerate(payloads)
                 ),
                 on_chunk=lambda _: None,
+                chunk_batches=_ITEM_CHUNK_BATCHES,
             )
         except Exception as err:
             log.exception("job %s: cannot write its batches", job.job_id)
