@@ -45,12 +45,15 @@ def _write_lines(folder: Path, count: int, files: int = 3) -> list[int]:
 
 
 def _payloads(store: Store, job_id: str) -> list[list[Any]]:
+    """Every batch's payload, leased as a worker does: reporting what it got each time."""
     found: list[list[Any]] = []
+    results: list[BatchResult] = []
     while True:
-        leased = store.lease(job_id, "w", [], 1000, 60).batches
+        leased = store.lease(job_id, "w", results, 1000, 60).batches
         if not leased:
             return found
         found.extend(json.loads(b.payload) for b in leased)
+        results = [BatchResult(b.batch_id, True, 0.01) for b in leased]
 
 
 def test_enqueue_writes_chunks_and_runs(store: Store, tmp_path: Path) -> None:

@@ -149,6 +149,21 @@ def test_near_the_end_workers_lease_a_fair_share_of_what_is_left(store: Store) -
     assert len(store.lease(big, "job3-0", [], 20, 30).batches) == 20
 
 
+def test_a_lease_whose_answer_was_lost_is_given_back_to_the_next_request(store: Store) -> None:
+    job_id = _job(store, batches=3)
+    lost = store.lease(job_id, "w1", [], 2, 30).batches  # the answer never reaches w1
+    # w1 asks again (the same request, or its next one): what it never got comes back to it,
+    # as the same batches and without using an attempt.
+    again = store.lease(job_id, "w1", [], 2, 30).batches
+    assert [(b.batch_id, b.attempt) for b in again] == [(b.batch_id, 1) for b in lost]
+    reply = store.lease(job_id, "w1", [ok(b.batch_id) for b in again], 2, 30)
+    assert len(reply.batches) == 1
+    final = store.lease(job_id, "w1", [ok(reply.batches[0].batch_id)], 2, 30)
+    assert final.done
+    job = store.get_job(job_id)
+    assert job is not None and (job.succeeded, job.status) == (3, JobStatus.SUCCEEDED)
+
+
 def test_results_from_a_worker_that_lost_its_lease_are_dropped(store: Store) -> None:
     job_id = _job(store, batches=1)
     batch = store.lease(job_id, "w1", [], 1, 30).batches[0]

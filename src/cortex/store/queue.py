@@ -44,6 +44,7 @@ class QueueStore(engine.BaseStore):
                 return LeaseResult(batches=[], done=True)
             if results:
                 _record_results(conn, job, worker_id, results)
+            _release_lost(conn, job_id, worker_id)
             # Workers lease while a file dataset is still being enqueued: they start on the
             # first durable batches. Completion waits for `enqueue_done` (_maybe_complete).
             if max_batches > 0 and job.status.in_progress:
@@ -245,6 +246,31 @@ def _take_batches(
         )
     }
     return [LeasedBatch(c.batch_id, payloads[c.seq], c.attempts + 1) for c in candidates]
+
+
+def _release_lost(conn: Connection, job_id: str, worker_id: str) -> None:
+    """Give back what is still leased to a worker once its results are recorded.
+
+    A worker reports every batch it held before it asks for more, so a batch still leased to
+    it here was leased by a request whose answer never reached it: the server died before
+    answering, or the request was sent again after a time-out. Its heartbeats would keep that
+    lease alive for ever, and the job would never end. The batch never ran: it goes back to
+    the queue without using an attempt.
+    """
+    conn.execute(
+        t.batches.update()
+        .where(
+            t.batches.c.job_id == job_id,
+            t.batches.c.state == BatchState.LEASED.value,
+            t.batches.c.lease_owner == worker_id,
+        )
+        .values(
+            state=BatchState.QUEUED.value,
+            lease_owner=None,
+            lease_expires_at=None,
+            attempts=t.batches.c.attempts - 1,
+        )
+    )
 
 
 def _record_results(conn: Connection, job: Job, worker_id: str, results: list[BatchResult]) -> None:
