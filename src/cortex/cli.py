@@ -185,6 +185,28 @@ store_option = click.option(
     help="URL prefixes (comma-separated, e.g. s3://bucket/data/,https://host/) remote file "
     "datasets must start with (default: any).",
 )
+@click.option(
+    "--env-cache-bytes",
+    envvar="CORTEX_ENV_CACHE_BYTES",
+    default=20 * 10**9,
+    type=int,
+    help="Remove API environments that nothing uses, least recently used first, while they "
+    "take more than this.",
+)
+@click.option(
+    "--env-installer",
+    envvar="CORTEX_ENV_INSTALLER",
+    default="",
+    type=click.Choice(["", "uv", "pip"]),
+    help="What installs requirements.txt into API environments (default: uv, else pip).",
+)
+@click.option(
+    "--env-build-timeout-s",
+    envvar="CORTEX_ENV_BUILD_TIMEOUT_S",
+    default=1800.0,
+    type=float,
+    help="A step of an environment build (dependencies.sh, an install) that runs longer fails.",
+)
 @click.option("--log-level", envvar="CORTEX_LOG_LEVEL", default="info")
 @click.option(
     "--log-format",
@@ -214,6 +236,9 @@ def serve(
     log_max_lines: int,
     data_roots: str,
     data_urls: str,
+    env_cache_bytes: int,
+    env_installer: str,
+    env_build_timeout_s: float,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -252,6 +277,9 @@ def serve(
         log_max_lines_per_job=log_max_lines,
         data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
         data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
+        env_cache_bytes=env_cache_bytes,
+        env_installer=env_installer,
+        env_build_timeout_s=env_build_timeout_s,
     )
     log_config = serverlog.config(log_level, json_lines=log_format == "json")
     logging.config.dictConfig(log_config)
@@ -339,15 +367,68 @@ def _is_loopback(host: str) -> bool:
 @click.argument("config", default="cortex.yaml", type=click.Path(path_type=Path))
 @url_option
 @output_option
-def deploy(config: Path, url: str, output: str) -> None:
-    """Validate CONFIG (cortex.yaml), package its folder and deploy its APIs."""
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Answer once the APIs are stored, without waiting for their environments to build.",
+)
+def deploy(config: Path, url: str, output: str, no_wait: bool) -> None:
+    """Validate CONFIG (cortex.yaml), package its folder and deploy its APIs.
+
+    An API whose folder holds requirements.txt, dependencies.sh or conda-packages.txt runs in
+    an environment of its own: the deploy waits until it is built (or says why it failed,
+    exit code 1), showing the installer's progress.
+    """
+    failed = False
     with _client(url) as client:
         results = client.deploy(config)
+        for result in results:
+            if output != "json":
+                click.echo(result["message"])
+            env = result.get("environment") or {}
+            if no_wait or env.get("state") != "building":
+                continue
+            env = _follow_build(client, result["api_name"], quiet=output == "json")
+            result["environment"] = env
+            failed = failed or env["state"] == "failed"
     if output == "json":
         _print_json(results)
-        return
-    for result in results:
-        click.echo(result["message"])
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
+def _follow_build(client: Client, api_name: str, *, quiet: bool) -> dict[str, Any]:
+    """Wait for an API's environment: a spinner with the current step on a terminal, the
+    installer's lines as they come when piped; then how it ended, in one line."""
+    started = time.monotonic()
+    if quiet:
+        env = client.wait_environment(api_name)
+    elif console.is_terminal:
+        with console.status(f"{api_name}: building its environment") as status:
+
+            def show(lines: list[str]) -> None:
+                for line in lines:
+                    if line.startswith("==> "):
+                        console.print(f"  {line[4:]}", highlight=False, markup=False)
+                last = next((line for line in reversed(lines) if line.strip()), "")
+                status.update(f"{api_name}: {last.strip()[:100]}")
+
+            env = client.wait_environment(api_name, show)
+    else:
+
+        def echo(lines: list[str]) -> None:
+            for line in lines:
+                click.echo(f"  {line}")
+
+        env = client.wait_environment(api_name, echo)
+    took = env.get("duration_s") or (time.monotonic() - started)
+    if env["state"] == "failed":
+        if not quiet:
+            _error_line(f"{api_name}: the environment failed to build after {took:.1f} s:")
+            click.echo(env.get("message") or "", err=True)
+    elif not quiet:
+        click.echo(f"{api_name}: environment ready in {took:.1f} s")
+    return env
 
 
 @cli.command()

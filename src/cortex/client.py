@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ class Client:
     def healthz(self) -> bool:
         return bool(self._request("GET", "/healthz").status_code == 200)
 
-    def deploy(self, config_path: Path) -> list[dict[str, str]]:
+    def deploy(self, config_path: Path) -> list[dict[str, Any]]:
         """Validate cortex.yaml, package its folder, and upload each API in it."""
         config_path = Path(config_path)
         if config_path.is_dir():
@@ -100,6 +101,33 @@ class Client:
                 )
             )
         return results
+
+    def environment(self, api_name: str, since: int = 0) -> dict[str, Any]:
+        """The environment of the API's latest deploy, with its build log from line `since`."""
+        result: dict[str, Any] = self._json(
+            "GET", f"/get/{api_name}/environment", params={"since": since}
+        )
+        return result
+
+    def wait_environment(
+        self,
+        api_name: str,
+        on_lines: Callable[[list[str]], None] = lambda _: None,
+        poll_s: float = 0.25,
+    ) -> dict[str, Any]:
+        """Follow the build of the API's latest deploy until it ends, handing its log lines to
+        `on_lines` as they come; returns the final environment (state ready, failed or none)."""
+        since = 0
+        while True:
+            env = self.environment(api_name, since)
+            if env["lines"]:
+                on_lines(env["lines"])
+            since = env["next"]
+            if env["state"] != "building":
+                if env["lines"]:
+                    continue  # read the log to its end first
+                return env
+            time.sleep(poll_s)
 
     def get_all(self) -> dict[str, Any]:
         result: dict[str, Any] = self._json("GET", "/get")

@@ -24,9 +24,9 @@ MAX_ARCHIVE_BYTES = 256 << 20
 
 
 def iter_files(root: Path, config_file: Path | None = None) -> Iterator[tuple[str, Path]]:
-    """(archive name, path) of every file to ship: no dot-files or dot-folders, no compiled
-    Python, not the config file, nothing `.cortexignore` excludes, and no link that leads out
-    of the folder."""
+    """(archive name, path) of every file to ship: no dot-files (but the top `.env`) or
+    dot-folders, no compiled Python, not the config file, nothing `.cortexignore` excludes,
+    and no link that leads out of the folder."""
     root = root.resolve()
     ignore_path = root / IGNORE_FILE
     ignore = pathspec.GitIgnoreSpec.from_lines(
@@ -49,7 +49,9 @@ def iter_files(root: Path, config_file: Path | None = None) -> Iterator[tuple[st
         for name in sorted(filenames):
             full = here / name
             rel = (rel_dir / name).as_posix()
-            if name.startswith(".") or name.endswith((".pyc", ".pyo", ".pyd")):
+            # Dot-files stay behind, but the project's .env (its workers' variables).
+            shipped = name == ".env" and rel_dir == Path(".")
+            if (name.startswith(".") and not shipped) or name.endswith((".pyc", ".pyo", ".pyd")):
                 continue
             if ignore.match_file(rel):
                 continue

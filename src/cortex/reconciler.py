@@ -167,6 +167,8 @@ class Reconciler:
             freed = self.service.store.prune_payloads()
             if freed:
                 log.info("deleted the payloads of %d succeeded batches of ended jobs", freed)
+            # Environments used by no API version and no running job, over the budget.
+            self.service.prune_environments()
 
     def _on_exit(self, ended: WorkerExit) -> None:
         store = self.service.store

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import itertools
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cortex import datasets, enqueuer, errors, project, spec, views
+from cortex import datasets, enqueuer, environments, errors, project, spec, views
 from cortex.jobs import JobStatus, WorkerState, new_job_id, new_worker_id
 from cortex.launchers import Launcher, WorkerLaunch
 from cortex.settings import Settings
@@ -49,11 +51,25 @@ class Service:
         # The jobs whose file datasets this replica is enqueuing now, a thread each.
         self._enqueuers: dict[str, threading.Thread] = {}
         self._enqueuers_lock = threading.Lock()
+        self.environments = environments.Environments(
+            settings.data_dir / "envs",
+            settings.data_dir / "cache",
+            budget_bytes=settings.env_cache_bytes,
+            build_timeout_s=settings.env_build_timeout_s,
+            installer=settings.env_installer,
+        )
+        # A version's environment key and .env, read once from its (immutable) project.
+        self._env_keys: dict[str, str | None] = {}
+        self._dotenvs: dict[str, dict[str, str]] = {}
 
     # -- APIs -------------------------------------------------------------------------------
 
-    def deploy(self, spec_data: Any, archive: bytes) -> tuple[str, str]:
-        """Validate and store an API; returns (result, name), result as `put_api` gives it."""
+    def deploy(self, spec_data: Any, archive: bytes) -> tuple[str, str, dict[str, Any]]:
+        """Validate and store an API, and start building its environment if it needs one that
+        is not built; returns (result as `put_api` gives it, name, the environment's state).
+
+        A version whose environment is not built is the API's pending version until it is:
+        the version that served goes on serving new jobs only if the build fails."""
         api = spec.parse_api_spec(spec_data)
         names = project.archive_names(archive)
         if api.predictor.path not in names:
@@ -63,7 +79,80 @@ class Service:
             )
         spec_json = api.to_json()
         spec_id = spec.digest(spec.canonical_json(spec_json), archive)[:32]
-        return self.store.put_api(api.name, spec_id, spec_json, archive), api.name
+        project_dir = (self.settings.data_dir / "projects" / spec_id).resolve()
+        unpacked = project_dir.is_dir()
+        project.extract(archive, project_dir)
+        try:
+            environments.check_project(project_dir)
+        except errors.CortexError:
+            if not unpacked:  # a refused deploy leaves nothing behind
+                shutil.rmtree(project_dir, ignore_errors=True)
+            raise
+        key = self.env_key(spec_id)
+        status = self.environments.status(key)
+        cached = status.state in (environments.READY, environments.NONE)
+        result = self.store.put_api(api.name, spec_id, spec_json, archive, pending=not cached)
+        if not cached:
+            assert key is not None
+            status = self.environments.build(
+                key, project_dir, lambda done: self._built(api.name, spec_id, done)
+            )
+            log.info("api %s: building environment %s", api.name, key)
+        return result, api.name, {"spec_id": spec_id, "cached": cached, **status.to_json()}
+
+    def _built(self, name: str, spec_id: str, status: environments.Status) -> None:
+        """A deploy's build ended: the version serves, or the one before it goes on serving."""
+        if status.state not in (environments.READY, environments.FAILED):
+            return
+        error = None if status.state == environments.READY else (status.message or "failed")
+        try:
+            if self.store.finish_build(name, spec_id, error):
+                log.info(
+                    "api %s: version %s %s",
+                    name,
+                    spec_id,
+                    "serves"
+                    if error is None
+                    else f"failed to build; the previous version goes on serving: {error[:300]}",
+                )
+            self.prune_environments()
+        except Exception:
+            log.exception("api %s: cannot record the end of its environment build", name)
+
+    def resume_builds(self) -> None:
+        """At start-up: builds that a stopped server left unfinished start again."""
+        for api in self.store.list_apis():
+            if api.pending_spec_id is None or api.pending_error is not None:
+                continue
+            key = self.env_key(api.pending_spec_id)
+            if key is None:
+                continue
+            self.environments.build(
+                key,
+                self.project_dir(api.pending_spec_id),
+                functools.partial(self._built, api.name, api.pending_spec_id),
+            )
+
+    def env_key(self, spec_id: str) -> str | None:
+        if spec_id not in self._env_keys:
+            self._env_keys[spec_id] = environments.key_for(self.project_dir(spec_id))
+        return self._env_keys[spec_id]
+
+    def api_environment(self, api: ApiRecord) -> dict[str, Any]:
+        """The environment of the API's latest deploy: building, ready, failed (with the
+        installer's message) or none (the server's interpreter runs it)."""
+        spec_id = api.latest_spec_id
+        key = self.env_key(spec_id)
+        status = self.environments.status(key)
+        if api.pending_error is not None:
+            status = environments.Status(key, environments.FAILED, api.pending_error)
+        elif api.pending_spec_id is not None and status.state == environments.MISSING:
+            status = environments.Status(key, environments.BUILDING)
+        return {"spec_id": spec_id, **status.to_json()}
+
+    def prune_environments(self) -> list[str]:
+        in_use = {self.env_key(spec_id) for spec_id in self.store.spec_ids_in_use()}
+        return self.environments.prune({key for key in in_use if key is not None})
 
     def get_api(self, name: str) -> ApiRecord:
         api = self.store.get_api(name)
@@ -444,6 +533,13 @@ class Service:
         _, archive = self.store.get_spec(spec_id)
         return project.extract(archive, dest)
 
+    def _dotenv(self, spec_id: str, project_dir: Path) -> dict[str, str]:
+        if spec_id not in self._dotenvs:
+            path = project_dir / environments.DOTENV
+            text = path.read_text(errors="replace") if path.is_file() else ""
+            self._dotenvs[spec_id] = environments.read_dotenv(text)
+        return self._dotenvs[spec_id]
+
     def worker_output_path(self, job_id: str, worker_id: str) -> Path:
         """Where a local worker's raw stdout and stderr go (what bypasses the log capture)."""
         return self.settings.data_dir.resolve() / "logs" / job_id / f"{worker_id}.log"
@@ -474,15 +570,26 @@ class Service:
         self.start_workers(job, self.store.add_workers(job.job_id, count, self.replica_id))
 
     def start_workers(self, job: Job, worker_ids: list[str]) -> None:
-        """Start the processes of workers whose rows this replica owns."""
+        """Start the processes of workers whose rows this replica owns; if the job's
+        environment is not built on this machine yet, once it is (they stay pending)."""
         api_spec = spec.APISpec.model_validate(self.api_spec_for(job))
         project_dir = self.project_dir(job.spec_id)
+        key = self.env_key(job.spec_id)
+        env_dir = None
+        if key is not None:
+            if self.environments.python(key) is None:
+                self._start_when_built(job, worker_ids, key, project_dir)
+                return
+            env_dir = self.environments.path(key)
         python_path = [str(project_dir)]
         if api_spec.predictor.python_path:
             python_path.insert(0, str(project_dir / api_spec.predictor.python_path))
+        # The project's .env, then the API's predictor.env, which wins.
+        user_env = {**self._dotenv(job.spec_id, project_dir), **api_spec.predictor.env}
+        runtime = None if env_dir is None else environments.runtime_dir(self.environments.root)
         for worker_id in worker_ids:
             env = {
-                **api_spec.predictor.env,
+                **user_env,
                 "CORTEX_URL": self.settings.resolved_public_url,
                 "CORTEX_API_NAME": job.api_name,
                 "CORTEX_JOB_ID": job.job_id,
@@ -501,6 +608,8 @@ class Service:
                         log_path=log_path,
                         compute=api_spec.compute,
                         env=env,
+                        env_dir=env_dir,
+                        runtime_dir=runtime,
                     )
                 )
             except Exception as err:
@@ -517,6 +626,41 @@ class Service:
                 self.store.update_worker(worker_id, WorkerState.PENDING, pid=pid)
         started = len(worker_ids)
         self.job_event(job.job_id, f"started {started} worker{'s' if started != 1 else ''}")
+
+    def _start_when_built(
+        self, job: Job, worker_ids: list[str], key: str, project_dir: Path
+    ) -> None:
+        """The workers stay pending while the job's environment builds (a job submitted
+        during a deploy's build waits for it); the job fails if the build does."""
+        self.job_event(
+            job.job_id,
+            f"waiting for the environment of api {job.api_name} to be built ({key}); the "
+            f"workers start once it is ready (cortex get {job.api_name} shows the build)",
+        )
+
+        def built(status: environments.Status) -> None:
+            current = self.store.get_job(job.job_id)
+            if current is None or not current.status.in_progress:
+                return
+            if status.state == environments.READY:
+                self.job_event(job.job_id, f"environment {key} is ready")
+                self.start_workers(current, worker_ids)
+                return
+            message = (
+                f"the environment of api {job.api_name} failed to build: "
+                f"{status.message or status.state}"
+            )
+            for worker_id in worker_ids:
+                self.store.update_worker(worker_id, WorkerState.FAILED, error_message=message)
+            self._end(job.job_id, JobStatus.WORKER_ERROR, "batchapi.environment_failed", message)
+
+        def on_done(status: environments.Status) -> None:
+            try:
+                built(status)
+            except Exception:
+                log.exception("job %s: cannot start its workers after the build", job.job_id)
+
+        self.environments.build(key, project_dir, on_done, retry_failed=False)
 
     # -- the worker API ---------------------------------------------------------------------
 

@@ -55,6 +55,11 @@ class Settings:
     # Remote datasets (s3://, gs://, http(s)://) are read only under these URL prefixes;
     # empty means anywhere the server's credentials and network reach.
     data_urls: tuple[str, ...] = ()
+    # API environments (`cortex.environments`): the most bytes the built ones may take before
+    # unused ones are removed; "uv" or "pip" (empty: uv where installed); a build's time limit.
+    env_cache_bytes: int = 20 * 10**9
+    env_installer: str = ""
+    env_build_timeout_s: float = 1800.0
 
     def __repr__(self) -> str:  # never print the token
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -78,6 +78,8 @@ def _api_summary(service: Service, name: str, base_url: str, limit: int) -> dict
     jobs = service.list_jobs(name, limit)
     return {
         **views.api_json(api, base_url),
+        # Additive: the environment of the latest deploy (building, ready, failed, none).
+        "environment": service.api_environment(api),
         "job_statuses": [status_json(service, job, base_url)["job_status"] for job in jobs],
     }
 
@@ -87,7 +89,11 @@ async def deploy(
     service: ServiceDep,
     spec: Annotated[str, Form(description="the API's entry of cortex.yaml, as JSON")],
     project: Annotated[UploadFile, File(description="the project folder as .tar.gz")],
-) -> dict[str, str]:
+) -> dict[str, Any]:
+    """Store the API; answers at once, with its environment's state. A version whose
+    environment must be built serves once the build succeeds (follow it with
+    `GET /get/<api>/environment`); until then the version before it serves, and jobs
+    submitted meanwhile run the new one once it is built."""
     try:
         spec_data = json.loads(spec)
     except json.JSONDecodeError as err:
@@ -97,13 +103,13 @@ async def deploy(
     archive = await project.read(MAX_ARCHIVE_BYTES + 1)
     if len(archive) > MAX_ARCHIVE_BYTES:
         raise errors.BodyTooLarge(f"the project archive is over {MAX_ARCHIVE_BYTES} bytes")
-    result, name = await run_in_threadpool(service.deploy, spec_data, archive)
+    result, name, environment = await run_in_threadpool(service.deploy, spec_data, archive)
     message = {
         "created": f"created {name} (BatchAPI)",
         "updated": f"updated {name} (BatchAPI)",
         "up_to_date": f"{name} (BatchAPI) is up to date",
     }[result]
-    return {"message": message, "result": result, "api_name": name}
+    return {"message": message, "result": result, "api_name": name, "environment": environment}
 
 
 @router.get("/get")
@@ -116,6 +122,22 @@ def get_all(service: ServiceDep, base_url: BaseUrl) -> dict[str, Any]:
 @router.get("/get/{api_name}")
 def get_one(api_name: str, service: ServiceDep, base_url: BaseUrl) -> dict[str, Any]:
     return {"batch_api": _api_summary(service, api_name, base_url, _JOBS_PER_API)}
+
+
+@router.get("/get/{api_name}/environment")
+def get_environment(
+    api_name: str,
+    service: ServiceDep,
+    since: Annotated[int, Query(ge=0, le=MAX_INT32, description="the first build log line")] = 0,
+) -> dict[str, Any]:
+    """The environment of the API's latest deploy, with its build log from line `since` on:
+    `lines`, and `next`, the line to ask from next."""
+    environment = service.api_environment(service.get_api(api_name))
+    lines: list[str] = []
+    next_line = since
+    if environment["key"] is not None:
+        lines, next_line = service.environments.log_lines(environment["key"], since)
+    return {**environment, "lines": lines, "next": next_line}
 
 
 @router.delete("/delete/{api_name}")

@@ -18,6 +18,12 @@ class WorkerLaunch:
     compute: spec.Compute
     # The complete environment variables the worker adds to its own (CORTEX_*, the API's env).
     env: dict[str, str]
+    # The API version's own environment (`cortex.environments`), built on this machine; None:
+    # the worker runs in the server's interpreter.
+    env_dir: Path | None = None
+    # With `env_dir`: the worker's modules, to put first on its path (the environment holds
+    # only the user's packages).
+    runtime_dir: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,6 +54,9 @@ class LocalLauncher:
 
     def start(self, launch: WorkerLaunch) -> int | None:
         env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
+        if launch.env_dir is not None:
+            env.update(environment_variables(launch, env))
+            env.pop("PYTHONHOME", None)
         if launch.compute.mem_bytes is not None:
             # Read back by `adopt`: a server restarted mid-job keeps enforcing the limit.
             env[_MEM_LIMIT_ENV] = str(launch.compute.mem_bytes)
@@ -78,7 +81,7 @@ class LocalLauncher:
         launch.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(launch.log_path, "ab") as log_file:
             return subprocess.Popen(
-                [sys.executable, "-m", "cortex.worker"],
+                [python_for(launch), "-m", "cortex.worker"],
                 cwd=launch.project_dir,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -147,6 +150,30 @@ class LocalLauncher:
             procs = list(self._procs.values())
         _stop(procs, grace_s)
         self.poll()
+
+
+def python_for(launch: WorkerLaunch) -> str:
+    """The interpreter a worker runs in: its API's environment's, or the server's."""
+    if launch.env_dir is None:
+        return sys.executable
+    return str(launch.env_dir / "bin" / "python")
+
+
+def environment_variables(launch: WorkerLaunch, env: dict[str, str]) -> dict[str, str]:
+    """What running in an API's environment changes in a worker's variables: the environment
+    activated (its `bin` first on PATH, so a predictor's `subprocess.run(["python", ...])`
+    gets it too), the worker's modules first on the path, nothing from the server's
+    environment or the user's site folder."""
+    assert launch.env_dir is not None
+    python_path = [p for p in env.get("PYTHONPATH", "").split(":") if p]
+    if launch.runtime_dir is not None:
+        python_path.insert(0, str(launch.runtime_dir))
+    return {
+        "VIRTUAL_ENV": str(launch.env_dir),
+        "PATH": f"{launch.env_dir / 'bin'}:{env.get('PATH', os.defpath)}",
+        "PYTHONPATH": ":".join(python_path),
+        "PYTHONNOUSERSITE": "1",
+    }
 
 
 def tree_rss_bytes(pid: int) -> int:

@@ -10,6 +10,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from cortex import errors
+from cortex.jobs import JobStatus
 from cortex.store import engine
 from cortex.store import tables as t
 from cortex.store.records import ApiRecord
@@ -18,8 +20,21 @@ from cortex.store.records import ApiRecord
 class ApiStore(engine.BaseStore):
     """`Store`'s deploys, API reads and API deletes."""
 
-    def put_api(self, name: str, spec_id: str, spec: dict[str, Any], archive: bytes) -> str:
-        """Record a deploy; returns "created", "updated" or "up_to_date"."""
+    def put_api(
+        self,
+        name: str,
+        spec_id: str,
+        spec: dict[str, Any],
+        archive: bytes,
+        *,
+        pending: bool = False,
+    ) -> str:
+        """Record a deploy; returns "created", "updated" or "up_to_date".
+
+        With `pending`, the version's environment is not built yet: it becomes the API's
+        pending version (new jobs run it and wait), and `finish_build` makes it the serving
+        one. An API deployed for the first time serves its only version at once, built or not.
+        """
         now = time.time()
         with self._write() as conn:
             # The API's row orders the deploys, deletes and job submissions of one API.
@@ -27,7 +42,11 @@ class ApiStore(engine.BaseStore):
             if row is None:
                 created = conn.execute(
                     engine.insert_ignore(conn, t.apis).values(
-                        name=name, spec_id=spec_id, created_at=now, updated_at=now
+                        name=name,
+                        spec_id=spec_id,
+                        created_at=now,
+                        updated_at=now,
+                        pending_spec_id=spec_id if pending else None,
                     )
                 )
                 if created.rowcount == 1:
@@ -35,23 +54,56 @@ class ApiStore(engine.BaseStore):
                     return "created"
                 row = lock(conn, name)  # another deploy created it first
                 assert row is not None
-            if row.spec_id == spec_id:
+            latest = row.pending_spec_id or row.spec_id
+            if latest == spec_id and row.pending_error is None:
                 return "up_to_date"
             _insert_spec(conn, name, spec_id, spec, archive, now)
-            conn.execute(
-                t.apis.update().where(t.apis.c.name == name).values(spec_id=spec_id, updated_at=now)
-            )
-            # Drop versions that neither the API nor any job refers to any more. A job being
-            # created holds the API row (FOR SHARE), so none is half-written here.
-            in_use = sa.select(t.jobs.c.spec_id).where(t.jobs.c.api_name == name)
-            conn.execute(
-                t.api_specs.delete().where(
-                    t.api_specs.c.api_name == name,
-                    t.api_specs.c.spec_id != spec_id,
-                    t.api_specs.c.spec_id.not_in(in_use),
+            if pending:
+                # The serving version stays until this one is built.
+                conn.execute(
+                    t.apis.update()
+                    .where(t.apis.c.name == name)
+                    .values(pending_spec_id=spec_id, pending_error=None, updated_at=now)
                 )
-            )
+                return "updated"
+            _serve(conn, name, spec_id, now)
             return "updated"
+
+    def finish_build(self, name: str, spec_id: str, error: str | None) -> bool:
+        """The environment of a pending version was built (it serves from now on) or failed
+        (`error`; the version that served goes on serving). False if a later deploy or a
+        delete replaced it meanwhile."""
+        now = time.time()
+        with self._write() as conn:
+            row = lock(conn, name)
+            if row is None or row.pending_spec_id != spec_id:
+                return False
+            if error is None:
+                _serve(conn, name, spec_id, now)
+            else:
+                conn.execute(
+                    t.apis.update()
+                    .where(t.apis.c.name == name)
+                    .values(pending_error=error, updated_at=now)
+                )
+            return True
+
+    def spec_ids_in_use(self) -> set[str]:
+        """The versions that serve, are being built, or run an in-progress job."""
+        in_progress = [s.value for s in JobStatus if s.in_progress]
+        with self._read() as conn:
+            ids = set(conn.execute(sa.select(t.apis.c.spec_id)).scalars())
+            ids |= set(
+                conn.execute(
+                    sa.select(t.apis.c.pending_spec_id).where(t.apis.c.pending_spec_id.is_not(None))
+                ).scalars()
+            )
+            ids |= set(
+                conn.execute(
+                    sa.select(t.jobs.c.spec_id).where(t.jobs.c.status.in_(in_progress)).distinct()
+                ).scalars()
+            )
+        return ids
 
     def get_api(self, name: str) -> ApiRecord | None:
         with self._read() as conn:
@@ -121,13 +173,50 @@ def _api_record(row: Any) -> ApiRecord:
         spec=json.loads(row.spec_json),
         created_at=row.created_at,
         updated_at=row.updated_at,
+        pending_spec_id=row.pending_spec_id,
+        pending_error=row.pending_error,
     )
 
 
 def lock(conn: Connection, name: str, *, share: bool = False) -> Any:
-    """The API's row (its spec_id) under FOR UPDATE, or FOR SHARE; None if not deployed."""
-    query = sa.select(t.apis.c.spec_id).where(t.apis.c.name == name)
+    """The API's row (its versions) under FOR UPDATE, or FOR SHARE; None if not deployed."""
+    query = sa.select(t.apis.c.spec_id, t.apis.c.pending_spec_id, t.apis.c.pending_error).where(
+        t.apis.c.name == name
+    )
     return conn.execute(query.with_for_update(read=share)).first()
+
+
+def version_for_new_job(row: Any, name: str) -> str:
+    """The version a job submitted now runs: the one being built, if a build is running (the
+    job waits for it); else the serving one, unless that one never built."""
+    if row.pending_spec_id is not None and row.pending_error is None:
+        return str(row.pending_spec_id)
+    if row.pending_spec_id == row.spec_id:
+        raise errors.InvalidSubmission(
+            f"api {name!r} has no version ready to run: the environment of its only version "
+            f"failed to build ({row.pending_error}); fix it and deploy again",
+            kind="batchapi.environment_failed",
+        )
+    return str(row.spec_id)
+
+
+def _serve(conn: Connection, name: str, spec_id: str, now: float) -> None:
+    """Make `spec_id` the serving version, and drop the versions that neither the API nor any
+    job refers to any more. A job being created holds the API row (FOR SHARE), so none is
+    half-written here."""
+    conn.execute(
+        t.apis.update()
+        .where(t.apis.c.name == name)
+        .values(spec_id=spec_id, pending_spec_id=None, pending_error=None, updated_at=now)
+    )
+    in_use = sa.select(t.jobs.c.spec_id).where(t.jobs.c.api_name == name)
+    conn.execute(
+        t.api_specs.delete().where(
+            t.api_specs.c.api_name == name,
+            t.api_specs.c.spec_id != spec_id,
+            t.api_specs.c.spec_id.not_in(in_use),
+        )
+    )
 
 
 def _insert_spec(

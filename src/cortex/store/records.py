@@ -12,10 +12,18 @@ from cortex.jobs import JobStatus, WorkerState
 @dataclasses.dataclass(frozen=True)
 class ApiRecord:
     name: str
-    spec_id: str
+    spec_id: str  # the version that serves
     spec: dict[str, Any]
     created_at: float
     updated_at: float
+    # The version being built (see `tables.apis`), and why its build failed if it did.
+    pending_spec_id: str | None = None
+    pending_error: str | None = None
+
+    @property
+    def latest_spec_id(self) -> str:
+        """The version deployed last, built or not."""
+        return self.pending_spec_id or self.spec_id
 
 
 @dataclasses.dataclass(frozen=True)

@@ -206,7 +206,7 @@ def _insert_job(conn: Connection, now: float, *, api_name: str, **values: Any) -
     conn.execute(
         t.jobs.insert().values(
             api_name=api_name,
-            spec_id=api.spec_id,
+            spec_id=apis.version_for_new_job(api, api_name),
             status=JobStatus.ENQUEUING.value,
             start_time=now,
             **values,

@@ -21,9 +21,15 @@ apis = sa.Table(
     "apis",
     metadata,
     sa.Column("name", sa.String(64), primary_key=True),
+    # The version that serves: new jobs run it (but see pending_spec_id).
     sa.Column("spec_id", sa.String(64), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # A deployed version whose environment is being built: new jobs run it and wait for the
+    # build; it replaces spec_id once built. With pending_error set, its build failed: new jobs
+    # run spec_id again, and the error stays here for `GET /get/<api>` until the next deploy.
+    sa.Column("pending_spec_id", sa.String(64), nullable=True),
+    sa.Column("pending_error", sa.Text, nullable=True),
 )
 
 # Every deployed version of an API, kept while a job uses it: a running job keeps the spec

@@ -1,5 +1,10 @@
 """The worker's view of the server: the worker HTTP API, with retries.
 
+Standard library only (see `cortex.environments`): a worker runs in the API's own environment,
+which holds the user's packages and nothing of the server's. orjson is used where the
+environment happens to have it (the server's own interpreter does): it reads a large lease
+answer several times faster than `json`.
+
 A worker never opens the store. When the server is briefly away (a restart), calls are retried
 with backoff for up to `retry_s`; the batches it holds stay leased to it meanwhile, and results
 that arrive twice are counted once by the server.
@@ -14,7 +19,20 @@ import time
 import urllib.parse
 from typing import Any
 
-import orjson
+try:
+    import orjson
+
+    def _dumps(value: Any) -> bytes:
+        return orjson.dumps(value)
+
+    _loads: Any = orjson.loads
+except ImportError:  # an API environment without orjson
+    import json
+
+    def _dumps(value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+    _loads = json.loads
 
 log = logging.getLogger("cortex")
 
@@ -70,7 +88,7 @@ class WorkerQueue:
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         deadline = time.monotonic() + self.retry_s
         delay = 0.05
-        content = None if body is None else orjson.dumps(body)
+        content = None if body is None else _dumps(body)
         while True:
             try:
                 conn = self._connection()
@@ -83,7 +101,7 @@ class WorkerQueue:
             else:
                 if response.status < 300:
                     self.last_response_bytes = len(data)
-                    return orjson.loads(data)
+                    return _loads(data)
                 if response.status < 500:
                     raise JobGone(f"{response.status}: {data.decode(errors='replace')}")
                 problem = f"server error {response.status}"
