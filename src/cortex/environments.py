@@ -134,7 +134,10 @@ def read_dotenv(text: str, source: str = DOTENV) -> dict[str, str]:
     parse, or a name starting with CORTEX_ (the server's own), is refused with its line."""
     values: dict[str, str] = {}
     for binding in dotenv.parser.parse_stream(io.StringIO(text)):
-        line = binding.original.line
+        # A binding's text starts with the blank lines before it: its line is after them.
+        original = binding.original.string
+        skipped = original[: len(original) - len(original.lstrip())]
+        line = binding.original.line + skipped.count("\n")
         if binding.error:
             shown = binding.original.string.strip()[:80]
             raise errors.InvalidSpec(f"{source}: line {line}: cannot be read: {shown!r}")
@@ -475,12 +478,13 @@ class Environments:
         timer.start()
         try:
             assert proc.stdout is not None
-            for raw in _lines(proc.stdout):
-                line = raw.decode(errors="replace").rstrip()
-                out.write(line + "\n")
-                out.flush()
-                if line.strip():
-                    tail.append(line)
+            with proc.stdout:
+                for raw in _lines(proc.stdout):
+                    line = raw.decode(errors="replace").rstrip()
+                    out.write(line + "\n")
+                    out.flush()
+                    if line.strip():
+                        tail.append(line)
             code = proc.wait()
         finally:
             timer.cancel()

@@ -81,15 +81,24 @@ class TestIterFiles:
         assert "lib/api.yaml" not in names
         assert "cortex.yaml" in names
 
-    def test_dot_files_and_folders_excluded(self, project: Path) -> None:
+    def test_dot_files_and_folders_excluded_but_the_top_dotenv(self, project: Path) -> None:
         write(project / ".env", "A=1\n")
         write(project / ".secret")
         write(project / ".git" / "config")
         write(project / "lib" / ".hidden" / "x.py")
         write(project / "lib" / ".local.py")
+        write(project / "lib" / ".env", "B=2\n")
         names = shipped(project)
-        assert not any(part.startswith(".") for name in names for part in name.split("/"))
+        # The project's .env is its workers' variables (as in Cortex); no other dot-file goes.
+        assert ".env" in names
+        others = names - {".env"}
+        assert not any(part.startswith(".") for name in others for part in name.split("/"))
         assert "lib/util.py" in names
+
+    def test_a_cortexignore_can_keep_the_dotenv_behind(self, project: Path) -> None:
+        write(project / ".env", "A=1\n")
+        write(project / ".cortexignore", ".env\n")
+        assert ".env" not in shipped(project)
 
     @pytest.mark.parametrize("suffix", [".pyc", ".pyo", ".pyd"])
     def test_compiled_python_excluded(self, project: Path, suffix: str) -> None:
