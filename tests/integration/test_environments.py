@@ -224,6 +224,11 @@ def test_a_user_pinning_an_old_pydantic_deploys_and_runs(client: Client, tmp_pat
     assert report["versions"]["pydantic"][0].startswith("1."), report
 
 
+DEPS_WRITING_A_MARKER = """echo "running as $VIRTUAL_ENV"
+echo built-by-deps > "$VIRTUAL_ENV/deps-marker.txt"
+"""
+
+
 def test_dotenv_predictor_env_and_dependencies_sh_reach_the_workers(
     client: Client, tmp_path: Path
 ) -> None:
@@ -237,10 +242,7 @@ def test_dotenv_predictor_env_and_dependencies_sh_reach_the_workers(
     folder = make_project(
         tmp_path,
         "variables",
-        dependencies=(
-            'echo "running as $VIRTUAL_ENV"\n'
-            'echo built-by-deps > "$VIRTUAL_ENV/deps-marker.txt"\n'
-        ),
+        dependencies=DEPS_WRITING_A_MARKER,
         dotenv=dotenv,
         env={"OVERRIDDEN": "from-yaml"},
         config={"vars": ["PLAIN", "QUOTED", "EXPORTED", "OVERRIDDEN"]},
