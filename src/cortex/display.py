@@ -118,6 +118,13 @@ def jobs_table(api: dict[str, Any]) -> RenderableType:
             table.add_row(*row)
         parts.append(table)
     parts.append(Text(f"\nendpoint: {api['endpoint']}"))
+    env = api.get("environment")
+    if env and env.get("state") != "none":
+        line = f"environment: {env['state']} ({env['key']})"
+        if env["state"] == "failed":
+            # The latest deploy's build failed: the version before it (if any) serves.
+            line += f": {env.get('message') or ''}"
+        parts.append(Text(line))
     return Group(*parts)
 
 

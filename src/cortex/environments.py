@@ -388,6 +388,9 @@ class Environments:
                     "cortex": cortex.__version__,
                     "duration_s": duration,
                     "ended_at": time.time(),
+                    # Measured once: an environment does not change after its build, and
+                    # walking every file of every environment each minute would not be cheap.
+                    "bytes": _tree_bytes(env_dir),
                 },
             )
             log.info("environment %s built in %.1f s", key, duration)
@@ -513,7 +516,10 @@ class Environments:
                 if not self._building(key):
                     shutil.rmtree(entry, ignore_errors=True)  # a build that crashed
                 continue
-            size = _tree_bytes(entry)
+            try:
+                size = int(json.loads(marker.read_text())["bytes"])
+            except (OSError, ValueError, KeyError, TypeError):
+                size = _tree_bytes(entry)
             total += size
             with contextlib.suppress(OSError):
                 ready.append((marker.stat().st_mtime, key, size))

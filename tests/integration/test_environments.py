@@ -192,6 +192,8 @@ def test_a_failed_build_fails_the_deploy_and_the_previous_version_keeps_serving(
     assert api["spec_id"] == serving
     assert api["environment"]["state"] == "failed"
     assert "cortex-batch-no-such-package-zz9" in api["environment"]["message"]
+    shown = cortex_cli(env_server.url, "get", "keeps")
+    assert "environment: failed" in shown.stdout and "zz9" in shown.stdout
     # New jobs run the version that served.
     status = run_job(client, "keeps", [1])
     assert status["spec_id"] == serving
