@@ -47,7 +47,7 @@ from typing import Any
 import dotenv.parser
 
 import cortex
-from cortex import errors
+from cortex import errors, project
 
 log = logging.getLogger("cortex.server")
 
@@ -175,24 +175,14 @@ def runtime_dir(root: Path) -> Path:
     digest = hashlib.sha256()
     for name in _RUNTIME_MODULES:
         digest.update(name.encode() + b"\0" + (package / name).read_bytes())
-    dest = root / f"runtime-{digest.hexdigest()[:16]}"
-    if dest.is_dir():
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".runtime-{os.getpid()}-{threading.get_ident()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name in _RUNTIME_MODULES:
-        target = tmp / "cortex" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(package / name, target)
-    try:
-        tmp.rename(dest)
-    except OSError:
-        if not dest.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+
+    def copy(tmp: Path) -> None:
+        for name in _RUNTIME_MODULES:
+            target = tmp / "cortex" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(package / name, target)
+
+    return project.publish(root / f"runtime-{digest.hexdigest()[:16]}", copy)
 
 
 def _uv() -> str | None:

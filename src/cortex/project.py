@@ -12,7 +12,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pathspec
@@ -105,13 +105,23 @@ def archive_names(archive: bytes) -> set[str]:
 
 def extract(archive: bytes, dest: Path) -> Path:
     """Unpack into `dest` once; concurrent callers see either nothing or the whole folder."""
+
+    def unpack(tmp: Path) -> None:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            tar.extractall(tmp, filter="data")
+
+    return publish(dest, unpack)
+
+
+def publish(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """Create the folder `dest` once, with what `fill` writes into a fresh folder beside it,
+    renamed into place: a reader sees nothing or all of it, and of two writers one wins."""
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
     try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-            tar.extractall(tmp, filter="data")
+        fill(tmp)
         try:
             tmp.rename(dest)
         except OSError:
