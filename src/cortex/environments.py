@@ -70,6 +70,12 @@ _RUNTIME_MODULES = (
     "worker/queue.py",
     "worker/runtime.py",
 )
+# A build's log: what one read of it returns, and the most kept (a script printing without
+# end must not fill the disk; the last lines still make the error message).
+_LOG_READ_BYTES = 256 << 10
+_LOG_MAX_BYTES = 16 << 20
+# Builds at once: each runs an installer that uses the network, the disk and a core.
+_PARALLEL_BUILDS = 2
 # The last lines of a failed step's output make the build's error message.
 _ERROR_LINES = 25
 _ERROR_CHARS = 4000
@@ -214,6 +220,7 @@ class Environments:
         self.installer = installer or ("uv" if _uv() else "pip")
         self._lock = threading.Lock()
         self._builds: dict[str, threading.Event] = {}
+        self._slots = threading.BoundedSemaphore(_PARALLEL_BUILDS)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -268,17 +275,21 @@ class Environments:
             fcntl.flock(handle, fcntl.LOCK_UN)
         return False
 
-    def log_lines(self, key: str, since: int = 0, limit: int = 1000) -> tuple[list[str], int]:
-        """The build's output from line `since` (0-based) on, at most `limit` lines; and the
-        number to ask from next time."""
+    def log_lines(self, key: str, since: int = 0) -> tuple[list[str], int]:
+        """The build's output from byte offset `since` on: whole lines, at most about
+        `_LOG_READ_BYTES` of them; and the offset to ask from next time."""
         try:
-            with open(self.root / f"{key}.log", errors="replace") as handle:
-                lines = [line.rstrip("\n") for line in handle]
+            with open(self.root / f"{key}.log", "rb") as handle:
+                handle.seek(since)
+                data = handle.read(_LOG_READ_BYTES)
         except OSError:
             return [], since
-        since = max(0, min(since, len(lines)))
-        chunk = lines[since : since + limit]
-        return chunk, since + len(chunk)
+        end = data.rfind(b"\n") + 1
+        if end == 0 and len(data) == _LOG_READ_BYTES:
+            end = len(data)  # one line longer than a read: hand it over in pieces
+        chunk = data[:end]
+        lines = chunk.decode(errors="replace").splitlines()
+        return lines, since + len(chunk)
 
     # -- building -----------------------------------------------------------------------------
 
@@ -335,7 +346,8 @@ class Environments:
 
     def _build_thread(self, key: str, project_dir: Path, event: threading.Event) -> None:
         try:
-            self._build_locked(key, project_dir)
+            with self._slots:  # the others wait, "building", for a free slot
+                self._build_locked(key, project_dir)
         except Exception:
             log.exception("environment %s: the build crashed", key)
         finally:
@@ -474,8 +486,11 @@ class Environments:
             with proc.stdout:
                 for raw in _lines(proc.stdout):
                     line = raw.decode(errors="replace").rstrip()
-                    out.write(line + "\n")
-                    out.flush()
+                    if out.tell() < _LOG_MAX_BYTES:
+                        out.write(line + "\n")
+                        if out.tell() >= _LOG_MAX_BYTES:
+                            out.write(f"[the log stops here: over {_LOG_MAX_BYTES} bytes]\n")
+                        out.flush()
                     if line.strip():
                         tail.append(line)
             code = proc.wait()

@@ -130,9 +130,23 @@ def test_a_build_that_needs_only_dependencies_sh(tmp_path: Path) -> None:
     assert (envs.path(key) / "made").exists()
     lines, next_line = envs.log_lines(key)
     assert f"in {envs.path(key)}" in lines
-    assert next_line == len(lines)
+    assert next_line == (envs.root / f"{key}.log").stat().st_size
     assert envs.log_lines(key, next_line) == ([], next_line)
     assert envs.build(key, project).state == environments.READY
+
+
+def test_the_log_is_read_in_whole_lines_from_an_offset(tmp_path: Path) -> None:
+    envs = environments.Environments(tmp_path / "envs", tmp_path / "cache")
+    log = write(tmp_path / "envs" / "k.log", "one\ntwo\nthree, still being writ")
+    lines, offset = envs.log_lines("k")
+    assert lines == ["one", "two"] and offset == len("one\ntwo\n")
+    with open(log, "a") as out:
+        out.write("ten\nfour\n")
+    assert envs.log_lines("k", offset) == (
+        ["three, still being written", "four"],
+        log.stat().st_size,
+    )
+    assert envs.log_lines("missing", 7) == ([], 7)
 
 
 def test_a_failed_build_leaves_no_environment_and_says_why(tmp_path: Path) -> None:

@@ -128,10 +128,12 @@ def get_one(api_name: str, service: ServiceDep, base_url: BaseUrl) -> dict[str, 
 def get_environment(
     api_name: str,
     service: ServiceDep,
-    since: Annotated[int, Query(ge=0, le=MAX_INT32, description="the first build log line")] = 0,
+    since: Annotated[
+        int, Query(ge=0, le=2**53, description="where to read the build log from: `next`")
+    ] = 0,
 ) -> dict[str, Any]:
-    """The environment of the API's latest deploy, with its build log from line `since` on:
-    `lines`, and `next`, the line to ask from next."""
+    """The environment of the API's latest deploy, with its build log from `since` on (0: the
+    start; then the `next` of the previous answer): `lines`, whole lines, and `next`."""
     environment = service.api_environment(service.get_api(api_name))
     lines: list[str] = []
     next_line = since
