@@ -140,14 +140,18 @@ class Service:
 
     def api_environment(self, api: ApiRecord) -> dict[str, Any]:
         """The environment of the API's latest deploy: building, ready, failed (with the
-        installer's message) or none (the server's interpreter runs it)."""
+        installer's message) or none (the server's interpreter runs it).
+
+        A pending version is `building` until its outcome is in the store, not merely on disk:
+        who sees `ready` or `failed` sees the version that serves new jobs already chosen."""
         spec_id = api.latest_spec_id
         key = self.env_key(spec_id)
-        status = self.environments.status(key)
         if api.pending_error is not None:
             status = environments.Status(key, environments.FAILED, api.pending_error)
-        elif api.pending_spec_id is not None and status.state == environments.MISSING:
+        elif api.pending_spec_id is not None:
             status = environments.Status(key, environments.BUILDING)
+        else:
+            status = self.environments.status(key)
         return {"spec_id": spec_id, **status.to_json()}
 
     def prune_environments(self) -> list[str]:

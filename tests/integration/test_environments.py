@@ -373,3 +373,63 @@ def test_the_pip_fallback_builds_an_environment(tmp_path: Path) -> None:
         assert report["versions"]["humanize"][0] == "4.9.0"
     finally:
         stop_server(srv)
+
+
+def test_a_running_job_keeps_its_environment_while_a_new_version_replaces_it(
+    tmp_path: Path,
+) -> None:
+    """With a budget of one byte, every environment nothing uses goes at the next check: the
+    running job's stays until the job ends, the serving version's stays."""
+    srv = start_server(tmp_path / "tiny-budget", CORTEX_ENV_CACHE_BYTES="1")
+    gate = tmp_path / "gate"
+    try:
+        with srv.client() as c:
+            folder = make_project(
+                tmp_path,
+                "replaced",
+                requirements="humanize==4.9.0\n",
+                config={"modules": ["humanize"], "meet": str(gate)},
+            )
+            deploy(c, folder)
+            old_key = c.environment("replaced")["key"]
+            job = c.submit("replaced", {"item_list": {"items": [1], "batch_size": 1}, "workers": 1})
+            wait_for(
+                lambda: c.get_job("replaced", job["job_id"])["job_status"]["worker_counts"].get(
+                    "running"
+                ),
+                30,
+                "the old version's worker to run",
+            )
+            (folder / "requirements.txt").write_text("humanize==4.10.0\n")
+            assert deploy(c, folder)["environment"]["state"] == "ready"
+            new_key = c.environment("replaced")["key"]
+            assert new_key != old_key
+            envs = srv.data_dir / "envs"
+            # An API whose first environment nothing uses once its second is built: seeing
+            # it go proves a check ran, after the new version of "replaced" was built too.
+            scrap = make_project(tmp_path, "scrap", dependencies="echo one\n")
+            deploy(c, scrap)
+            scrap_key = c.environment("scrap")["key"]
+            (scrap / "dependencies.sh").write_text("echo two\n")
+            deploy(c, scrap)
+            wait_for(lambda: not (envs / scrap_key).exists(), 30, "the unused one to go")
+            # That check spared the running job's environment.
+            assert (envs / old_key / "cortex-env.json").exists()
+            gate.touch()
+            status = wait_for_status(c, "replaced", job["job_id"], 60)
+            assert status["status"] == "status_succeeded"
+            [report] = reports(tmp_path, "replaced")
+            assert report["versions"]["humanize"][0] == "4.9.0"
+            # The next check (after the next build) removes it: nothing uses it any more.
+            other = make_project(tmp_path, "trigger", dependencies="true\n")
+            deploy(c, other)
+            wait_for(lambda: not (envs / old_key).exists(), 30, "the unused one to go")
+            assert (envs / new_key / "cortex-env.json").exists()
+            gate.unlink()
+            (tmp_path / "replaced-out").rename(tmp_path / "replaced-out-old")
+            gate.touch()
+            run_job(c, "replaced", [2])
+            [report] = reports(tmp_path, "replaced")
+            assert report["versions"]["humanize"][0] == "4.10.0"
+    finally:
+        stop_server(srv)
