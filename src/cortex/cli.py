@@ -401,6 +401,8 @@ def _follow_build(client: Client, api_name: str, *, quiet: bool) -> dict[str, An
     """Wait for an API's environment: a spinner with the current step on a terminal, the
     installer's lines as they come when piped; then how it ended, in one line."""
     started = time.monotonic()
+    # The log's own last line ("==> environment ready in ...") is said once, below.
+    ending = ("==> environment ready", "==> the build failed")
     if quiet:
         env = client.wait_environment(api_name)
     elif console.is_terminal:
@@ -408,7 +410,7 @@ def _follow_build(client: Client, api_name: str, *, quiet: bool) -> dict[str, An
 
             def show(lines: list[str]) -> None:
                 for line in lines:
-                    if line.startswith("==> "):
+                    if line.startswith("==> ") and not line.startswith(ending):
                         console.print(f"  {line[4:]}", highlight=False, markup=False)
                 last = next((line for line in reversed(lines) if line.strip()), "")
                 status.update(f"{api_name}: {last.strip()[:100]}")
@@ -418,7 +420,8 @@ def _follow_build(client: Client, api_name: str, *, quiet: bool) -> dict[str, An
 
         def echo(lines: list[str]) -> None:
             for line in lines:
-                click.echo(f"  {line}")
+                if not line.startswith(ending):
+                    click.echo(f"  {line}")
 
         env = client.wait_environment(api_name, echo)
     took = env.get("duration_s") or (time.monotonic() - started)
