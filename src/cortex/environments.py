@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -57,6 +58,10 @@ CONDA_PACKAGES = "conda-packages.txt"
 # The files that define an environment, in the order a build uses them.
 ENV_FILES = (DEPENDENCIES, CONDA_PACKAGES, REQUIREMENTS)
 DOTENV = ".env"
+# A process's environment and arguments share about 2 MiB on Linux (ARG_MAX): a `.env` must
+# leave room for the rest.
+MAX_DOTENV_BYTES = 256 << 10
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Written last into a built environment: its presence is what "ready" means.
 _MARKER = "cortex-env.json"
@@ -149,6 +154,11 @@ def read_dotenv(text: str, source: str = DOTENV) -> dict[str, str]:
             raise errors.InvalidSpec(f"{source}: line {line}: cannot be read: {shown!r}")
         if binding.key is None:
             continue  # a blank line or a comment
+        if not _ENV_NAME.fullmatch(binding.key):
+            raise errors.InvalidSpec(
+                f"{source}: line {line}: {binding.key[:80]!r} is not a valid environment "
+                "variable name (letters, digits and _, not starting with a digit)"
+            )
         if binding.key.upper().startswith("CORTEX_"):
             raise errors.InvalidSpec(
                 f"{source}: line {line}: {binding.key}: names starting with CORTEX_ are "
@@ -161,10 +171,16 @@ def read_dotenv(text: str, source: str = DOTENV) -> dict[str, str]:
 
 
 def check_project(project_dir: Path) -> None:
-    """What a deploy refuses before it builds anything: a `.env` that does not read, and
-    `conda-packages.txt` on a server without conda."""
+    """What a deploy refuses before it builds anything: a `.env` that does not read or is too
+    big to be a process's environment, and `conda-packages.txt` on a server without conda."""
     dotenv_path = project_dir / DOTENV
     if dotenv_path.is_file():
+        size = dotenv_path.stat().st_size
+        if size > MAX_DOTENV_BYTES:
+            raise errors.InvalidSpec(
+                f"{DOTENV}: {size} bytes is more than a worker's environment can hold "
+                f"(at most {MAX_DOTENV_BYTES}); put large values in files of the project"
+            )
         read_dotenv(dotenv_path.read_text(errors="replace"))
     if (project_dir / CONDA_PACKAGES).is_file() and conda_tool() is None:
         raise errors.InvalidSpec(

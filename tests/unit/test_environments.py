@@ -83,6 +83,15 @@ class TestDotenv:
         with pytest.raises(errors.InvalidSpec, match=f"line {line}: .*reserved"):
             environments.read_dotenv(text)
 
+    def test_a_name_no_process_environment_takes_is_refused(self) -> None:
+        with pytest.raises(errors.InvalidSpec, match="line 2: 'A-B' is not a valid"):
+            environments.read_dotenv("OK=1\nA-B=2\n")
+
+    def test_a_dotenv_too_big_for_an_environment_is_refused(self, tmp_path: Path) -> None:
+        write(tmp_path / ".env", "A=" + "x" * environments.MAX_DOTENV_BYTES + "\n")
+        with pytest.raises(errors.InvalidSpec, match="more than a worker's environment"):
+            environments.check_project(tmp_path)
+
     def test_a_line_that_does_not_parse_is_named(self) -> None:
         with pytest.raises(errors.InvalidSpec, match="line 2: cannot be read"):
             environments.read_dotenv("A=1\nthis is not a binding\n")
