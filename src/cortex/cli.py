@@ -172,6 +172,13 @@ store_option = click.option(
     help="Keep at most this many log lines per job (the oldest go first).",
 )
 @click.option(
+    "--log-max-bytes",
+    envvar="CORTEX_LOG_MAX_BYTES",
+    default=128 << 20,
+    type=click.IntRange(min=0),
+    help="Store at most this many bytes of log per job; later lines are dropped and counted.",
+)
+@click.option(
     "--data-roots",
     envvar="CORTEX_DATA_ROOTS",
     default="",
@@ -234,6 +241,7 @@ def serve(
     insecure: bool,
     log_retention_s: float,
     log_max_lines: int,
+    log_max_bytes: int,
     data_roots: str,
     data_urls: str,
     env_cache_bytes: int,
@@ -275,6 +283,7 @@ def serve(
         auth_token=auth_token,
         log_retention_s=log_retention_s,
         log_max_lines_per_job=log_max_lines,
+        log_max_bytes=log_max_bytes,
         data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
         data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
         env_cache_bytes=env_cache_bytes,

@@ -42,7 +42,7 @@ class Service:
         self.settings = settings
         self.store = store
         self.launcher = launcher
-        self.logs = LogStore(store)
+        self.logs = LogStore(store, settings.log_max_bytes)
         # The workers this replica starts are its own to watch (see `cortex.replicas`).
         self.replica_id = replica_id
         self._specs: dict[str, dict[str, Any]] = {}
@@ -566,7 +566,13 @@ class Service:
         if size > max_bytes and lines:
             lines[0] = f"[... {size - max_bytes} earlier bytes not kept]"
         now = time.time()
-        self.logs.append(job_id, worker_id, [[now, "output", None, None, line] for line in lines])
+        # Not budgeted: at most `max_bytes` a worker, and often why the job failed.
+        self.logs.append(
+            job_id,
+            worker_id,
+            [[now, "output", None, None, line] for line in lines],
+            budgeted=False,
+        )
         return len(lines)
 
     def launch_workers(self, job: Job, count: int) -> None:

@@ -47,6 +47,9 @@ class Settings:
     # oldest go first).
     log_retention_s: float = 7 * 86400.0
     log_max_lines_per_job: int = 2_000_000
+    # Per job, the bytes of log stored (before compression) before later lines are dropped;
+    # the count of dropped lines is in the log.
+    log_max_bytes: int = 128 << 20
     # With a token set, every public endpoint but /healthz requires `Authorization: Bearer`.
     auth_token: str = ""
     # Local file datasets are read only under these folders; empty means the folder the

@@ -126,8 +126,15 @@ _MAX_LINE_CHARS = 4 << 20
 @router.post("/logs")
 async def logs(request: Request, job: JobDep, service: ServiceDep) -> dict[str, int]:
     """Lines a worker captured: `{worker_id, lines: [[ts, stream, level, batch_id, message]],
-    dropped}`. Thousands of lines a request: checked cheaply, stored as one chunk."""
+    dropped}`. Thousands of lines a request: checked cheaply, stored as one chunk, within the
+    job's log budget. Parsing and storing run in the thread pool: a worker printing as fast
+    as it can must not hold the event loop that answers everyone else."""
     raw = await read_body(request, service.settings.max_body_bytes)
+    stored = await run_in_threadpool(_store_lines, service, job, raw)
+    return {"stored": stored}
+
+
+def _store_lines(service: Service, job: Job, raw: bytes) -> int:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
@@ -164,8 +171,7 @@ async def logs(request: Request, job: JobDep, service: ServiceDep) -> dict[str, 
                 "they could be shipped, or the server was unreachable",
             ]
         )
-    await run_in_threadpool(service.logs.append, job.job_id, worker_id, lines)
-    return {"stored": len(lines)}
+    return service.logs.append(job.job_id, worker_id, lines)
 
 
 _LINE_SHAPE = "lines: each line is [ts, stream, level, batch_id, message]"

@@ -1,26 +1,50 @@
-"""Job logs in the store, as chunks of lines: append a chunk, read chunks by id, prune.
+"""Job logs in the store, as compressed chunks of lines: append within the job's budget, read
+in bounded pages, prune.
 
-A chunk is what one worker shipped in one request (or one server line). Filters by worker
-use the chunk's source and time filters skip whole chunks; the rest is decided line by line
-after decoding, so reading a huge log streams chunk by chunk and never holds it whole.
+A chunk is what one worker shipped in one request (split past `CHUNK_BYTES`), or one server
+line. Filters by worker use
+the chunk's source and time filters skip whole chunks; the rest is decided line by line while
+decoding. Reading holds one chunk's decoded JSON and one page of lines at a time, whatever the
+size of the log or of its chunks (a single entry may hold millions of lines), and never keeps
+a database transaction open between pages.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
+from cortex.store import engine
 from cortex.store import tables as t
 from cortex.store.sql import Store
 
 SERVER_SOURCE = "server"
 # [ts, stream, level, batch_id, message]
 RawLine = Sequence[Any]
+# Per job, the bytes of log (JSON before compression) stored before later lines are dropped.
+DEFAULT_MAX_BYTES = 128 << 20
+# zlib's fastest level: logs still shrink about 5 times, and a 1 MiB chunk costs ~20 ms.
+_ZLIB_LEVEL = 1
+# What one chunk holds (JSON before compression): a request of a worker is split into chunks
+# of about this size, so that a reader holds one at a time.
+CHUNK_BYTES = 1 << 20
+# A page: what a reader formats and sends at once.
+PAGE_LINES = 5000
+_PAGE_CHARS = 1 << 20
+# Chunks fetched per read transaction: at most this many, and this much JSON once unpacked.
+_FETCH_CHUNKS = 64
+_FETCH_BYTES = 4 << 20
+# A message is split into lines a slice at a time, so that one entry of millions of short
+# lines never becomes one list of millions of strings.
+_SPLIT_CHARS = 256 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,71 +69,208 @@ class LogFilter:
             return False
         return self.batch_id is None or line.batch_id == self.batch_id
 
+    @property
+    def by_line(self) -> bool:
+        """Whether lines are filtered one by one (not only whole chunks)."""
+        return self.since_ts is not None or self.batch_id is not None
+
+
+@dataclasses.dataclass
+class Cursor:
+    """Where a reader is: past chunk `after`, and `skip` lines (those the filter keeps) into
+    the first chunk it reads next. `pages` moves it as each chunk is read to its end."""
+
+    after: int = 0
+    skip: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Totals:
+    stored_bytes: int = 0
+    dropped_lines: int = 0
+    dropped_bytes: int = 0
+
 
 class LogStore:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.store = store
+        self.max_bytes = max_bytes
 
-    def append(self, job_id: str, source: str, lines: Sequence[RawLine]) -> None:
+    # -- writing ----------------------------------------------------------------------------
+
+    def append(
+        self, job_id: str, source: str, lines: Sequence[RawLine], *, budgeted: bool = True
+    ) -> int:
+        """Store lines as chunks of about `CHUNK_BYTES`; returns how many entries were stored.
+
+        With `budgeted`, what would take the job's log past `max_bytes` is dropped, whole
+        lines from the end, and counted in `log_totals`; the first drop stores a line that
+        says so. The server's own lines and a dead worker's last output are not budgeted:
+        they are few, bounded, and say why a job ended."""
         if not lines:
-            return
-        stamps = [line[0] for line in lines]
-        row = {
-            "job_id": job_id,
-            "source": source,
-            "first_ts": min(stamps),
-            "last_ts": max(stamps),
-            "line_count": sum(line[4].count("\n") + 1 for line in lines),
-            "lines": orjson.dumps(lines).decode(),
-        }
+            return 0
+        # Encoded and compressed outside the write lock, which every lease waits for on
+        # SQLite; only an append that meets another one at the budget's edge does it twice.
+        # A job past its budget costs a count, not an encoding.
+        room = self.max_bytes - self.totals(job_id).stored_bytes if budgeted else None
+        kept, chunks = _within(lines, room)
         with self.store._write() as conn:
-            conn.execute(t.log_chunks.insert(), row)
+            totals = _lock_totals(conn, job_id)
+            if budgeted and sum(chunk.raw_bytes for chunk in chunks) > (
+                self.max_bytes - totals.stored_bytes
+            ):
+                kept, chunks = _within(lines, self.max_bytes - totals.stored_bytes)
+            stored = 0
+            for chunk in chunks:
+                _insert_chunk(conn, job_id, source, chunk)
+                stored += chunk.raw_bytes
+            dropped_lines, dropped_bytes = 0, 0
+            if kept is not lines:
+                dropped_lines = _line_count(lines) - _line_count(kept)
+                dropped_bytes = _text_bytes(lines) - _text_bytes(kept)
+            if dropped_lines and totals.dropped_lines == 0:
+                (notice,) = _pack([_budget_notice(self.max_bytes)])
+                _insert_chunk(conn, job_id, SERVER_SOURCE, notice)
+                stored += notice.raw_bytes
+            conn.execute(
+                t.log_totals.update()
+                .where(t.log_totals.c.job_id == job_id)
+                .values(
+                    stored_bytes=t.log_totals.c.stored_bytes + stored,
+                    dropped_lines=t.log_totals.c.dropped_lines + dropped_lines,
+                    dropped_bytes=t.log_totals.c.dropped_bytes + dropped_bytes,
+                )
+            )
+        return len(kept)
 
     def server_line(self, job_id: str, message: str, level: str = "INFO") -> None:
-        self.append(job_id, SERVER_SOURCE, [[time.time(), "server", level, None, message]])
-
-    def read(
-        self, job_id: str, after_chunk: int, max_chunks: int, where: LogFilter = LogFilter()
-    ) -> tuple[list[LogLine], int, bool]:
-        """Lines of up to `max_chunks` chunks after `after_chunk`, oldest first.
-
-        Returns (lines, the last chunk id read, whether more chunks may follow)."""
-        query = (
-            _chunks(job_id, where)
-            .where(t.log_chunks.c.id > after_chunk)
-            .order_by(t.log_chunks.c.id)
-            .limit(max_chunks)
+        self.append(
+            job_id, SERVER_SOURCE, [[time.time(), "server", level, None, message]], budgeted=False
         )
-        with self.store._read() as conn:
-            rows = conn.execute(query).all()
-        lines = [line for row in rows for line in _decode(row) if where.keep(line)]
-        last = rows[-1].id if rows else after_chunk
-        return lines, last, len(rows) == max_chunks
 
-    def tail(
-        self, job_id: str, count: int, where: LogFilter = LogFilter()
-    ) -> tuple[list[LogLine], int]:
-        """The last `count` lines, oldest first, and the newest chunk id: a walk back from the
-        end of the index, whatever the size of the log."""
-        collected: list[LogLine] = []
-        newest = 0
+    def totals(self, job_id: str) -> Totals:
+        with self.store._read() as conn:
+            row = conn.execute(
+                sa.select(
+                    t.log_totals.c.stored_bytes,
+                    t.log_totals.c.dropped_lines,
+                    t.log_totals.c.dropped_bytes,
+                ).where(t.log_totals.c.job_id == job_id)
+            ).first()
+        return Totals() if row is None else Totals(*row)
+
+    def dropped_line(self, job_id: str, after_chunk: int) -> LogLine | None:
+        """A line that says how many lines the job's budget dropped, for the end of a read;
+        None if none were."""
+        totals = self.totals(job_id)
+        if not totals.dropped_lines:
+            return None
+        return LogLine(
+            after_chunk,
+            time.time(),
+            SERVER_SOURCE,
+            "server",
+            "WARNING",
+            None,
+            f"cortex: {totals.dropped_lines} log lines ({totals.dropped_bytes} bytes of text) were "
+            f"dropped: this job's log reached its budget of {self.max_bytes} bytes "
+            "(CORTEX_LOG_MAX_BYTES)",
+        )
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def pages(
+        self, job_id: str, cursor: Cursor, where: LogFilter = LogFilter()
+    ) -> Iterator[list[LogLine]]:
+        """The lines after `cursor`, oldest first, in pages of at most `PAGE_LINES` lines
+        (and about a MiB of text), up to the last chunk stored when each fetch ran. `cursor`
+        moves past each chunk once it is read whole, so the next call goes on from there."""
+        page: list[LogLine] = []
+        chars = 0
+        while True:
+            chunks = self._fetch(job_id, cursor.after, where)
+            if not chunks:
+                break
+            for chunk_id, source, packed in chunks:
+                skip, cursor.skip = cursor.skip, 0
+                for line in _decode(chunk_id, source, packed):
+                    if not where.keep(line):
+                        continue
+                    if skip:
+                        skip -= 1
+                        continue
+                    page.append(line)
+                    chars += len(line.message)
+                    if len(page) >= PAGE_LINES or chars >= _PAGE_CHARS:
+                        yield page
+                        page, chars = [], 0
+                cursor.after = chunk_id
+        if page:
+            yield page
+
+    def lines(self, job_id: str, where: LogFilter = LogFilter()) -> Iterator[LogLine]:
+        """Every line of a job's log, oldest first (a convenience over `pages`)."""
+        for page in self.pages(job_id, Cursor(), where):
+            yield from page
+
+    def tail_cursor(self, job_id: str, count: int, where: LogFilter = LogFilter()) -> Cursor:
+        """Where to read from for the last `count` lines: a walk back from the end of the
+        index, by each chunk's line count, decoding chunks only when lines are filtered one
+        by one, so the tail of a log of millions of lines reads only its last chunks."""
         before: int | None = None
-        while len(collected) < count:
-            query = _chunks(job_id, where).order_by(t.log_chunks.c.id.desc()).limit(16)
+        need = count
+        while True:
+            query = _chunks(job_id, where, t.log_chunks.c.id, t.log_chunks.c.line_count)
             if before is not None:
                 query = query.where(t.log_chunks.c.id < before)
             with self.store._read() as conn:
-                rows = conn.execute(query).all()
+                rows = conn.execute(query.order_by(t.log_chunks.c.id.desc()).limit(256)).all()
             if not rows:
-                break
-            newest = newest or rows[0].id
-            for row in rows:
-                lines = [line for line in _decode(row) if where.keep(line)]
-                collected[:0] = lines
-                if len(collected) >= count:
-                    break
+                return Cursor()  # fewer lines than asked for: all of them
+            if count == 0:
+                return Cursor(after=rows[0].id)
+            for chunk_id, line_count in rows:
+                if where.by_line:
+                    line_count = sum(1 for _ in self._chunk_lines(chunk_id, where))
+                if line_count >= need:
+                    return Cursor(after=chunk_id - 1, skip=line_count - need)
+                need -= line_count
             before = rows[-1].id
-        return collected[-count:] if count else [], newest
+
+    def _fetch(self, job_id: str, after: int, where: LogFilter) -> Sequence[Any]:
+        """The next chunks after `after`: as many as fit in `_FETCH_BYTES` once unpacked (at
+        least one), in one short read transaction."""
+        with self.store._read() as conn:
+            sizes = conn.execute(
+                _chunks(job_id, where, t.log_chunks.c.id, t.log_chunks.c.raw_bytes)
+                .where(t.log_chunks.c.id > after)
+                .order_by(t.log_chunks.c.id)
+                .limit(_FETCH_CHUNKS)
+            ).all()
+            if not sizes:
+                return []
+            last, total = sizes[0].id, 0
+            for chunk_id, raw_bytes in sizes:
+                if total and total + raw_bytes > _FETCH_BYTES:
+                    break
+                last, total = chunk_id, total + raw_bytes
+            columns = (t.log_chunks.c.id, t.log_chunks.c.source, t.log_chunks.c.packed)
+            return conn.execute(
+                _chunks(job_id, where, *columns)
+                .where(t.log_chunks.c.id > after, t.log_chunks.c.id <= last)
+                .order_by(t.log_chunks.c.id)
+            ).all()
+
+    def _chunk_lines(self, chunk_id: int, where: LogFilter) -> Iterator[LogLine]:
+        with self.store._read() as conn:
+            row = conn.execute(
+                sa.select(t.log_chunks.c.source, t.log_chunks.c.packed).where(
+                    t.log_chunks.c.id == chunk_id
+                )
+            ).one()
+        return (line for line in _decode(chunk_id, row.source, row.packed) if where.keep(line))
+
+    # -- pruning ----------------------------------------------------------------------------
 
     def prune(self, ended_before_ts: float, max_lines_per_job: int) -> int:
         """Delete the logs of jobs that ended before `ended_before_ts`, and the oldest chunks
@@ -120,6 +281,7 @@ class LogStore:
             deleted += conn.execute(
                 t.log_chunks.delete().where(t.log_chunks.c.job_id.in_(old_jobs))
             ).rowcount
+            conn.execute(t.log_totals.delete().where(t.log_totals.c.job_id.in_(old_jobs)))
             big = conn.execute(
                 sa.select(t.log_chunks.c.job_id)
                 .group_by(t.log_chunks.c.job_id)
@@ -146,10 +308,11 @@ class LogStore:
         return deleted
 
 
-def _chunks(job_id: str, where: LogFilter) -> sa.Select[Any]:
-    query = sa.select(t.log_chunks.c.id, t.log_chunks.c.source, t.log_chunks.c.lines).where(
-        t.log_chunks.c.job_id == job_id
-    )
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _chunks(job_id: str, where: LogFilter, *columns: Any) -> sa.Select[Any]:
+    query = sa.select(*columns).where(t.log_chunks.c.job_id == job_id)
     if where.source is not None:
         query = query.where(t.log_chunks.c.source == where.source)
     if where.since_ts is not None:
@@ -157,10 +320,146 @@ def _chunks(job_id: str, where: LogFilter) -> sa.Select[Any]:
     return query
 
 
-def _decode(row: Any) -> list[LogLine]:
-    """The lines of a chunk; an entry may hold several lines that share its fields."""
+def _decode(chunk_id: int, source: str, packed: bytes) -> Iterator[LogLine]:
+    """The lines of a chunk, one at a time; an entry may hold many lines that share its
+    fields."""
+    raw = zlib.decompress(packed)
+    # orjson reserves about 15 times its input while it parses: right for chunks of about
+    # CHUNK_BYTES, not for the rare one that is bigger because one entry is (4 MiB at most),
+    # which the standard library parses in twice its size.
+    entries = orjson.loads(raw) if len(raw) <= 2 * CHUNK_BYTES else json.loads(raw)
+    for ts, stream, level, batch_id, text in entries:
+        for message in _split(text):
+            yield LogLine(chunk_id, ts, source, stream, level, batch_id, message)
+
+
+def _split(text: str) -> Iterator[str]:
+    """`text.split("\\n")`, a slice of about `_SPLIT_CHARS` at a time."""
+    start = 0
+    while len(text) - start > _SPLIT_CHARS:
+        end = text.rfind("\n", start, start + _SPLIT_CHARS)
+        if end < 0:
+            end = text.find("\n", start + _SPLIT_CHARS)
+            if end < 0:
+                break
+        yield from text[start:end].split("\n")
+        start = end + 1
+    yield from text[start:].split("\n")
+
+
+def _line_count(lines: Sequence[RawLine]) -> int:
+    return sum(line[4].count("\n") + 1 for line in lines)
+
+
+def _text_bytes(lines: Sequence[RawLine]) -> int:
+    """The characters of the lines' text: what a count of dropped bytes means to a reader."""
+    return sum(len(line[4]) for line in lines)
+
+
+def _within(lines: Sequence[RawLine], room: int | None) -> tuple[Sequence[RawLine], list[_Packed]]:
+    """The lines that fit in `room` bytes of JSON (None: all of them), packed as chunks."""
+    if room is not None and room <= 2:  # not even the brackets
+        return [], []
+    chunks = _pack(lines)
+    if room is None or sum(chunk.raw_bytes for chunk in chunks) <= room:
+        return lines, chunks
+    kept = _fit(lines, room)
+    return kept, _pack(kept)
+
+
+def _fit(lines: Sequence[RawLine], room: int) -> list[RawLine]:
+    """The first lines of `lines` whose JSON takes at most about `room` bytes, cut at a line
+    break inside an entry if need be."""
+    kept: list[RawLine] = []
+    used = 2  # the brackets
+    for line in lines:
+        size = len(orjson.dumps(line)) + 1  # and a comma
+        if used + size <= room:
+            kept.append(line)
+            used += size
+            continue
+        # Whole lines of this entry, as many as fit: a prefix that fits by characters, then
+        # shorter ones while escapes (a line break is two bytes of JSON) make it too long.
+        text: str = line[4]
+        limit = room - used - len(orjson.dumps([*line[:4], ""])) - 1
+        while limit > 0:
+            cut = text.rfind("\n", 0, limit)
+            if cut < 0:
+                break
+            part = [*line[:4], text[:cut]]
+            excess = used + len(orjson.dumps(part)) + 1 - room
+            if excess <= 0:
+                kept.append(part)
+                break
+            limit = cut - excess  # each character is at least a byte
+        break
+    return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packed:
+    lines: Sequence[RawLine]
+    packed: bytes
+    raw_bytes: int
+
+
+def _pack(lines: Sequence[RawLine]) -> list[_Packed]:
+    """Lines as chunks of about `CHUNK_BYTES` of JSON each (an entry bigger than that is a
+    chunk of its own), compressed: a reader decodes one chunk at a time, so this bounds its
+    memory, whatever a worker sends in one request."""
+    groups: list[list[RawLine]] = [[]]
+    size = 0
+    for line in lines:
+        estimate = len(line[4]) + 64  # the message, and the fields around it
+        if groups[-1] and size + estimate > CHUNK_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(line)
+        size += estimate
+    packed = []
+    for group in groups:
+        if group:
+            raw = orjson.dumps(group)
+            packed.append(_Packed(group, zlib.compress(raw, _ZLIB_LEVEL), len(raw)))
+    return packed
+
+
+def _budget_notice(max_bytes: int) -> RawLine:
     return [
-        LogLine(row.id, ts, row.source, stream, level, batch_id, message)
-        for ts, stream, level, batch_id, text in orjson.loads(row.lines)
-        for message in text.split("\n")
+        time.time(),
+        "server",
+        "WARNING",
+        None,
+        f"cortex: this job's log reached its budget of {max_bytes} bytes "
+        "(CORTEX_LOG_MAX_BYTES): later lines are dropped, and counted at the end of the log",
     ]
+
+
+def _lock_totals(conn: Connection, job_id: str) -> Totals:
+    """The job's totals row, created if need be and locked (FOR UPDATE) for this append: two
+    appends to one job decide on the budget one after the other."""
+    conn.execute(engine.insert_ignore(conn, t.log_totals).values(job_id=job_id))
+    row = conn.execute(
+        sa.select(
+            t.log_totals.c.stored_bytes, t.log_totals.c.dropped_lines, t.log_totals.c.dropped_bytes
+        )
+        .where(t.log_totals.c.job_id == job_id)
+        .with_for_update()
+    ).one()
+    return Totals(*row)
+
+
+def _insert_chunk(conn: Connection, job_id: str, source: str, chunk: _Packed) -> None:
+    stamps = [line[0] for line in chunk.lines]
+    conn.execute(
+        t.log_chunks.insert(),
+        {
+            "job_id": job_id,
+            "source": source,
+            "first_ts": min(stamps),
+            "last_ts": max(stamps),
+            "line_count": _line_count(chunk.lines),
+            "packed": chunk.packed,
+            "raw_bytes": chunk.raw_bytes,
+        },
+    )
