@@ -179,6 +179,20 @@ store_option = click.option(
     help="Store at most this many bytes of log per job; later lines are dropped and counted.",
 )
 @click.option(
+    "--job-retention-s",
+    envvar="CORTEX_JOB_RETENTION_S",
+    default=30 * 86400.0,
+    type=float,
+    help="Delete a job (its record, batches and logs) this long after it ends.",
+)
+@click.option(
+    "--prune-s",
+    envvar="CORTEX_PRUNE_S",
+    default=60.0,
+    type=click.FloatRange(min=0.1),
+    help="How often what is past its retention is deleted and its space given back.",
+)
+@click.option(
     "--data-roots",
     envvar="CORTEX_DATA_ROOTS",
     default="",
@@ -242,6 +256,8 @@ def serve(
     log_retention_s: float,
     log_max_lines: int,
     log_max_bytes: int,
+    job_retention_s: float,
+    prune_s: float,
     data_roots: str,
     data_urls: str,
     env_cache_bytes: int,
@@ -284,6 +300,8 @@ def serve(
         log_retention_s=log_retention_s,
         log_max_lines_per_job=log_max_lines,
         log_max_bytes=log_max_bytes,
+        job_retention_s=job_retention_s,
+        prune_s=prune_s,
         data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
         data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
         env_cache_bytes=env_cache_bytes,

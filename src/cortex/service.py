@@ -551,7 +551,7 @@ class Service:
     def ingest_output(self, job_id: str, worker_id: str, max_bytes: int = 256 << 10) -> int:
         """Store what a worker wrote outside the log capture (an import error before Python
         was up, a segfault, a C library writing to its file descriptors): read once, when it
-        exits, keeping the last `max_bytes`."""
+        exits, keeping the last `max_bytes`; the file goes then (its lines are in the store)."""
         path = self.worker_output_path(job_id, worker_id)
         try:
             with open(path, "rb") as raw:
@@ -573,6 +573,10 @@ class Service:
             [[now, "output", None, None, line] for line in lines],
             budgeted=False,
         )
+        # (The job's folder stays for its other workers; the reconciler removes it once the
+        # job is gone from the store.)
+        with contextlib.suppress(OSError):
+            path.unlink()
         return len(lines)
 
     def launch_workers(self, job: Job, count: int) -> None:

@@ -50,6 +50,11 @@ class Settings:
     # Per job, the bytes of log stored (before compression) before later lines are dropped;
     # the count of dropped lines is in the log.
     log_max_bytes: int = 128 << 20
+    # Ended jobs are deleted (their batches, payloads, workers and logs with them) this long
+    # after they end.
+    job_retention_s: float = 30 * 86400.0
+    # How often what is past its retention is deleted, and the space it held given back.
+    prune_s: float = 60.0
     # With a token set, every public endpoint but /healthz requires `Authorization: Bearer`.
     auth_token: str = ""
     # Local file datasets are read only under these folders; empty means the folder the

@@ -116,7 +116,7 @@ class BaseStore:
     def vacuum(self, step_pages: int = 256, max_steps: int = 256) -> int:
         """Give the pages that deletes freed back to the file system: SQLite's incremental
         vacuum, `step_pages` (64 KiB each) a write transaction, so that writers wait for one
-        step at most. Returns the pages freed. PostgreSQL's own autovacuum makes freed space
+        step at most. Returns the bytes freed. PostgreSQL's own autovacuum makes freed space
         reusable; returning it to the file system there is the operator's VACUUM FULL."""
         if not self.is_sqlite:
             return 0
@@ -127,6 +127,7 @@ class BaseStore:
                 try:
                     db = raw.driver_connection
                     assert db is not None
+                    page_bytes = db.execute("PRAGMA page_size").fetchone()[0]
                     before = db.execute("PRAGMA freelist_count").fetchone()[0]
                     if before == 0:
                         break
@@ -138,7 +139,7 @@ class BaseStore:
                     raw.close()
                 # The file shrinks when a checkpoint copies the step into it.
                 self._bound_wal()
-            freed += before - after
+            freed += (before - after) * page_bytes
             if after == 0 or after >= before:
                 break
         if freed:

@@ -42,6 +42,8 @@ _PAGE_CHARS = 1 << 20
 # Chunks fetched per read transaction: at most this many, and this much JSON once unpacked.
 _FETCH_CHUNKS = 64
 _FETCH_BYTES = 4 << 20
+# Chunks deleted per transaction when pruning.
+_PRUNE_CHUNKS = 64
 # A message is split into lines a slice at a time, so that one entry of millions of short
 # lines never becomes one list of millions of strings.
 _SPLIT_CHARS = 256 << 10
@@ -272,24 +274,33 @@ class LogStore:
 
     # -- pruning ----------------------------------------------------------------------------
 
-    def prune(self, ended_before_ts: float, max_lines_per_job: int) -> int:
+    def prune(
+        self, ended_before_ts: float, max_lines_per_job: int, max_transactions: int = 200
+    ) -> int:
         """Delete the logs of jobs that ended before `ended_before_ts`, and the oldest chunks
-        of any job over `max_lines_per_job`. Returns how many chunks went."""
-        deleted = 0
+        of any job over `max_lines_per_job`, `_PRUNE_CHUNKS` chunks a transaction (chunks are
+        up to a MiB each: a job's whole log at once would hold the write lock for seconds).
+        Stops after `max_transactions`. Returns how many chunks went."""
+        old_jobs = sa.select(t.jobs.c.job_id).where(t.jobs.c.end_time < ended_before_ts)
+        deleted, left = self._delete_chunks(t.log_chunks.c.job_id.in_(old_jobs), max_transactions)
         with self.store._write() as conn:
-            old_jobs = sa.select(t.jobs.c.job_id).where(t.jobs.c.end_time < ended_before_ts)
-            deleted += conn.execute(
-                t.log_chunks.delete().where(t.log_chunks.c.job_id.in_(old_jobs))
-            ).rowcount
-            conn.execute(t.log_totals.delete().where(t.log_totals.c.job_id.in_(old_jobs)))
+            # Only once their chunks are all gone: a budget must not start over under a log.
+            conn.execute(
+                t.log_totals.delete().where(
+                    t.log_totals.c.job_id.in_(old_jobs),
+                    t.log_totals.c.job_id.not_in(sa.select(t.log_chunks.c.job_id).distinct()),
+                )
+            )
+        with self.store._read() as conn:
             big = conn.execute(
                 sa.select(t.log_chunks.c.job_id)
                 .group_by(t.log_chunks.c.job_id)
                 .having(sa.func.sum(t.log_chunks.c.line_count) > max_lines_per_job)
             ).all()
-            for (job_id,) in big:
-                kept = 0
-                cutoff = None
+        for (job_id,) in big:
+            kept = 0
+            cutoff = None
+            with self.store._read() as conn:
                 for chunk_id, line_count in conn.execute(
                     sa.select(t.log_chunks.c.id, t.log_chunks.c.line_count)
                     .where(t.log_chunks.c.job_id == job_id)
@@ -299,13 +310,27 @@ class LogStore:
                     if kept > max_lines_per_job:
                         cutoff = chunk_id
                         break
-                if cutoff is not None:
-                    deleted += conn.execute(
-                        t.log_chunks.delete().where(
-                            t.log_chunks.c.job_id == job_id, t.log_chunks.c.id <= cutoff
-                        )
-                    ).rowcount
+            if cutoff is not None and left > 0:
+                where = sa.and_(t.log_chunks.c.job_id == job_id, t.log_chunks.c.id <= cutoff)
+                count, left = self._delete_chunks(where, left)
+                deleted += count
         return deleted
+
+    def _delete_chunks(self, where: sa.ColumnElement[bool], transactions: int) -> tuple[int, int]:
+        """Delete the chunks `where` says, a few a transaction; returns (how many went, the
+        transactions left)."""
+        deleted = 0
+        while transactions > 0:
+            transactions -= 1
+            with self.store._write() as conn:
+                ids = sa.select(t.log_chunks.c.id).where(where).limit(_PRUNE_CHUNKS)
+                count = conn.execute(
+                    t.log_chunks.delete().where(t.log_chunks.c.id.in_(ids))
+                ).rowcount
+            deleted += count
+            if count < _PRUNE_CHUNKS:
+                break
+        return deleted, transactions
 
 
 # -- helpers ----------------------------------------------------------------------------------
