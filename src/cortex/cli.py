@@ -179,6 +179,13 @@ store_option = click.option(
     help="Store at most this many bytes of log per job; later lines are dropped and counted.",
 )
 @click.option(
+    "--max-project-bytes",
+    envvar="CORTEX_MAX_PROJECT_BYTES",
+    default=1 << 30,
+    type=click.IntRange(min=0),
+    help="Refuse a deploy whose project unpacks to more than this.",
+)
+@click.option(
     "--job-retention-s",
     envvar="CORTEX_JOB_RETENTION_S",
     default=30 * 86400.0,
@@ -256,6 +263,7 @@ def serve(
     log_retention_s: float,
     log_max_lines: int,
     log_max_bytes: int,
+    max_project_bytes: int,
     job_retention_s: float,
     prune_s: float,
     data_roots: str,
@@ -300,6 +308,7 @@ def serve(
         log_retention_s=log_retention_s,
         log_max_lines_per_job=log_max_lines,
         log_max_bytes=log_max_bytes,
+        max_project_bytes=max_project_bytes,
         job_retention_s=job_retention_s,
         prune_s=prune_s,
         data_roots=tuple(Path(p) for p in data_roots.split(":") if p),

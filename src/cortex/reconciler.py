@@ -187,6 +187,9 @@ class Reconciler:
             if gone:
                 log.info("deleted %d jobs past CORTEX_JOB_RETENTION_S", len(gone))
         self._prune_outputs()
+        removed = self.service.prune_projects()
+        if removed:
+            log.info("removed %d unpacked projects that nothing uses", len(removed))
         # Environments used by no API version and no running job, over the budget.
         self.service.prune_environments()
         freed = store.vacuum()

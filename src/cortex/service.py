@@ -60,6 +60,7 @@ class Service:
         )
         # A version's environment key and .env, read once from its (immutable) project.
         self._env_keys: dict[str, str | None] = {}
+        self.projects = project.Projects(settings.data_dir / "projects", settings.max_project_bytes)
         self._dotenvs: dict[str, dict[str, str]] = {}
 
     # -- APIs -------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ class Service:
         A version whose environment is not built is the API's pending version until it is:
         the version that served goes on serving new jobs only if the build fails."""
         api = spec.parse_api_spec(spec_data)
-        names = project.archive_names(archive)
+        names = project.archive_names(archive, self.settings.max_project_bytes)
         if api.predictor.path not in names:
             raise errors.InvalidSpec(
                 f"api {api.name!r}: predictor.path: {api.predictor.path} is not in the project "
@@ -79,19 +80,20 @@ class Service:
             )
         spec_json = api.to_json()
         spec_id = spec.digest(spec.canonical_json(spec_json), archive)[:32]
-        project_dir = (self.settings.data_dir / "projects" / spec_id).resolve()
-        unpacked = project_dir.is_dir()
-        project.extract(archive, project_dir)
-        try:
-            environments.check_project(project_dir)
-        except errors.CortexError:
-            if not unpacked:  # a refused deploy leaves nothing behind
-                shutil.rmtree(project_dir, ignore_errors=True)
-            raise
-        key = self.env_key(spec_id)
-        status = self.environments.status(key)
-        cached = status.state in (environments.READY, environments.NONE)
-        result = self.store.put_api(api.name, spec_id, spec_json, archive, pending=not cached)
+        # Unpacked and not yet stored: a prune of unused folders must leave it alone.
+        with self.projects.deploying(spec_id) as project_dir:
+            unpacked = project_dir.is_dir()
+            self.projects.extract(spec_id, archive)
+            try:
+                environments.check_project(project_dir)
+            except errors.CortexError:
+                if not unpacked:  # a refused deploy leaves nothing behind
+                    shutil.rmtree(project_dir, ignore_errors=True)
+                raise
+            key = self.env_key(spec_id)
+            status = self.environments.status(key)
+            cached = status.state in (environments.READY, environments.NONE)
+            result = self.store.put_api(api.name, spec_id, spec_json, archive, pending=not cached)
         if not cached:
             assert key is not None
             status = self.environments.build(
@@ -178,6 +180,7 @@ class Service:
                 self.launcher.stop_job(job_id, self.settings.worker_grace_s)
         self.store.delete_api(name)
         log.info("deleted api %s", name)
+        self.prune_projects()  # its code, at once: it may be big
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -531,11 +534,15 @@ class Service:
     # -- launching --------------------------------------------------------------------------
 
     def project_dir(self, spec_id: str) -> Path:
-        dest = (self.settings.data_dir / "projects" / spec_id).resolve()
+        dest = self.projects.path(spec_id)
         if dest.is_dir():
             return dest
         _, archive = self.store.get_spec(spec_id)
-        return project.extract(archive, dest)
+        return self.projects.extract(spec_id, archive)
+
+    def prune_projects(self) -> list[str]:
+        """Remove the unpacked projects of versions that nothing uses any more."""
+        return self.projects.prune(self.store.spec_ids_in_use)
 
     def _dotenv(self, spec_id: str, project_dir: Path) -> dict[str, str]:
         if spec_id not in self._dotenvs:

@@ -28,6 +28,8 @@ class Settings:
     # derived from host and port.
     public_url: str = ""
     max_body_bytes: int = 10 << 20
+    # What a deploy's project may unpack to (its archive is at most 256 MiB).
+    max_project_bytes: int = 1 << 30
     # A leased batch whose worker stops heartbeating becomes leasable again after `lease_s`.
     lease_s: float = 30.0
     heartbeat_s: float = 5.0
