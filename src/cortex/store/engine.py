@@ -147,8 +147,9 @@ class BaseStore:
         return freed
 
     def use_incremental_vacuum(self) -> bool:
-        """Put a SQLite database made before incremental vacuum into that mode (a one-time
-        VACUUM, which rewrites the file: minutes for gigabytes). Returns whether it had to."""
+        """Put a SQLite database into incremental auto-vacuum mode, once: a VACUUM, instant on
+        a new database, minutes for gigabytes made before this mode existed. Returns whether
+        it had to."""
         if not self.is_sqlite:
             return False
         with self._write_lock, self.engine.connect() as conn:
@@ -205,9 +206,9 @@ _INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
-    # Only a new database takes it (before its first table): freed pages can then be given
-    # back to the file system (`BaseStore.vacuum`); `use_incremental_vacuum` converts others.
-    cursor.execute(f"PRAGMA auto_vacuum={_INCREMENTAL}")
+    # (Not `PRAGMA auto_vacuum` here: on a database already in that mode, setting it waits for
+    # any open write transaction, and a read opened inside one would then wait for itself.
+    # `use_incremental_vacuum` sets it once, after the migrations.)
     # Big pages for a new database (an existing one keeps its own): a batch's payload is often
     # tens or hundreds of kilobytes, and 64 KiB pages write a 44 MB submission 3x faster
     # than 4 KiB ones and halve the pages a lease reads and a checkpoint copies.
