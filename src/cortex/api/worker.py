@@ -7,11 +7,11 @@ from typing import Annotated, Any, Literal
 
 import orjson
 import pydantic
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from cortex import errors
-from cortex.api import deps
+from cortex.api import auth, deps
 from cortex.api.body import read_body
 from cortex.jobs import WorkerState
 from cortex.service import Service
@@ -22,14 +22,13 @@ router = APIRouter(prefix="/worker/v1/jobs/{job_id}", include_in_schema=False)
 ServiceDep = Annotated[Service, Depends(deps.service)]
 
 
-async def _job(
-    job_id: str, service: ServiceDep, authorization: Annotated[str | None, Header()] = None
-) -> Job:
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
+async def _job(request: Request) -> Job:
+    """The job whose token the request carries: checked by the gate (`api.auth`) before the
+    body was read, which a dependency here would come after."""
+    job: Job | None = request.scope.get(auth.WORKER_JOB)
+    if job is None:
         raise errors.Unauthorized("a worker token is required (Authorization: Bearer <token>)")
-    # Every worker request reads its job: inline on SQLite, not one more thread hand-off.
-    return await deps.read(service, lambda: service.authorize_worker(job_id, token))
+    return job
 
 
 JobDep = Annotated[Job, Depends(_job)]
