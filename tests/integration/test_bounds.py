@@ -8,17 +8,29 @@ import contextlib
 import gzip
 import io
 import json
+import re
 import socket
 import sqlite3
 import tarfile
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
-from helpers import FIXTURES, Server, deploy_fixture, start_server, stop_server, wait_for
+from helpers import (
+    FIXTURES,
+    Server,
+    deploy_fixture,
+    start_server,
+    stop_server,
+    wait_for,
+    wait_for_status,
+)
 
 
 @pytest.fixture
@@ -208,3 +220,148 @@ def _worker_token(server: Server, job_id: str) -> str:
     with sqlite3.connect(server.data_dir / "cortex.db") as db:
         row = db.execute("select worker_token from jobs where job_id = ?", (job_id,)).fetchone()
     return str(row[0])
+
+
+# -- a predictor that floods its log ------------------------------------------------------------
+
+LOG_BUDGET = 32 << 20
+
+
+def _disk_bytes(folder: Path) -> int:
+    """What a folder takes on disk (allocated blocks, as `du` counts them)."""
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_blocks * 512
+    return total
+
+
+class Sampler:
+    """Samples a value on a thread of its own until stopped, keeping every sample."""
+
+    def __init__(self, sample: Callable[[], float], every_s: float) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.is_set():
+                self.samples.append(sample())
+                self._stop.wait(every_s)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
+def _latency(http: httpx.Client, path: str) -> float:
+    """How long a request took to be answered; infinite if the answer was a server error."""
+    started = time.perf_counter()
+    failed = http.get(path).status_code >= 500
+    return float("inf") if failed else time.perf_counter() - started
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def test_a_log_flood_stays_within_its_budget_and_the_disk_falls_back_after_retention(
+    tmp_path: Path,
+) -> None:
+    """A predictor printing as fast as it can for 10 s (it stored 1.8 GB of lines in 20 s, and
+    its data folder never shrank): the data folder stays within the log budget and a margin,
+    status answers throughout, the log says how many lines were dropped, and once the job is
+    past its retention the disk use falls back."""
+    srv = start_server(
+        tmp_path / "server",
+        CORTEX_LOG_MAX_BYTES=str(LOG_BUDGET),
+        # Long enough to read the log's end back before it goes.
+        CORTEX_LOG_RETENTION_S="10",
+        CORTEX_LOG_MAX_LINES=str(10**9),  # the byte budget alone
+        CORTEX_JOB_RETENTION_S="10",
+        CORTEX_PRUNE_S="1",
+    )
+    try:
+        with srv.client() as client, srv.http() as http:
+            api = deploy_fixture(client, "flood", tmp_path)
+            baseline = _disk_bytes(srv.data_dir)
+            body = {"workers": 1, "item_list": {"items": [{"flood_s": 10}], "batch_size": 1}}
+            job_id = client.submit(api.name, body)["job_id"]
+            disk = Sampler(lambda: _disk_bytes(srv.data_dir), 0.25)
+            status = Sampler(lambda: _latency(http, f"/{api.name}/{job_id}"), 0.05)
+            ended = wait_for_status(client, api.name, job_id, 60)
+            wait_for(lambda: not srv.worker_processes(job_id), 60, "the worker to exit")
+            latencies = status.stop()
+            sizes = disk.stop()
+            assert ended["status"] == "status_succeeded"
+
+            # The server's own lines (reading back millions of lines would take half a
+            # minute here): the first drop is said where it happened, the count at the end.
+            said = list(client.logs(api.name, job_id, follow=True, worker="server"))
+            stored = client.logs(api.name, job_id, tail=3, worker="0")
+            grown = max(sizes) - baseline
+            print(
+                f"\nflood: data folder +{grown / 1e6:.1f} MB at most (budget "
+                f"{LOG_BUDGET / 1e6:.1f} MB); status p50 {_percentile(latencies, 0.5) * 1e3:.0f} "
+                f"ms, p99 {_percentile(latencies, 0.99) * 1e3:.0f} ms, max "
+                f"{max(latencies) * 1e3:.0f} ms over {len(latencies)} requests; the last "
+                f"line kept: {list(stored)[-1].split(' ', 3)[-1]}; {said[-1].split(' ', 3)[-1]}"
+            )
+            # The budget counts JSON before compression: compressed, the log and the
+            # write-ahead log that carried it take less than the budget together.
+            assert grown < LOG_BUDGET + (16 << 20)
+            # Generous: the target is 100 ms, on a machine that may be loaded.
+            assert max(latencies) < 2.0
+            assert any("reached its budget of 33554432 bytes" in line for line in said)
+            assert re.search(
+                r"cortex: [0-9]+ log lines \([0-9]+ bytes of text\) were dropped", said[-1]
+            )
+            # The worker's raw output file went when it exited (stored before the follower
+            # above saw the worker gone).
+            assert not list((srv.data_dir / "logs").rglob("*.log"))
+
+            def pruned() -> bool:
+                answer = http.get(f"/{api.name}/{job_id}")
+                gone = (
+                    answer.status_code == 400 and answer.json()["kind"] == "batchapi.job_not_found"
+                )
+                return gone and _disk_bytes(srv.data_dir) < baseline + (8 << 20)
+
+            wait_for(pruned, 30, "the job to be pruned and its space given back")
+            after = _disk_bytes(srv.data_dir) - baseline
+            print(f"after retention: data folder +{after / 1e6:.1f} MB")
+    finally:
+        stop_server(srv)
+
+
+def test_reading_one_entry_of_a_million_lines_holds_neither_memory_nor_the_event_loop(
+    server: Server, tmp_path: Path
+) -> None:
+    """A log of one chunk of three million lines took the server to 1.6 GB and held /healthz
+    for 11 s: now a page at a time, formatted off the event loop."""
+    with server.client() as client, server.http() as http:
+        api = deploy_fixture(client, "flood", tmp_path)
+        body = {"workers": 1, "item_list": {"items": [{"entry_lines": 1_000_000}], "batch_size": 1}}
+        job_id = client.submit(api.name, body)["job_id"]
+        wait_for_status(client, api.name, job_id, 60)
+        before = _rss(server)
+        memory = Sampler(lambda: _rss(server), 0.05)
+        health = Sampler(lambda: _latency(http, "/healthz"), 0.05)
+        started = time.perf_counter()
+        count = sum(1 for _ in client.logs(api.name, job_id, follow=True))
+        took = time.perf_counter() - started
+        latencies = health.stop()
+        grown = max(memory.stop()) - before
+        print(
+            f"\n{count} lines read in {took:.1f} s; server RSS +{grown / 1e6:.0f} MB at most; "
+            f"/healthz p50 {_percentile(latencies, 0.5) * 1e3:.0f} ms, max "
+            f"{max(latencies) * 1e3:.0f} ms over {len(latencies)} requests"
+        )
+        assert count > 1_000_000
+        assert grown < 200e6
+        assert max(latencies) < 2.0

@@ -143,7 +143,10 @@ class BaseStore:
             if after == 0 or after >= before:
                 break
         if freed:
-            self.checkpoint()
+            # Into the database file, which shrinks, and the log emptied: what the steps
+            # wrote to it would otherwise stay on disk until the log starts over.
+            with self._write_lock:
+                self._truncate_wal()
         return freed
 
     def use_incremental_vacuum(self) -> bool:
