@@ -2,11 +2,10 @@
 in bounded pages, prune.
 
 A chunk is what one worker shipped in one request (split past `CHUNK_BYTES`), or one server
-line. Filters by worker use
-the chunk's source and time filters skip whole chunks; the rest is decided line by line while
-decoding. Reading holds one chunk's decoded JSON and one page of lines at a time, whatever the
-size of the log or of its chunks (a single entry may hold millions of lines), and never keeps
-a database transaction open between pages.
+line. Filters by worker use the chunk's source and time filters skip whole chunks; the rest is
+decided line by line while decoding. Reading holds one chunk's decoded JSON and one page of
+lines at a time, whatever the size of the log or of its chunks (a single entry may hold
+millions of lines), and never keeps a database transaction open between pages.
 """
 
 from __future__ import annotations
