@@ -541,8 +541,20 @@ class Service:
         return self.projects.extract(spec_id, archive)
 
     def prune_projects(self) -> list[str]:
-        """Remove the unpacked projects of versions that nothing uses any more."""
-        return self.projects.prune(self.store.spec_ids_in_use)
+        """Remove the unpacked projects of versions that nothing uses any more: no API serves
+        or builds them, no in-progress job runs them, and no environment build reads them (a
+        build is shared by every version with the same environment files, and reads the
+        folder of the version that started it, which a later deploy may have replaced)."""
+
+        def in_use() -> set[str]:
+            building = {
+                spec_id
+                for spec_id, key in list(self._env_keys.items())
+                if key is not None and self.environments.status(key).state == environments.BUILDING
+            }
+            return self.store.spec_ids_in_use() | building
+
+        return self.projects.prune(in_use)
 
     def _dotenv(self, spec_id: str, project_dir: Path) -> dict[str, str]:
         if spec_id not in self._dotenvs:
