@@ -84,6 +84,11 @@ class Client:
                     f"{config_path}: api {api.name!r}: predictor.path: {api.predictor.path} "
                     "is not a file in the project folder (or is excluded by .cortexignore)"
                 )
+            for path in spec.missing_model_files(api, files):
+                raise errors.InvalidSpec(
+                    f"{config_path}: api {api.name!r}: predictor: the model {path} is not a file "
+                    "or folder in the project (or is excluded by .cortexignore)"
+                )
             if api.predictor.python_path and not (root / api.predictor.python_path).is_dir():
                 raise errors.InvalidSpec(
                     f"{config_path}: api {api.name!r}: predictor.python_path: "

@@ -258,6 +258,9 @@ def _storage_reason(err: BaseException) -> str:
     return reason if len(reason) < 500 else reason[:500] + "..."
 
 
+storage_reason = _storage_reason  # for the other readers of storage (models)
+
+
 def list_location(loc: Location, roots: tuple[Path, ...]) -> Iterator[str]:
     """Every file under one prefix, as a URL written like the prefix."""
     if loc.scheme == _LOCAL:

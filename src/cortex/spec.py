@@ -99,12 +99,133 @@ def _relative_path(value: str, what: str) -> str:
     return normal
 
 
+# Where a model may come from: storage the datasets read too. A plain path is inside the
+# project folder (relative) or on the server's disk under its data roots (absolute).
+MODEL_URL_SCHEMES = ("s3", "gs", "gcs", "http", "https")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
+
+
+def _model_location(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    if sep:
+        if scheme.lower() not in MODEL_URL_SCHEMES or not rest:
+            allowed = ", ".join(f"{s}://" for s in MODEL_URL_SCHEMES)
+            raise ValueError(f"{value!r}: a model URL must start with one of {allowed}")
+        return value
+    if value.startswith("/"):
+        return posixpath.normpath(value)
+    return _relative_path(value, "a model path")
+
+
+class ModelEntry(_Strict):
+    """One named model (v0.25 `models.paths[]`; v0.20 `models[]`, whose `model_path` is read
+    as `path`)."""
+
+    name: str
+    path: str
+    signature_key: str | None = None
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _v020(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and "model_path" in value and "path" not in value:
+            value = {("path" if k == "model_path" else k): v for k, v in value.items()}
+        return value
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _MODEL_NAME.fullmatch(value) or len(value) > 128:
+            raise ValueError(
+                f"{value!r} is not a model name (letters, digits, '-', '_' and '.', at most 128)"
+            )
+        return value
+
+    _path = pydantic.field_validator("path")(lambda cls, v: _model_location(v))
+
+
+class Models(_Strict):
+    """`predictor.models` (v0.25): one model (`path`) or several (`paths`)."""
+
+    path: str | None = None
+    paths: list[ModelEntry] | None = None
+    signature_key: str | None = None
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _v020(cls, value: Any) -> Any:
+        # v0.20: a list of {name, model_path, signature_key}.
+        return {"paths": value} if isinstance(value, list) else value
+
+    @pydantic.field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str | None) -> str | None:
+        return None if value is None else _model_location(value)
+
+    @pydantic.model_validator(mode="after")
+    def _one_form(self) -> Models:
+        if (self.path is None) == (self.paths is None):
+            raise ValueError("give exactly one of path or paths")
+        if self.paths is not None:
+            if not self.paths:
+                raise ValueError("paths: list at least one model")
+            names = [entry.name for entry in self.paths]
+            for name in names:
+                if names.count(name) > 1:
+                    raise ValueError(f"paths: the model name {name!r} is used twice")
+        return self
+
+
 class Predictor(_Strict):
-    type: Literal["python"]
+    type: Literal["python", "onnx", "tensorflow"]
     path: str
     config: dict[str, Any] = pydantic.Field(default_factory=dict)
     python_path: str | None = None
     env: dict[str, str] = pydantic.Field(default_factory=dict)
+    # tensorflow and onnx: the model(s), as v0.20 (`model_path`) or v0.25 (`models`) wrote them.
+    model_path: str | None = None
+    models: Models | None = None
+    signature_key: str | None = None
+
+    @pydantic.field_validator("model_path")
+    @classmethod
+    def _check_model_path(cls, value: str | None) -> str | None:
+        return None if value is None else _model_location(value)
+
+    @pydantic.model_validator(mode="after")
+    def _check_models(self) -> Predictor:
+        given = [key for key in ("model_path", "models") if getattr(self, key) is not None]
+        if self.type == "python":
+            for key in (*given, *(["signature_key"] if self.signature_key else [])):
+                raise ValueError(f"{key}: only for type tensorflow or onnx, not python")
+            return self
+        if len(given) != 1:
+            raise ValueError(
+                f"type {self.type} needs exactly one of model_path or models"
+                + (" (both are given)" if given else "")
+            )
+        if self.type == "onnx":
+            keys = [e.signature_key for e in self.models.paths or []] if self.models else []
+            if self.signature_key or (self.models and self.models.signature_key) or any(keys):
+                raise ValueError("signature_key: only for type tensorflow, not onnx")
+        return self
+
+    def model_list(self) -> list[ModelEntry]:
+        """The models to load, named; a single model's name is empty (`model_name=None`)."""
+        if self.model_path is not None:
+            return [ModelEntry.model_construct(name="", path=self.model_path, signature_key=None)]
+        if self.models is None:
+            return []
+        if self.models.path is not None:
+            key = self.models.signature_key
+            return [ModelEntry.model_construct(name="", path=self.models.path, signature_key=key)]
+        assert self.models.paths is not None
+        return [
+            entry.model_copy(
+                update={"signature_key": entry.signature_key or self.models.signature_key}
+            )
+            for entry in self.models.paths
+        ]
 
     @pydantic.field_validator("config", mode="before")
     @classmethod
@@ -213,7 +334,26 @@ class APISpec(_Strict):
         return value
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # Keys left unset stay out: a python predictor's spec reads as it always did.
+        data = self.model_dump(mode="json")
+        predictor = data["predictor"]
+        for key in ("model_path", "models", "signature_key"):
+            if predictor.get(key) is None:
+                predictor.pop(key, None)
+        return data
+
+
+def missing_model_files(api: APISpec, names: set[str]) -> list[str]:
+    """The project-relative model paths of `api` that are neither a file nor a folder among the
+    project's files `names`."""
+    missing = []
+    for model in api.predictor.model_list():
+        path = model.path
+        if "://" in path or path.startswith("/"):
+            continue
+        if path not in names and not any(name.startswith(path.rstrip("/") + "/") for name in names):
+            missing.append(path)
+    return missing
 
 
 def json_depth(value: Any) -> int:
