@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-ray check lint typecheck unit clean bench bench-quick
+.PHONY: run test test-ray test-tf check lint typecheck unit clean bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ $(VENV)/.ray: pyproject.toml | $(VENV)/.test
 ## The Ray launcher's tests on a two-node Ray cluster started on loopback (slow: about 2 min).
 test-ray: $(VENV)/.ray
 	CORTEX_TEST_RAY=1 $(BIN)/pytest tests/ray
+
+## The TensorFlow predictor's tests: they build an environment with tensorflow-cpu (large).
+test-tf: $(VENV)/.test
+	CORTEX_TEST_TF=1 $(BIN)/pytest tests/tf
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests examples bench

@@ -211,19 +211,19 @@ class Predictor(_Strict):
         return self
 
     def model_list(self) -> list[ModelEntry]:
-        """The models to load, named; a single model's name is empty (`model_name=None`)."""
+        """The models to load, named; a single model's name is empty (`model_name=None`).
+        A model's signature_key is its own, else that of `models`, else the top-level one."""
+        key = self.signature_key
         if self.model_path is not None:
-            return [ModelEntry.model_construct(name="", path=self.model_path, signature_key=None)]
+            return [ModelEntry.model_construct(name="", path=self.model_path, signature_key=key)]
         if self.models is None:
             return []
+        key = self.models.signature_key or key
         if self.models.path is not None:
-            key = self.models.signature_key
             return [ModelEntry.model_construct(name="", path=self.models.path, signature_key=key)]
         assert self.models.paths is not None
         return [
-            entry.model_copy(
-                update={"signature_key": entry.signature_key or self.models.signature_key}
-            )
+            entry.model_copy(update={"signature_key": entry.signature_key or key})
             for entry in self.models.paths
         ]
 

@@ -231,6 +231,17 @@ class TestModels:
         models = [(m.name, m.path, m.signature_key) for m in api.predictor.model_list()]
         assert models == [("a", "s3://b/a/", "k"), ("b", "b", None)]
 
+    def test_signature_keys_fall_back_from_model_to_models_to_the_top(self) -> None:
+        [api] = load_config_file(model_api("type: tensorflow, model_path: m/, signature_key: t"))
+        assert [m.signature_key for m in api.predictor.model_list()] == ["t"]
+        [api] = load_config_file(
+            model_api(
+                "type: tensorflow, signature_key: t, models: {signature_key: m, paths: "
+                "[{name: a, path: a/, signature_key: own}, {name: b, path: b/}]}"
+            )
+        )
+        assert [m.signature_key for m in api.predictor.model_list()] == ["own", "m"]
+
     def test_a_single_model_has_no_name(self) -> None:
         for predictor in ("model_path: m.onnx", "models: {path: m.onnx}"):
             [api] = load_config_file(model_api(f"type: onnx, {predictor}"))
