@@ -619,6 +619,7 @@ class Service:
             self._start_when_prepared(job, worker_ids, api_spec)
             return
         env_dir = ready.env_dir
+        env_key, env_extra = self.env_definition(job.spec_id)
         python_path = [str(project_dir)]
         if api_spec.predictor.python_path:
             python_path.insert(0, str(project_dir / api_spec.predictor.python_path))
@@ -648,6 +649,8 @@ class Service:
                         env=env,
                         env_dir=env_dir,
                         runtime_dir=runtime,
+                        env_key=env_key,
+                        env_extra=env_extra,
                     )
                 )
             except Exception as err:
