@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,72 @@ def test_serve_with_the_ray_launcher_says_what_it_lacks_in_one_line(tmp_path: Pa
     assert result.returncode == 1
     assert result.stderr.startswith("error: the ray launcher needs ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _job_file(tmp_path: Path, items: list[object], **extra: object) -> Path:
+    path = tmp_path / "job.json"
+    body = {"item_list": {"items": items, "batch_size": 1}, "workers": 1, **extra}
+    path.write_text(json.dumps(body))
+    return path
+
+
+def test_submit_wait_shows_progress_and_exits_by_the_outcome(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
+    api = deploy_fixture(client, "recorder", tmp_path)
+    done = cortex(server.url, "submit", api.name, str(_job_file(tmp_path, [1, 2, 3])), "--wait")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("submitted job ")
+    # Piped: plain progress lines, the last one at 3/3, then how it ended.
+    assert any(", 3/3 batches (3 succeeded" in line for line in lines), done.stdout
+    assert "succeeded after" in lines[-1] and "3 of 3 batches succeeded" in lines[-1]
+
+    failing = _job_file(tmp_path, [1, "fail"], max_attempts=1)
+    done = cortex(server.url, "submit", api.name, str(failing), "--wait")
+    assert done.returncode == 1
+    assert "completed with failures" in done.stderr
+    assert "1 of 2 batches succeeded, 1 failed" in done.stderr
+    job_id = done.stdout.splitlines()[0].removeprefix("submitted job ")
+
+    shown = cortex(server.url, "failed", api.name, job_id)
+    assert shown.returncode == 0
+    assert shown.stdout.startswith("batch ") and "(attempts 1)" in shown.stdout
+    retried = cortex(server.url, "retry", api.name, job_id, "--wait")
+    assert retried.returncode == 1  # "fail" fails again
+    assert "retrying 1 failed batches of job" in retried.stdout
+
+
+def test_submit_follow_streams_the_logs_with_the_progress(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
+    api = deploy_fixture(client, "recorder", tmp_path)
+    done = cortex(
+        server.url, "submit", api.name, str(_job_file(tmp_path, [{"lines": 3}])), "--follow"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "stdout [batch " in done.stdout and " line 2" in done.stdout
+    assert "started 1 worker" in done.stdout  # a server line of the job's log
+
+
+def test_ctrl_c_leaves_a_waited_job_running(server: Server, client: Client, tmp_path: Path) -> None:
+    api = deploy_fixture(client, "recorder", tmp_path)
+    job = _job_file(tmp_path, [{"sleep": 30}])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cortex.cli", "submit", api.name, str(job), "--wait"],
+        env={**os.environ, "CORTEX_URL": server.url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert first.startswith("submitted job ")
+    job_id = first.strip().removeprefix("submitted job ")
+    proc.stdout.readline()  # the first progress line: it is waiting
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert f"job {job_id} goes on" in err and f"cortex delete {api.name} {job_id}" in err
+    assert client.get_job(api.name, job_id)["job_status"]["status"] == "status_running"
+    client.stop_job(api.name, job_id)
