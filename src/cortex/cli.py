@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ import orjson
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from cortex import display, errors
+from cortex import cliconfig, display, errors
 from cortex.client import Client
 from cortex.jobs import JobStatus
 from cortex.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_URL
@@ -38,13 +39,47 @@ def _error_line(message: str) -> None:
     click.secho(f"error: {' '.join(message.split())}", err=True, fg="red")
 
 
-url_option = click.option(
-    "--url",
-    envvar="CORTEX_URL",
-    default=DEFAULT_URL,
-    show_default=True,
-    help="The cortex server (env CORTEX_URL).",
-)
+def _remember_env(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    ctx.meta["cortex_env"] = value
+
+
+def _resolve_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    """--url, else CORTEX_URL (click reads it), else --env's, else the default environment's
+    (`cortex.cliconfig`), else the local server. The environment's token goes with it."""
+    if value:
+        return value
+    try:
+        name = ctx.meta.get("cortex_env")
+        env = cliconfig.get(name) if name else cliconfig.default()
+    except errors.CortexError as err:
+        raise click.BadParameter(err.message, param_hint="--env") from None
+    if env is None:
+        return DEFAULT_URL
+    ctx.meta["cortex_token"] = env.token
+    return env.url
+
+
+def url_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--url and --env (-e): which server a client command talks to."""
+    command = click.option(
+        "--url",
+        envvar="CORTEX_URL",
+        default=None,
+        callback=_resolve_url,
+        help=f"The cortex server (env CORTEX_URL; default: the environment's, or {DEFAULT_URL}).",
+    )(command)
+    return click.option(
+        "-e",
+        "--env",
+        "env_name",
+        default=None,
+        is_eager=True,
+        expose_value=False,
+        callback=_remember_env,
+        help="A named environment (cortex env list); CORTEX_URL and --url win over it.",
+    )(command)
+
+
 output_option = click.option(
     "-o", "--output", type=click.Choice(["pretty", "json"]), default="pretty", show_default=True
 )
@@ -53,8 +88,9 @@ output_option = click.option(
 @contextmanager
 def _client(url: str) -> Iterator[Client]:
     """A client whose errors become one line on stderr and a meaningful exit code."""
+    token = click.get_current_context().meta.get("cortex_token")
     try:
-        with Client(url) as client:
+        with Client(url, token=os.environ.get("CORTEX_AUTH_TOKEN") or token) as client:
             yield client
     except errors.ConnectionFailed as err:
         _error_line(err.message)
@@ -670,6 +706,66 @@ def delete(api: str, job_id: str | None, url: str, output: str, force: bool) -> 
         click.echo(result["message"])
 
 
+@cli.group("env")
+def env_group() -> None:
+    """Named environments: which server the other commands talk to (~/.cortex/cli.yaml)."""
+
+
+@env_group.command("configure")
+@click.argument("name")
+@click.option("--url", required=True, help="The server, e.g. https://cortex.example.com.")
+@click.option("--token", default=None, help="Its token (kept in the file, owner-only).")
+def env_configure(name: str, url: str, token: str | None) -> None:
+    """Add or change environment NAME (the first one becomes the default)."""
+    _config_call(cliconfig.configure, name, url, token)
+    click.echo(f"configured environment {name} ({url})")
+
+
+@env_group.command("list")
+@output_option
+def env_list(output: str) -> None:
+    """The environments, the default marked."""
+    found, default = _config_call(cliconfig.environments)
+    if output == "json":
+        _print_json(
+            {
+                "default": default,
+                "environments": [{"name": e.name, "url": e.url} for e in found],
+            }
+        )
+        return
+    if not found:
+        click.echo("no environments: add one with `cortex env configure NAME --url URL`")
+    for env in found:
+        marker = "*" if env.name == default else " "
+        token = " (token set)" if env.token else ""
+        click.echo(f"{marker} {env.name}\t{env.url}{token}")
+
+
+@env_group.command("default")
+@click.argument("name")
+def env_default(name: str) -> None:
+    """Make NAME the environment commands use without --env."""
+    _config_call(cliconfig.set_default, name)
+    click.echo(f"{name} is the default environment")
+
+
+@env_group.command("delete")
+@click.argument("name")
+def env_delete(name: str) -> None:
+    """Forget environment NAME."""
+    _config_call(cliconfig.delete, name)
+    click.echo(f"deleted environment {name}")
+
+
+def _config_call(function: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return function(*args)
+    except errors.CortexError as err:
+        _error_line(err.message)
+        sys.exit(EXIT_FAILED)
+
+
 @cli.command()
 @click.argument("api")
 @click.argument("job_id")
@@ -725,7 +821,14 @@ def retry(api: str, job_id: str, url: str, output: str, workers: int | None, wai
 @click.argument("api")
 @click.argument("job_id")
 @url_option
-@click.option("-f", "--follow", is_flag=True, help="Stream new lines until the job ends.")
+@click.option(
+    "-f/-F",
+    "--follow/--no-follow",
+    default=True,
+    show_default=True,
+    help="Stream new lines until the job ends, as Cortex did (an ended job's log is printed "
+    "and the command exits); --no-follow prints what is there now.",
+)
 @click.option("--since", default=None, help="Only lines since: 30s, 5m, 2h, 1d, or a time.")
 @click.option("--tail", type=int, default=None, help="Only the last N lines (then follow).")
 @click.option("--worker", "worker_id", default=None, help="One worker: 0, worker-0 or server.")

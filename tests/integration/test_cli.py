@@ -12,7 +12,15 @@ from pathlib import Path
 import yaml
 
 from cortex.client import Client
-from helpers import FIXTURES, Server, deploy_fixture, free_port, wait_for
+from helpers import (
+    FIXTURES,
+    Server,
+    deploy_fixture,
+    free_port,
+    start_server,
+    stop_server,
+    wait_for,
+)
 
 
 def cortex(
@@ -280,3 +288,45 @@ def test_ctrl_c_leaves_a_waited_job_running(server: Server, client: Client, tmp_
     assert f"job {job_id} goes on" in err and f"cortex delete {api.name} {job_id}" in err
     assert client.get_job(api.name, job_id)["job_status"]["status"] == "status_running"
     client.stop_job(api.name, job_id)
+
+
+def _cortex_env(config: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with its environments file in `config`, and no CORTEX_URL or token unless
+    given."""
+    base = {k: v for k, v in os.environ.items() if k not in ("CORTEX_URL", "CORTEX_AUTH_TOKEN")}
+    return subprocess.run(
+        [sys.executable, "-m", "cortex.cli", *args],
+        env={**base, "CORTEX_CLI_CONFIG": str(config), "COLUMNS": "200", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_named_environments_choose_the_server_and_carry_its_token(
+    server: Server, tmp_path: Path
+) -> None:
+    config = tmp_path / "cli.yaml"
+    token = "s3cret-token-for-the-test"
+    guarded = start_server(tmp_path / "guarded", CORTEX_AUTH_TOKEN=token)
+    try:
+        assert _cortex_env(config, "env", "configure", "open", "--url", server.url).returncode == 0
+        done = _cortex_env(
+            config, "env", "configure", "guarded", "--url", guarded.url, "--token", token
+        )
+        assert done.returncode == 0, done.stderr
+        assert config.stat().st_mode & 0o777 == 0o600  # it holds a token
+        listed = _cortex_env(config, "env", "list").stdout.splitlines()
+        assert listed[0].startswith("  guarded") and "(token set)" in listed[0]
+        assert listed[1].startswith("* open")  # the first one configured is the default
+        # The default environment, then --env / -e, each with its own token.
+        assert _cortex_env(config, "get").returncode == 0
+        assert _cortex_env(config, "get", "-e", "guarded").returncode == 0
+        assert _cortex_env(config, "env", "default", "guarded").returncode == 0
+        assert _cortex_env(config, "get").returncode == 0
+        # CORTEX_URL wins over the environment (and has no token for the guarded server).
+        assert _cortex_env(config, "get", CORTEX_URL=guarded.url).returncode == 1
+        unknown = _cortex_env(config, "get", "--env", "nope")
+        assert unknown.returncode == 2 and "no environment named 'nope'" in unknown.stderr
+    finally:
+        stop_server(guarded)
