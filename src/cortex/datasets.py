@@ -281,8 +281,8 @@ def list_location(loc: Location, roots: tuple[Path, ...]) -> Iterator[str]:
 
 def list_files(dataset: spec.FileDataset, roots: tuple[Path, ...]) -> Generator[str, None, None]:
     """The dataset's files, each once, in prefix order (and name order within a prefix)."""
-    includes = [globs.compile_glob(g) for g in dataset.includes]
-    excludes = [globs.compile_glob(g) for g in dataset.excludes]
+    includes = globs.Globs(dataset.includes)
+    excludes = globs.Globs(dataset.excludes)
     resolved = [Path(os.path.realpath(root)) for root in roots]
     for loc in distinct_locations(dataset.paths):
         for url in list_location(loc, roots):

@@ -589,11 +589,10 @@ def _check_file_dataset(kind: str, dataset: FileDataset) -> None:
     if not dataset.paths:
         raise _invalid("batchapi.empty_s3_paths", f"{kind}.s3_paths: must not be empty")
     for name in ("includes", "excludes"):
-        for pattern in getattr(dataset, name):
-            try:
-                globs.compile_glob(pattern)
-            except globs.GlobError as err:
-                raise _invalid("batchapi.invalid_glob", f"{kind}.{name}: {err}") from None
+        try:
+            globs.Globs(getattr(dataset, name))
+        except globs.GlobError as err:
+            raise _invalid("batchapi.invalid_glob", f"{kind}.{name}: {err}") from None
     for path in dataset.paths:
         reason = _unicode_error(path)
         if reason is not None or "\0" in path:
