@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import orjson
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from cortex import display, errors
+from cortex import display, errors, exactjson
 from cortex.client import Client
 from cortex.jobs import JobStatus
 from cortex.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_URL
@@ -497,14 +496,14 @@ def submit(
     try:
         # orjson: a 45 MB item list is checked in 0.2 s, and sent as read (the standard
         # library took 0.7 s to parse and encode it again).
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
+        body = exactjson.loads(raw)
+    except ValueError as err:
         raise click.UsageError(f"{submission.name} is not valid JSON: {err}") from None
     if workers is not None:
         if not isinstance(body, dict):
             raise click.UsageError(f"{submission.name} must hold a JSON object")
         body["workers"] = workers
-        raw = orjson.dumps(body)
+        raw = exactjson.dumps(body)
     with _client(url) as client:
         result = client.submit(api, raw, dry_run=dry_run)
     if dry_run:

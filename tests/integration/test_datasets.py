@@ -270,6 +270,22 @@ def test_failures_are_precise(s3: S3, data: DataServer, dclient: Client, tmp_pat
     assert f"cannot read {url}" in error["message"] and "Cannot connect" in error["message"]
 
 
+def test_big_integers_in_json_lines_reach_the_predictor_exactly(
+    data: DataServer, dclient: Client, tmp_path: Path
+) -> None:
+    path = data.root / "big-ints.jsonl"
+    # A value alone on its line is stored as its own text; several on one line are re-encoded.
+    lines = [str(2**64 + 1), json.dumps({"n": -(2**63) - 1}), f"1 {2**128 + 1}"]
+    path.write_text("\n".join(lines) + "\n")
+    api = deploy_fixture(dclient, "recorder", tmp_path)
+    body = {"workers": 1, "delimited_files": {"s3_paths": [str(path)], "batch_size": 10}}
+    job_id = dclient.submit(api.name, body)["job_id"]
+    status = wait_for_status(dclient, api.name, job_id)
+    assert status["status"] == "status_succeeded", status
+    (batch,) = _recorded(api, job_id)
+    assert repr(batch) == repr([2**64 + 1, {"n": -(2**63) - 1}, 1, 2**128 + 1])
+
+
 def test_hostile_globs_are_answered_at_once_and_the_server_stays_responsive(
     data: DataServer, dclient: Client, tmp_path: Path
 ) -> None:

@@ -251,10 +251,15 @@ def test_batches_fill_across_files(tmp_path: Path) -> None:
     ]
 
 
-def test_unknown_schemes_are_refused() -> None:
+@pytest.mark.parametrize(
+    "url", ["nosuchproto://b/x", "ftp://host/x", "sftp://host/x", "memory://x", "HDFS://nn/x"]
+)
+def test_unknown_schemes_are_refused(url: str) -> None:
+    """fsspec would read (or connect to) each of these; a submission may not ask for them."""
     with pytest.raises(errors.InvalidSubmission) as info:
-        datasets.filesystem(datasets.parse_location("nosuchproto://b/x"))
+        datasets.parse_location(url)
     assert info.value.kind == "batchapi.invalid_path"
+    assert "is not read by this server: use s3://, gs://, http(s)://" in info.value.message
 
 
 def test_remote_datasets_can_be_limited_to_url_prefixes() -> None:
