@@ -242,11 +242,6 @@ def serve(
     log_format: str,
 ) -> None:
     """Run the server (the public API, the worker API and the reconciler)."""
-    if not auth_token and not insecure and not _is_loopback(host):
-        raise click.UsageError(
-            f"refusing to listen on {host} without a token: anyone who can reach it could run "
-            "code on this machine. Set --auth-token (or CORTEX_AUTH_TOKEN), or pass --insecure."
-        )
     import logging.config
 
     import uvicorn
@@ -256,30 +251,40 @@ def serve(
     from cortex.api.app import create_app
     from cortex.settings import Settings
 
-    settings = Settings(
-        host=host,
-        port=port,
-        data_dir=data_dir,
-        store_url=store_url,
-        launcher=launcher,
-        ray_address=ray_address,
-        gpus=None if gpus is None else gpus_mod.parse(gpus),
-        public_url=public_url,
-        max_body_bytes=max_body_bytes,
-        lease_s=lease_s,
-        heartbeat_s=heartbeat_s,
-        worker_grace_s=worker_grace_s,
-        leader_lease_s=leader_lease_s,
-        max_workers=max_workers,
-        auth_token=auth_token,
-        log_retention_s=log_retention_s,
-        log_max_lines_per_job=log_max_lines,
-        data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
-        data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
-        env_cache_bytes=env_cache_bytes,
-        env_installer=env_installer,
-        env_build_timeout_s=env_build_timeout_s,
-    )
+    try:
+        settings = Settings(
+            host=host,
+            port=port,
+            data_dir=data_dir,
+            store_url=store_url,
+            launcher=launcher,
+            ray_address=ray_address,
+            gpus=None if gpus is None else gpus_mod.parse(gpus),
+            public_url=public_url,
+            max_body_bytes=max_body_bytes,
+            lease_s=lease_s,
+            heartbeat_s=heartbeat_s,
+            worker_grace_s=worker_grace_s,
+            leader_lease_s=leader_lease_s,
+            max_workers=max_workers,
+            auth_token=auth_token,
+            log_retention_s=log_retention_s,
+            log_max_lines_per_job=log_max_lines,
+            data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
+            data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
+            env_cache_bytes=env_cache_bytes,
+            env_installer=env_installer,
+            env_build_timeout_s=env_build_timeout_s,
+        )
+    except ValueError as err:  # settings that contradict each other
+        _error_line(str(err))
+        sys.exit(EXIT_USAGE)
+    if not auth_token and not insecure and not _is_loopback(host):
+        _error_line(
+            f"refusing to listen on {host} without a token: anyone who can reach it could run "
+            "code on this machine. Set --auth-token (or CORTEX_AUTH_TOKEN), or pass --insecure."
+        )
+        sys.exit(EXIT_USAGE)
     log_config = serverlog.config(log_level, json_lines=log_format == "json")
     logging.config.dictConfig(log_config)
     # Before uvicorn: a store that is away or not migrated is one line and exit code 1, not

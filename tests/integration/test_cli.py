@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cortex.client import Client
@@ -194,7 +195,38 @@ def test_errors_are_one_line_with_meaningful_exit_codes(server: Server, tmp_path
 def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
     result = cortex("http://unused", "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path))
     assert result.returncode == 2
-    assert "refusing to listen on 0.0.0.0 without a token" in result.stderr
+    assert result.stderr.startswith("error: refusing to listen on 0.0.0.0 without a token")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        # A one-space token let the server listen on every interface, guarding nothing.
+        (["--host", "0.0.0.0", "--auth-token", " "], "--auth-token (CORTEX_AUTH_TOKEN) is blank"),
+        (["--auth-token", " s3cret"], "starts or ends with whitespace"),
+        # A lease shorter than the heartbeat ran batches twice (6 predict runs for 4 batches).
+        (
+            ["--lease-s", "2", "--heartbeat-s", "5"],
+            "--heartbeat-s (CORTEX_HEARTBEAT_S) 5 must be at most half of --lease-s "
+            "(CORTEX_LEASE_S) 2",
+        ),
+        (["--lease-s", "10", "--heartbeat-s", "6"], "must be at most half of --lease-s"),
+        (["--heartbeat-s", "0"], "--heartbeat-s (CORTEX_HEARTBEAT_S) must be more than 0"),
+        (["--lease-s", "nan"], "--lease-s (CORTEX_LEASE_S) must be more than 0, not nan"),
+        (["--max-workers", "0"], "--max-workers (CORTEX_MAX_WORKERS) must be more than 0"),
+        (["--worker-grace-s", "-1"], "--worker-grace-s (CORTEX_WORKER_GRACE_S) must be 0 or"),
+        (["--log-max-lines", "0"], "--log-max-lines (CORTEX_LOG_MAX_LINES) must be more"),
+    ],
+)
+def test_serve_refuses_settings_that_contradict_each_other(
+    tmp_path: Path, flags: list[str], says: str
+) -> None:
+    result = cortex("http://unused", "serve", "--data-dir", str(tmp_path), *flags)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and says in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "cortex.db").exists()  # refused before anything started
 
 
 def test_serve_with_the_ray_launcher_says_what_it_lacks_in_one_line(tmp_path: Path) -> None:
