@@ -292,6 +292,7 @@ def serve(
     from cortex import launchers
 
     launchers.check(settings)  # Ray missing, or its address: one line, exit code 1
+    _hold_data_dir(settings)  # another server on this folder: one line, exit code 1
     _prepare_store(settings)
     uvicorn.run(
         create_app(settings),
@@ -306,6 +307,14 @@ def serve(
         # (Kludex/uvicorn#3138).
         ws="wsproto",
     )
+
+
+def _hold_data_dir(settings: Any) -> None:
+    from cortex import replicas
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    replica_id = replicas.load_id(settings.data_dir)
+    replicas.hold(settings.data_dir, settings.resolved_store_url, settings.listen_url, replica_id)
 
 
 def _prepare_store(settings: Any) -> None:

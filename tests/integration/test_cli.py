@@ -12,7 +12,16 @@ import pytest
 import yaml
 
 from cortex.client import Client
-from helpers import FIXTURES, Server, deploy_fixture, free_port, wait_for
+from helpers import (
+    FIXTURES,
+    Server,
+    deploy_fixture,
+    free_port,
+    start_server,
+    stop_server,
+    wait_for,
+    wait_for_status,
+)
 
 
 def cortex(
@@ -242,3 +251,45 @@ def test_serve_with_the_ray_launcher_says_what_it_lacks_in_one_line(tmp_path: Pa
     assert result.returncode == 1
     assert result.stderr.startswith("error: the ray launcher needs ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_server_on_a_data_folder_in_use_is_refused_naming_the_holder(
+    tmp_path: Path,
+) -> None:
+    """Two servers on one folder failed each other's jobs. The second is refused before it
+    touches anything; the first keeps running its jobs; once it is gone, the folder is free
+    (a SIGKILLed holder leaves no stale lock)."""
+    first = start_server(tmp_path / "data")
+    try:
+        with first.client() as client:
+            api = deploy_fixture(client, "recorder", tmp_path)
+
+            def serve(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+                port = str(free_port())
+                return cortex(
+                    "http://unused", "serve", "--port", port, "--data-dir", str(data_dir), *flags
+                )
+
+            second = serve(tmp_path / "data")
+            assert second.returncode == 1, second.stderr
+            assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+            assert f"the data folder {tmp_path / 'data'} is in use by another cortex server" in (
+                second.stderr
+            )
+            assert f"pid {first.process.pid} on " in second.stderr
+            assert f"listening at {first.url}" in second.stderr
+            # Another data folder, but the first server's SQLite file as its store.
+            store = f"sqlite:///{tmp_path / 'data' / 'cortex.db'}"
+            third = serve(tmp_path / "other", "--store", store)
+            assert third.returncode == 1, third.stderr
+            assert f"the SQLite store {tmp_path / 'data' / 'cortex.db'} is in use" in third.stderr
+            # The first server was not disturbed.
+            body = {"workers": 1, "item_list": {"items": [1, 2], "batch_size": 1}}
+            job_id = client.submit(api.name, body)["job_id"]
+            status = wait_for_status(client, api.name, job_id)
+            assert status["status"] == "status_succeeded", status
+    finally:
+        first.process.kill()  # SIGKILL: the kernel releases the lock all the same
+        first.process.wait()
+    again = start_server(tmp_path / "data")
+    stop_server(again)

@@ -28,6 +28,16 @@ def engine_url(url: str) -> str:
     return url
 
 
+def error_reason(err: BaseException) -> str:
+    """An error as one line fit for a job's status. A database error's text holds its SQL
+    statement and parameters (a whole batch's payload, perhaps): only the database's own
+    reason is kept."""
+    if isinstance(err, sa.exc.StatementError):
+        lines = str(err.orig if err.orig is not None else type(err).__name__).strip().splitlines()
+        return f"the store failed: {lines[0] if lines else type(err.orig).__name__}"
+    return str(err)
+
+
 def display_url(url: str) -> str:
     """A store URL fit for logs and error messages: without its password."""
     try:
