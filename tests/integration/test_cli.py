@@ -293,3 +293,26 @@ def test_a_second_server_on_a_data_folder_in_use_is_refused_naming_the_holder(
         first.process.wait()
     again = start_server(tmp_path / "data")
     stop_server(again)
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_a_postgresql_store_without_psycopg_says_what_to_install(
+    tmp_path: Path, command: str
+) -> None:
+    """psycopg is the `postgres` extra; without it the store's error names the extra."""
+    code = (
+        "import sys; sys.modules['psycopg'] = None;"  # as if it were not installed
+        "from cortex.cli import main; sys.argv = ['cortex', *sys.argv[1:]]; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, command, "--data-dir", str(tmp_path)],
+        env={**os.environ, "CORTEX_STORE": "postgresql://cortex:pw@127.0.0.1:1/cortex"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: the store postgresql+psycopg://cortex:***@127.0.0.1:1/cortex needs the Python "
+        "package psycopg, which is not installed (pip install 'cortex-batch[postgres]')"
+    ]

@@ -18,6 +18,8 @@ import sqlalchemy.dialects.postgresql
 import sqlalchemy.dialects.sqlite
 from sqlalchemy.engine import Connection
 
+from cortex import errors
+
 
 def engine_url(url: str) -> str:
     """The SQLAlchemy URL for a store URL: a plain `postgresql://` (or `postgres://`) URL, as
@@ -62,13 +64,21 @@ class BaseStore:
             # READ COMMITTED is what the locking rules (in `sql`'s docstring) are written for;
             # set it rather than rely on the server's default. pre_ping: a PostgreSQL restart
             # costs no failed request.
-            self.engine = sa.create_engine(
-                self.url,
-                pool_size=10,
-                max_overflow=20,
-                pool_pre_ping=True,
-                isolation_level="READ COMMITTED",
-            )
+            try:
+                self.engine = sa.create_engine(
+                    self.url,
+                    pool_size=10,
+                    max_overflow=20,
+                    pool_pre_ping=True,
+                    isolation_level="READ COMMITTED",
+                )
+            except ModuleNotFoundError as err:
+                # psycopg is an extra: SQLite, the default, needs no driver.
+                extra = " (pip install 'cortex-batch[postgres]')" if "psycopg" in str(err) else ""
+                raise errors.StoreUnavailable(
+                    f"the store {display_url(self.url)} needs the Python package "
+                    f"{err.name or 'its driver'}, which is not installed{extra}"
+                ) from None
             self._write_lock = contextlib.nullcontext()
 
     def close(self) -> None:
