@@ -145,3 +145,24 @@ def test_the_server_log_can_be_json_lines(tmp_path: Path) -> None:
     entries = [json.loads(line) for line in srv.log().splitlines() if line.strip()]
     assert {"time", "level", "logger", "message"} <= set(entries[0])
     assert any(entry["message"].endswith("job status: status_succeeded") for entry in entries)
+
+
+def test_a_failing_init_traceback_is_in_the_log_before_the_final_status(
+    client: Client, tmp_path: Path
+) -> None:
+    """It was missing from the log in 4 runs of 6: the worker reported the failure (which ends
+    the job) before its log shipper had sent the traceback. Read as soon as the job has
+    ended, the log holds it, every time."""
+    api = deploy_fixture(client, "failing_init", tmp_path)
+    for _ in range(6):
+        job_id = client.submit(
+            api.name, {"workers": 1, "item_list": {"items": [1], "batch_size": 1}}
+        )["job_id"]
+        status = wait_for_status(client, api.name, job_id, timeout_s=20)
+        assert status["status"] == "status_worker_error", status
+        lines = list(client.logs(api.name, job_id))
+        worker = [line for line in lines if " worker-" in line[:40]]
+        text = "\n".join(worker)
+        assert "failed to initialise the predictor" in text, lines
+        assert "Traceback (most recent call last)" in text, lines
+        assert "RuntimeError: model weights missing" in text, lines

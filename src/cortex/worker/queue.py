@@ -22,6 +22,8 @@ import time
 import urllib.parse
 from typing import Any
 
+from cortex.worker import logship
+
 try:
     import orjson
 
@@ -135,6 +137,8 @@ class WorkerQueue:
         return result
 
     def set_state(self, state: str, **fields: Any) -> None:
+        if state == "failed":  # ends the job: its traceback goes first
+            logship.drain()
         self._call("POST", "/state", {"worker_id": self.worker_id, "state": state, **fields})
 
     def lease(self, results: list[dict[str, Any]], max_batches: int) -> dict[str, Any]:
@@ -155,6 +159,7 @@ class WorkerQueue:
         )
 
     def finish_hook(self, error: str | None, traceback: str | None) -> None:
+        logship.drain()  # the hook's lines, then the job's final status
         self._call(
             "POST", "/hook", {"worker_id": self.worker_id, "error": error, "traceback": traceback}
         )
