@@ -8,7 +8,15 @@ import time
 from pathlib import Path
 
 from cortex.client import Client
-from helpers import DeployedApi, Server, deploy_fixture, start_server, stop_server, wait_for_status
+from helpers import (
+    DeployedApi,
+    Server,
+    deploy_fixture,
+    start_server,
+    stop_server,
+    wait_for,
+    wait_for_status,
+)
 
 
 def _run(client: Client, api: DeployedApi, items: list, **extra: object) -> str:
@@ -166,3 +174,33 @@ def test_a_failing_init_traceback_is_in_the_log_before_the_final_status(
         assert "failed to initialise the predictor" in text, lines
         assert "Traceback (most recent call last)" in text, lines
         assert "RuntimeError: model weights missing" in text, lines
+
+
+def test_the_log_of_an_ended_job_reads_in_time_order(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
+    """Three workers ship every 100 ms and the server writes its lines at once: in arrival
+    order `job status: status_succeeded` could come before the hook's `executing
+    on_job_complete`. Read after the end, the lines are in time order, each once."""
+    api = deploy_fixture(client, "recorder", tmp_path)
+    job_id = _run(client, api, [{"lines": 30}] * 9, workers=3)
+    wait_for(lambda: not server.worker_processes(job_id), 15, "the job's workers to exit")
+    followed = _json_lines(client, api.name, job_id)  # arrival order, every line
+    read = [
+        json.loads(line)
+        for line in client._request(
+            "GET", f"/{api.name}/logs", params={"jobID": job_id, "format": "json"}
+        ).text.splitlines()
+    ]
+    stamps = [line["ts"] for line in read]
+    assert stamps == sorted(stamps)
+    key = [(line["ts"], line["worker"], line["message"]) for line in read]
+    assert sorted(key) == sorted((x["ts"], x["worker"], x["message"]) for x in followed)
+    messages = [line["message"] for line in read]
+    hook = next(i for i, m in enumerate(messages) if m.endswith("executing on_job_complete"))
+    assert hook < messages.index("job status: status_succeeded")
+    # The text form (what `cortex logs` prints) is in the same order.
+    text = list(client.logs(api.name, job_id))
+    assert [line[:24] for line in text] == sorted(line[:24] for line in text)
+    tail = list(client.logs(api.name, job_id, tail=40))
+    assert len(tail) == 40 and [line[:24] for line in tail] == sorted(line[:24] for line in tail)
