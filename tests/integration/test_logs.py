@@ -115,8 +115,12 @@ def test_a_follower_started_before_the_job_sees_every_line_exactly_once(
     assert not thread.is_alive(), "following did not end when the job ended"
     with server.client() as client:
         assert client.get_job(api.name, job_id)["job_status"]["status"] == "status_succeeded"
-        everything = list(client.logs(api.name, job_id))
+        # Arrival order, as a follower reads (without follow an ended job's log is in time
+        # order: the same lines, in another order).
+        everything = list(client.logs(api.name, job_id, follow=True))
+        by_time = list(client.logs(api.name, job_id))
     assert followed == everything
+    assert sorted(followed) == sorted(by_time)
     assert len([line for line in followed if " done " in line]) == 30
     assert "job status: status_succeeded" in "\n".join(followed)
 
