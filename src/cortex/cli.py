@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import orjson
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from cortex import cliconfig, display, errors
+from cortex import cliconfig, display, errors, exactjson
 from cortex.client import Client
 from cortex.jobs import JobStatus
 from cortex.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_URL
@@ -280,11 +279,6 @@ def serve(
     log_format: str,
 ) -> None:
     """Run the server (the public API, the worker API and the reconciler)."""
-    if not auth_token and not insecure and not _is_loopback(host):
-        raise click.UsageError(
-            f"refusing to listen on {host} without a token: anyone who can reach it could run "
-            "code on this machine. Set --auth-token (or CORTEX_AUTH_TOKEN), or pass --insecure."
-        )
     import logging.config
 
     import uvicorn
@@ -294,30 +288,40 @@ def serve(
     from cortex.api.app import create_app
     from cortex.settings import Settings
 
-    settings = Settings(
-        host=host,
-        port=port,
-        data_dir=data_dir,
-        store_url=store_url,
-        launcher=launcher,
-        ray_address=ray_address,
-        gpus=None if gpus is None else gpus_mod.parse(gpus),
-        public_url=public_url,
-        max_body_bytes=max_body_bytes,
-        lease_s=lease_s,
-        heartbeat_s=heartbeat_s,
-        worker_grace_s=worker_grace_s,
-        leader_lease_s=leader_lease_s,
-        max_workers=max_workers,
-        auth_token=auth_token,
-        log_retention_s=log_retention_s,
-        log_max_lines_per_job=log_max_lines,
-        data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
-        data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
-        env_cache_bytes=env_cache_bytes,
-        env_installer=env_installer,
-        env_build_timeout_s=env_build_timeout_s,
-    )
+    try:
+        settings = Settings(
+            host=host,
+            port=port,
+            data_dir=data_dir,
+            store_url=store_url,
+            launcher=launcher,
+            ray_address=ray_address,
+            gpus=None if gpus is None else gpus_mod.parse(gpus),
+            public_url=public_url,
+            max_body_bytes=max_body_bytes,
+            lease_s=lease_s,
+            heartbeat_s=heartbeat_s,
+            worker_grace_s=worker_grace_s,
+            leader_lease_s=leader_lease_s,
+            max_workers=max_workers,
+            auth_token=auth_token,
+            log_retention_s=log_retention_s,
+            log_max_lines_per_job=log_max_lines,
+            data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
+            data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
+            env_cache_bytes=env_cache_bytes,
+            env_installer=env_installer,
+            env_build_timeout_s=env_build_timeout_s,
+        )
+    except ValueError as err:  # settings that contradict each other
+        _error_line(str(err))
+        sys.exit(EXIT_USAGE)
+    if not auth_token and not insecure and not _is_loopback(host):
+        _error_line(
+            f"refusing to listen on {host} without a token: anyone who can reach it could run "
+            "code on this machine. Set --auth-token (or CORTEX_AUTH_TOKEN), or pass --insecure."
+        )
+        sys.exit(EXIT_USAGE)
     log_config = serverlog.config(log_level, json_lines=log_format == "json")
     logging.config.dictConfig(log_config)
     # Before uvicorn: a store that is away or not migrated is one line and exit code 1, not
@@ -325,6 +329,7 @@ def serve(
     from cortex import launchers
 
     launchers.check(settings)  # Ray missing, or its address: one line, exit code 1
+    _hold_data_dir(settings)  # another server on this folder: one line, exit code 1
     _prepare_store(settings)
     uvicorn.run(
         create_app(settings),
@@ -339,6 +344,14 @@ def serve(
         # (Kludex/uvicorn#3138).
         ws="wsproto",
     )
+
+
+def _hold_data_dir(settings: Any) -> None:
+    from cortex import replicas
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    replica_id = replicas.load_id(settings.data_dir)
+    replicas.hold(settings.data_dir, settings.resolved_store_url, settings.listen_url, replica_id)
 
 
 def _prepare_store(settings: Any) -> None:
@@ -548,14 +561,14 @@ def submit(
     try:
         # orjson: a 45 MB item list is checked in 0.2 s, and sent as read (the standard
         # library took 0.7 s to parse and encode it again).
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
+        body = exactjson.loads(raw)
+    except ValueError as err:
         raise click.UsageError(f"{submission.name} is not valid JSON: {err}") from None
     if workers is not None:
         if not isinstance(body, dict):
             raise click.UsageError(f"{submission.name} must hold a JSON object")
         body["workers"] = workers
-        raw = orjson.dumps(body)
+        raw = exactjson.dumps(body)
     with _client(url) as client:
         result = client.submit(api, raw, dry_run=dry_run)
         if dry_run:

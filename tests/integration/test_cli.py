@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cortex.client import Client
@@ -20,6 +21,7 @@ from helpers import (
     start_server,
     stop_server,
     wait_for,
+    wait_for_status,
 )
 
 
@@ -330,3 +332,68 @@ def test_named_environments_choose_the_server_and_carry_its_token(
         assert unknown.returncode == 2 and "no environment named 'nope'" in unknown.stderr
     finally:
         stop_server(guarded)
+
+
+def test_a_second_server_on_a_data_folder_in_use_is_refused_naming_the_holder(
+    tmp_path: Path,
+) -> None:
+    """Two servers on one folder failed each other's jobs. The second is refused before it
+    touches anything; the first keeps running its jobs; once it is gone, the folder is free
+    (a SIGKILLed holder leaves no stale lock)."""
+    first = start_server(tmp_path / "data")
+    try:
+        with first.client() as client:
+            api = deploy_fixture(client, "recorder", tmp_path)
+
+            def serve(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+                port = str(free_port())
+                return cortex(
+                    "http://unused", "serve", "--port", port, "--data-dir", str(data_dir), *flags
+                )
+
+            second = serve(tmp_path / "data")
+            assert second.returncode == 1, second.stderr
+            assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+            assert f"the data folder {tmp_path / 'data'} is in use by another cortex server" in (
+                second.stderr
+            )
+            assert f"pid {first.process.pid} on " in second.stderr
+            assert f"listening at {first.url}" in second.stderr
+            # Another data folder, but the first server's SQLite file as its store.
+            store = f"sqlite:///{tmp_path / 'data' / 'cortex.db'}"
+            third = serve(tmp_path / "other", "--store", store)
+            assert third.returncode == 1, third.stderr
+            assert f"the SQLite store {tmp_path / 'data' / 'cortex.db'} is in use" in third.stderr
+            # The first server was not disturbed.
+            body = {"workers": 1, "item_list": {"items": [1, 2], "batch_size": 1}}
+            job_id = client.submit(api.name, body)["job_id"]
+            status = wait_for_status(client, api.name, job_id)
+            assert status["status"] == "status_succeeded", status
+    finally:
+        first.process.kill()  # SIGKILL: the kernel releases the lock all the same
+        first.process.wait()
+    again = start_server(tmp_path / "data")
+    stop_server(again)
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_a_postgresql_store_without_psycopg_says_what_to_install(
+    tmp_path: Path, command: str
+) -> None:
+    """psycopg is the `postgres` extra; without it the store's error names the extra."""
+    code = (
+        "import sys; sys.modules['psycopg'] = None;"  # as if it were not installed
+        "from cortex.cli import main; sys.argv = ['cortex', *sys.argv[1:]]; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, command, "--data-dir", str(tmp_path)],
+        env={**os.environ, "CORTEX_STORE": "postgresql://cortex:pw@127.0.0.1:1/cortex"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: the store postgresql+psycopg://cortex:***@127.0.0.1:1/cortex needs the Python "
+        "package psycopg, which is not installed (pip install 'cortex-batch[postgres]')"
+    ]

@@ -34,10 +34,14 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        replica_id = replicas.load_id(settings.data_dir)
+        # Before the store is touched: a second server on this folder must change nothing.
+        replicas.hold(
+            settings.data_dir, settings.resolved_store_url, settings.listen_url, replica_id
+        )
         store = Store(settings.resolved_store_url)
         schema.prepare(store)
         launcher = launchers.create(settings)
-        replica_id = replicas.load_id(settings.data_dir)
         service = Service(settings, store, launcher, replica_id)
         membership = replicas.Membership(
             Cluster(store), replica_id, settings.listen_url, settings.leader_lease_s
@@ -55,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
             # Workers outlive a server restart on purpose (they retry and hold their leases);
             # only a deliberate shutdown of the whole service would stop them.
             store.close()
+            replicas.release()
 
     app = FastAPI(
         title="Cortex Batch",
