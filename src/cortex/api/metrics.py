@@ -186,6 +186,9 @@ class RequestTimer:
     def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
         self.app = app
         self.histogram = histogram
+        # Each labelled child once: `labels()` validates and locks on every call, and this runs
+        # on every lease. The keys are bounded by the routes, methods and statuses.
+        self._children: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # a websocket lasts as long as it follows a log
@@ -212,4 +215,10 @@ class RequestTimer:
         # The router writes the matched route into the scope; a request refused before routing
         # (401) or matching nothing (404) has none.
         route = getattr(scope.get("route"), "path", None) or "unmatched"
-        self.histogram.labels(scope["method"], route, str(status)).observe(seconds)
+        key = (scope["method"], route, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.histogram.labels(
+                route=route, status=str(status), method=scope["method"]
+            )
+        child.observe(seconds)
