@@ -59,6 +59,9 @@ def job_status_json(
             "average_time_per_batch": average,
         },
         "worker_counts": worker_counts,
+        # Additive: the dataset as submitted: its kind, and a file dataset's paths, globs and
+        # batch size (an item list's items are not kept).
+        "dataset": job.dataset,
         # Additive: why a job failed, as data (kind, message, traceback).
         "error": None
         if job.error_kind is None

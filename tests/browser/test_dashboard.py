@@ -137,7 +137,9 @@ def test_a_job_runs_to_the_end_in_front_of_the_reader(
     workers = page.get_by_role("region", name="workers")
     expect(workers.locator("tr[data-worker]")).to_have_count(2)
     expect(workers.locator("tr[data-worker='worker-0']")).to_contain_text("succeeded")
-    expect(page.get_by_role("region", name="submission")).to_contain_text('"max_attempts": 2')
+    submission = page.get_by_role("region", name="submission")
+    expect(submission).to_contain_text('"max_attempts": 2')
+    expect(submission).to_contain_text('"kind": "item_list"')
     expect(page.get_by_role("region", name="configuration")).to_contain_text('"kind": "BatchAPI"')
     expect(page.get_by_role("button", name="Stop job")).to_be_disabled()
 

@@ -15,6 +15,9 @@ from helpers import Server, deploy_fixture, start_server, stop_server, wait_for,
 FILES = {
     "/ui/": "text/html",
     "/ui/app.js": "text/javascript",
+    "/ui/dom.js": "text/javascript",
+    "/ui/server.js": "text/javascript",
+    "/ui/views.js": "text/javascript",
     "/ui/style.css": "text/css",
 }
 
@@ -61,7 +64,9 @@ def test_a_jobs_workers_are_listed(server: Server, client: Client, tmp_path: Pat
     api = deploy_fixture(client, "recorder", tmp_path)
     body = {"workers": 2, "item_list": {"items": ["a", "b", "c", "d"], "batch_size": 1}}
     job_id = client.submit(api.name, body)["job_id"]
-    assert wait_for_status(client, api.name, job_id)["status"] == "status_succeeded"
+    status = wait_for_status(client, api.name, job_id)
+    assert status["status"] == "status_succeeded"
+    assert status["dataset"] == {"kind": "item_list"}  # additive: what was submitted
 
     def exited() -> dict[str, Any] | None:
         # The job ends with its last batch; its workers exit a moment later.

@@ -1,6 +1,7 @@
-"""The web dashboard at `/ui/`: one static page and its script and style, shipped in the package
-(`cortex/ui/`). The page holds no data, so it is served without the token; every data call it
-makes goes to the public API with the token the person typed in (see docs/security.md)."""
+"""The web dashboard at `/ui/`: one static page, its script modules and its style, shipped in
+the package (`cortex/ui/`). The page holds no data, so it is served without the token; every
+data call it makes goes to the public API with the token the person typed in (see
+docs/security.md)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ router = APIRouter(include_in_schema=False)
 _MEDIA_TYPES = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
+    "dom.js": "text/javascript; charset=utf-8",
+    "server.js": "text/javascript; charset=utf-8",
+    "views.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 # The paths the bearer middleware lets through without a token: exactly these files.
