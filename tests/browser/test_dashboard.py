@@ -40,8 +40,15 @@ def sign_in(page: Page, server: Server, token: str = TOKEN) -> None:
     expect(page.get_by_role("dialog")).to_be_hidden()
 
 
-def submit(client: Client, api: DeployedApi, items: list[Any], workers: int, **extra: Any) -> str:
-    body = {"workers": workers, "item_list": {"items": items, "batch_size": 1}, **extra}
+def submit(
+    client: Client,
+    api: DeployedApi,
+    items: list[Any],
+    workers: int,
+    batch_size: int = 1,
+    **extra: Any,
+) -> str:
+    body = {"workers": workers, "item_list": {"items": items, "batch_size": batch_size}, **extra}
     return str(client.submit(api.name, body)["job_id"])
 
 
@@ -213,3 +220,21 @@ def test_the_overview_lists_the_apis_with_their_latest_job(
     expect(rows.filter(has_text=other.name)).to_contain_text("succeeded", timeout=30_000)
     rows.filter(has_text=other.name).get_by_role("link", name=other.name).click()
     expect(page.get_by_role("heading", name=other.name)).to_be_visible()
+
+
+def test_what_user_code_wrote_is_shown_as_text_and_never_run(
+    page: Page, dashboard: Server, client: Client, api: DeployedApi
+) -> None:
+    html = '<img src="x" onerror="window.pwned = 1"><script>window.pwned = 2</script>'
+    # One batch: writes the markup to stderr, carries it in its payload, then fails.
+    job_id = submit(client, api, [{"stderr": html}, html, "fail"], 1, batch_size=3, max_attempts=1)
+    assert wait_for_status(client, api.name, job_id)["status"] == "status_completed_with_failures"
+    sign_in(page, dashboard)
+    page.goto(f"{dashboard.url}/ui/#/jobs/{api.name}/{job_id}")
+    expect(page.get_by_role("log")).to_contain_text("stderr [batch ", timeout=15_000)
+    expect(page.get_by_role("log")).to_contain_text(html)
+    failed = page.get_by_role("region", name="failed batches")
+    failed.get_by_text("payload", exact=True).click()
+    expect(failed.locator("pre").last).to_contain_text('"<img src=\\"x\\" onerror=')
+    assert page.locator("main img, main script").count() == 0
+    assert page.evaluate("window.pwned") is None
