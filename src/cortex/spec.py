@@ -42,6 +42,7 @@ RESERVED_NAMES = frozenset(
         "redoc",
         "openapi",
         "metrics",
+        "ui",
         "deploy",
         "get",
         "delete",

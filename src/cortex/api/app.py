@@ -19,7 +19,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketState
 
 from cortex import errors, launchers, replicas
-from cortex.api import logs, public, worker
+from cortex.api import logs, metrics, public, ui, worker
 from cortex.api.auth import BearerAuth
 from cortex.reconciler import Reconciler
 from cortex.service import Service
@@ -67,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics.Metrics(app.state)
 
     @app.exception_handler(errors.CortexError)
     async def cortex_error(conn: HTTPConnection, err: errors.CortexError) -> JSONResponse | None:
@@ -113,9 +114,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(worker.router)
     app.include_router(logs.router)  # before public: /<api>/logs is not a job id
+    app.include_router(metrics.router)  # before public: `ui` and `metrics` are not APIs
+    app.include_router(ui.router)
     app.include_router(public.router)
     if settings.auth_token:
-        app.add_middleware(BearerAuth, token=settings.auth_token)
+        app.add_middleware(BearerAuth, token=settings.auth_token, open_paths=ui.PUBLIC_PATHS)
+    # Outermost (added last), so that a request refused for its token is timed too.
+    app.add_middleware(metrics.RequestTimer, histogram=app.state.metrics.request_duration)
     return app
 
 

@@ -358,6 +358,15 @@ def failed_batches(
     return {"job_id": job.job_id, "failed_batches": service.store.failed_batches(job_id, limit)}
 
 
+@router.get("/{api_name}/{job_id}/workers")
+def job_workers(api_name: str, job_id: str, service: ServiceDep) -> dict[str, Any]:
+    """The job's workers, replacements included, oldest first: state, pid, exit code, the error
+    that ended one, the replica that started it and when it was last heard from."""
+    job = service.get_job(api_name, job_id)
+    workers = service.store.list_workers(job.job_id)
+    return {"job_id": job.job_id, "workers": [views.worker_json(w) for w in workers]}
+
+
 class RetryBody(pydantic.BaseModel):
     workers: int | None = pydantic.Field(default=None, ge=1)
 
