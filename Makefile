@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-ray check lint typecheck unit clean bench bench-quick
+.PHONY: run test test-ray test-tf check lint typecheck unit clean bench bench-quick
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,10 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.examples
 	scripts/run.sh
 
-## Lint, type-check and run the whole test suite.
+## Lint, type-check and run the whole test suite (the dashboard's browser tests need `chromium`).
 test: $(VENV)/.test lint typecheck
+	@command -v chromium >/dev/null 2>&1 || echo "make test: no chromium on PATH: the dashboard's \
+	browser tests (tests/browser) are SKIPPED; apt-get install chromium chromium-driver runs them"
 	$(BIN)/pytest
 
 $(VENV)/.ray: pyproject.toml | $(VENV)/.test
@@ -32,6 +34,10 @@ $(VENV)/.ray: pyproject.toml | $(VENV)/.test
 ## The Ray launcher's tests on a two-node Ray cluster started on loopback (slow: about 2 min).
 test-ray: $(VENV)/.ray
 	CORTEX_TEST_RAY=1 $(BIN)/pytest tests/ray
+
+## The TensorFlow predictor's tests: they build an environment with tensorflow-cpu (large).
+test-tf: $(VENV)/.test
+	CORTEX_TEST_TF=1 $(BIN)/pytest tests/tf
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests examples bench

@@ -72,6 +72,7 @@ _RUNTIME_MODULES = (
     "worker/__init__.py",
     "worker/__main__.py",
     "worker/logship.py",
+    "worker/models.py",
     "worker/queue.py",
     "worker/runtime.py",
 )
@@ -114,11 +115,51 @@ def python_tag() -> str:
     return f"{sys.implementation.name}-{version}-{platform.machine()}"
 
 
-def key_for(project_dir: Path) -> str | None:
-    """The environment a project needs, named by the content of what defines it; None if it
-    has none of the files (the server's interpreter runs it)."""
+# The model runtime each predictor type needs, installed unless requirements.txt names one:
+# (the package without GPUs, with GPUs, the names that count as naming it).
+_RUNTIMES = {
+    "onnx": ("onnxruntime", "onnxruntime-gpu", ("onnxruntime",)),
+    "tensorflow": (
+        "tensorflow-cpu",
+        "tensorflow",
+        ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tf-nightly", "tensorflow-intel"),
+    ),
+}
+
+
+def requirement_names(text: str) -> set[str]:
+    """The distribution names a requirements file asks for, normalised (PEP 503)."""
+    names = set()
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith(("#", "-")):
+            continue
+        match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
+        if match:
+            names.add(re.sub(r"[-_.]+", "-", match.group(0)).lower())
+    return names
+
+
+def runtime_requirements(predictor_type: str, gpu: int, project_dir: Path) -> tuple[str, ...]:
+    """What the server adds to an API's environment for its predictor type: ONNX Runtime or
+    TensorFlow (their GPU builds with `compute.gpu`), unless requirements.txt names them."""
+    if predictor_type not in _RUNTIMES:
+        return ()
+    cpu_package, gpu_package, names = _RUNTIMES[predictor_type]
+    path = project_dir / REQUIREMENTS
+    asked = requirement_names(path.read_text(errors="replace")) if path.is_file() else set()
+    if asked & set(names):
+        return ()
+    return (gpu_package if gpu else cpu_package,)
+
+
+def key_for(project_dir: Path, extra: tuple[str, ...] = ()) -> str | None:
+    """The environment a project needs, named by the content of what defines it and the
+    `extra` requirements the server adds (a model runtime); None if there is nothing to
+    install (the server's interpreter runs it)."""
     digest = hashlib.sha256(f"cortex-env-1\0{cortex.__version__}\0{python_tag()}\0".encode())
-    found = False
+    digest.update(("extra\0" + "\0".join(extra) + "\0").encode())
+    found = bool(extra)
     for name in ENV_FILES:
         path = project_dir / name
         if path.is_file():
@@ -315,6 +356,7 @@ class Environments:
         project_dir: Path,
         on_done: Callable[[Status], None] | None = None,
         *,
+        extra: tuple[str, ...] = (),
         retry_failed: bool = True,
     ) -> Status:
         """Start building `key` from `project_dir` unless it is ready or building; `on_done`
@@ -330,7 +372,7 @@ class Environments:
                 event = self._builds[key] = threading.Event()
                 thread = threading.Thread(
                     target=self._build_thread,
-                    args=(key, project_dir, event),
+                    args=(key, project_dir, extra, event),
                     name=f"cortex-env-{key[:8]}",
                     daemon=True,
                 )
@@ -360,10 +402,12 @@ class Environments:
             if event is None:
                 time.sleep(0.2)  # another process builds it: its lock tells when it ends
 
-    def _build_thread(self, key: str, project_dir: Path, event: threading.Event) -> None:
+    def _build_thread(
+        self, key: str, project_dir: Path, extra: tuple[str, ...], event: threading.Event
+    ) -> None:
         try:
             with self._slots:  # the others wait, "building", for a free slot
-                self._build_locked(key, project_dir)
+                self._build_locked(key, project_dir, extra)
         except Exception:
             log.exception("environment %s: the build crashed", key)
         finally:
@@ -371,7 +415,7 @@ class Environments:
                 self._builds.pop(key, None)
             event.set()
 
-    def _build_locked(self, key: str, project_dir: Path) -> None:
+    def _build_locked(self, key: str, project_dir: Path, extra: tuple[str, ...]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / f"{key}.lock", "a") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)  # another process may be building it
@@ -384,7 +428,7 @@ class Environments:
             shutil.rmtree(env_dir, ignore_errors=True)  # what a crashed build left
             with open(self.root / f"{key}.log", "w") as out:
                 try:
-                    self._run_steps(env_dir, project_dir, out)
+                    self._run_steps(env_dir, project_dir, extra, out)
                 except BuildError as err:
                     shutil.rmtree(env_dir, ignore_errors=True)
                     duration = time.monotonic() - started
@@ -413,7 +457,9 @@ class Environments:
             )
             log.info("environment %s built in %.1f s", key, duration)
 
-    def _run_steps(self, env_dir: Path, project_dir: Path, out: io.TextIOBase) -> None:
+    def _run_steps(
+        self, env_dir: Path, project_dir: Path, extra: tuple[str, ...], out: io.TextIOBase
+    ) -> None:
         uv = _uv() if self.installer == "uv" else None
         if self.installer == "uv" and uv is None:
             raise BuildError("the installer uv is not installed on this server")
@@ -448,14 +494,18 @@ class Environments:
         if (project_dir / DEPENDENCIES).is_file():
             out.write(f"==> running {DEPENDENCIES}\n")
             self._step(["bash", DEPENDENCIES], project_dir, env, out, DEPENDENCIES)
-        if (project_dir / REQUIREMENTS).is_file():
+        has_requirements = (project_dir / REQUIREMENTS).is_file()
+        if has_requirements or extra:
+            # One resolution for both: the runtime must agree with the user's pins.
+            what = " and ".join([*([REQUIREMENTS] if has_requirements else []), *extra])
             if uv is not None:
-                out.write(f"==> installing {REQUIREMENTS} (uv pip install)\n")
+                out.write(f"==> installing {what} (uv pip install)\n")
                 command = [uv, "pip", "install", "--no-config", "--python", python]
             else:
-                out.write(f"==> installing {REQUIREMENTS} (pip install)\n")
+                out.write(f"==> installing {what} (pip install)\n")
                 command = [python, "-m", "pip", "install", "--disable-pip-version-check"]
-            self._step([*command, "-r", REQUIREMENTS], project_dir, env, out, REQUIREMENTS)
+            args = [*(["-r", REQUIREMENTS] if has_requirements else []), *extra]
+            self._step([*command, *args], project_dir, env, out, what)
 
     def _step_env(self, env_dir: Path) -> dict[str, str]:
         env = {

@@ -16,11 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cortex import datasets, enqueuer, environments, errors, project, spec, views
+from cortex import (
+    datasets,
+    enqueuer,
+    environments,
+    errors,
+    launch,
+    modelcache,
+    project,
+    spec,
+    views,
+)
 from cortex.jobs import JobStatus, WorkerState, new_job_id, new_worker_id
 from cortex.launchers import Launcher, WorkerLaunch
 from cortex.settings import Settings
-from cortex.store import ApiRecord, Job, LeaseResult, Store
+from cortex.store import ApiRecord, Job, LeaseResult, Store, engine
 from cortex.store.logs import LogStore
 from cortex.store.records import BatchResult
 
@@ -58,10 +68,17 @@ class Service:
             build_timeout_s=settings.env_build_timeout_s,
             installer=settings.env_installer,
         )
-        # A version's environment key and .env, read once from its (immutable) project.
-        self._env_keys: dict[str, str | None] = {}
+        # A version's environment (key, extra requirements) and .env, read once from its
+        # (immutable) project.
+        self._env_definitions: dict[str, tuple[str | None, tuple[str, ...]]] = {}
         self.projects = project.Projects(settings.data_dir / "projects", settings.max_project_bytes)
         self._dotenvs: dict[str, dict[str, str]] = {}
+        self.models = modelcache.ModelCache(
+            settings.data_dir / "models", settings.resolved_data_roots, settings.data_urls
+        )
+        self.preparation = launch.Preparation(
+            self.environments, self.models, self.env_definition, self.project_dir
+        )
 
     # -- APIs -------------------------------------------------------------------------------
 
@@ -78,6 +95,11 @@ class Service:
                 f"api {api.name!r}: predictor.path: {api.predictor.path} is not in the project "
                 "folder (or is excluded by .cortexignore)"
             )
+        for path in spec.missing_model_files(api, names):
+            raise errors.InvalidSpec(
+                f"api {api.name!r}: predictor: the model {path} is not a file or folder in the "
+                "project (or is excluded by .cortexignore)"
+            )
         spec_json = api.to_json()
         spec_id = spec.digest(spec.canonical_json(spec_json), archive)[:32]
         # Unpacked and not yet stored: a prune of unused folders must leave it alone.
@@ -90,14 +112,14 @@ class Service:
                 if not unpacked:  # a refused deploy leaves nothing behind
                     shutil.rmtree(project_dir, ignore_errors=True)
                 raise
-            key = self.env_key(spec_id)
+            key, extra = self.env_definition(spec_id, api)
             status = self.environments.status(key)
             cached = status.state in (environments.READY, environments.NONE)
             result = self.store.put_api(api.name, spec_id, spec_json, archive, pending=not cached)
         if not cached:
             assert key is not None
             status = self.environments.build(
-                key, project_dir, lambda done: self._built(api.name, spec_id, done)
+                key, project_dir, lambda done: self._built(api.name, spec_id, done), extra=extra
             )
             log.info("api %s: building environment %s", api.name, key)
         return result, api.name, {"spec_id": spec_id, "cached": cached, **status.to_json()}
@@ -126,19 +148,33 @@ class Service:
         for api in self.store.list_apis():
             if api.pending_spec_id is None or api.pending_error is not None:
                 continue
-            key = self.env_key(api.pending_spec_id)
+            key, extra = self.env_definition(api.pending_spec_id)
             if key is None:
                 continue
             self.environments.build(
                 key,
                 self.project_dir(api.pending_spec_id),
                 functools.partial(self._built, api.name, api.pending_spec_id),
+                extra=extra,
             )
 
+    def env_definition(
+        self, spec_id: str, api: spec.APISpec | None = None
+    ) -> tuple[str | None, tuple[str, ...]]:
+        """A version's environment: its key (None: the server's interpreter runs it) and the
+        requirements the server adds to the project's (the model runtime of its type)."""
+        if spec_id not in self._env_definitions:
+            if api is None:
+                api = spec.APISpec.model_validate(self.store.get_spec_json(spec_id))
+            project_dir = self.project_dir(spec_id)
+            extra = environments.runtime_requirements(
+                api.predictor.type, api.compute.gpu, project_dir
+            )
+            self._env_definitions[spec_id] = (environments.key_for(project_dir, extra), extra)
+        return self._env_definitions[spec_id]
+
     def env_key(self, spec_id: str) -> str | None:
-        if spec_id not in self._env_keys:
-            self._env_keys[spec_id] = environments.key_for(self.project_dir(spec_id))
-        return self._env_keys[spec_id]
+        return self.env_definition(spec_id)[0]
 
     def api_environment(self, api: ApiRecord) -> dict[str, Any]:
         """The environment of the API's latest deploy: building, ready, failed (with the
@@ -265,7 +301,7 @@ class Service:
                 job.job_id,
                 JobStatus.UNEXPECTED_ERROR,
                 "batchapi.enqueue_failed",
-                f"failed to write the job's batches: {err}",
+                f"failed to write the job's batches: {engine.error_reason(err)}",
             )
             raise
         if done is None:  # stopped (or timed out) meanwhile
@@ -393,7 +429,7 @@ class Service:
                 job_id,
                 JobStatus.ENQUEUE_FAILED,
                 "batchapi.enqueue_failed",
-                f"failed to enqueue all batches: {err}",
+                f"failed to enqueue all batches: {engine.error_reason(err)}",
             )
         finally:
             with self._enqueuers_lock:
@@ -549,7 +585,7 @@ class Service:
         def in_use() -> set[str]:
             building = {
                 spec_id
-                for spec_id, key in list(self._env_keys.items())
+                for spec_id, (key, _) in list(self._env_definitions.items())
                 if key is not None and self.environments.status(key).state == environments.BUILDING
             }
             return self.store.spec_ids_in_use() | building
@@ -607,13 +643,12 @@ class Service:
         environment is not built on this machine yet, once it is (they stay pending)."""
         api_spec = spec.APISpec.model_validate(self.api_spec_for(job))
         project_dir = self.project_dir(job.spec_id)
-        key = self.env_key(job.spec_id)
-        env_dir = None
-        if key is not None:
-            if self.environments.python(key) is None:
-                self._start_when_built(job, worker_ids, key, project_dir)
-                return
-            env_dir = self.environments.path(key)
+        ready = self.preparation.ready(job.spec_id, api_spec)
+        if ready is None:
+            self._start_when_prepared(job, worker_ids, api_spec)
+            return
+        env_dir = ready.env_dir
+        env_key, env_extra = self.env_definition(job.spec_id)
         python_path = [str(project_dir)]
         if api_spec.predictor.python_path:
             python_path.insert(0, str(project_dir / api_spec.predictor.python_path))
@@ -643,6 +678,8 @@ class Service:
                         env=env,
                         env_dir=env_dir,
                         runtime_dir=runtime,
+                        env_key=env_key,
+                        env_extra=env_extra,
                     )
                 )
             except Exception as err:
@@ -660,40 +697,27 @@ class Service:
         started = len(worker_ids)
         self.job_event(job.job_id, f"started {started} worker{'s' if started != 1 else ''}")
 
-    def _start_when_built(
-        self, job: Job, worker_ids: list[str], key: str, project_dir: Path
-    ) -> None:
+    def _start_when_prepared(self, job: Job, worker_ids: list[str], api_spec: spec.APISpec) -> None:
         """The workers stay pending while the job's environment builds (a job submitted
-        during a deploy's build waits for it); the job fails if the build does."""
-        self.job_event(
-            job.job_id,
-            f"waiting for the environment of api {job.api_name} to be built ({key}); the "
-            f"workers start once it is ready (cortex get {job.api_name} shows the build)",
-        )
+        during a deploy's build waits for it) and its models download; the job fails if
+        either does."""
 
-        def built(status: environments.Status) -> None:
+        def done(outcome: launch.Ready | launch.Failure) -> None:
             current = self.store.get_job(job.job_id)
             if current is None or not current.status.in_progress:
                 return
-            if status.state == environments.READY:
-                self.job_event(job.job_id, f"environment {key} is ready")
+            if isinstance(outcome, launch.Ready):
                 self.start_workers(current, worker_ids)
                 return
-            message = (
-                f"the environment of api {job.api_name} failed to build: "
-                f"{status.message or status.state}"
-            )
             for worker_id in worker_ids:
-                self.store.update_worker(worker_id, WorkerState.FAILED, error_message=message)
-            self._end(job.job_id, JobStatus.WORKER_ERROR, "batchapi.environment_failed", message)
+                self.store.update_worker(
+                    worker_id, WorkerState.FAILED, error_message=outcome.message
+                )
+            self._end(job.job_id, JobStatus.WORKER_ERROR, outcome.kind, outcome.message)
 
-        def on_done(status: environments.Status) -> None:
-            try:
-                built(status)
-            except Exception:
-                log.exception("job %s: cannot start its workers after the build", job.job_id)
-
-        self.environments.build(key, project_dir, on_done, retry_failed=False)
+        self.preparation.prepare(
+            job.spec_id, api_spec, functools.partial(self.job_event, job.job_id), done
+        )
 
     # -- the worker API ---------------------------------------------------------------------
 
@@ -709,9 +733,15 @@ class Service:
 
     def worker_spec(self, job: Job) -> dict[str, Any]:
         api_spec = self.api_spec_for(job)
+        parsed = spec.APISpec.model_validate(api_spec)
+        ready = self.preparation.ready(job.spec_id, parsed)
         return {
             "job_spec": views.job_spec_json(job, api_spec),
             "api_spec": api_spec,
+            # The models to load: where the server fetched them, or in the project folder.
+            "models": ready.models
+            if ready is not None
+            else [m.model_dump() for m in parsed.predictor.model_list()],
             "config": spec.deep_merge(api_spec["predictor"]["config"], job.config),
             "heartbeat_s": self.settings.heartbeat_s,
             "lease_s": self.settings.lease_s,

@@ -16,11 +16,10 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-import orjson
 import pydantic
 import yaml
 
-from cortex import errors
+from cortex import errors, exactjson
 
 MAX_NAME_LENGTH = 42
 MAX_ITEM_BYTES = 262144  # one item's raw JSON (spec §4: 256 KiB)
@@ -30,6 +29,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 MAX_JSON_DEPTH = 64
 # Largest `timeout` and `max_attempts`: the store keeps them in 32-bit integer columns.
 MAX_INT32 = (1 << 31) - 1
+# Most items in one batch: a batch is leased, held, sent and retried whole, so one of millions
+# of items would be a single unit of work too big to hand out or retry.
+MAX_BATCH_SIZE = 100_000
 
 # Names that would shadow the server's own paths, now or in the near future.
 RESERVED_NAMES = frozenset(
@@ -40,6 +42,7 @@ RESERVED_NAMES = frozenset(
         "redoc",
         "openapi",
         "metrics",
+        "ui",
         "deploy",
         "get",
         "delete",
@@ -99,12 +102,133 @@ def _relative_path(value: str, what: str) -> str:
     return normal
 
 
+# Where a model may come from: storage the datasets read too. A plain path is inside the
+# project folder (relative) or on the server's disk under its data roots (absolute).
+MODEL_URL_SCHEMES = ("s3", "gs", "gcs", "http", "https")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
+
+
+def _model_location(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    if sep:
+        if scheme.lower() not in MODEL_URL_SCHEMES or not rest:
+            allowed = ", ".join(f"{s}://" for s in MODEL_URL_SCHEMES)
+            raise ValueError(f"{value!r}: a model URL must start with one of {allowed}")
+        return value
+    if value.startswith("/"):
+        return posixpath.normpath(value)
+    return _relative_path(value, "a model path")
+
+
+class ModelEntry(_Strict):
+    """One named model (v0.25 `models.paths[]`; v0.20 `models[]`, whose `model_path` is read
+    as `path`)."""
+
+    name: str
+    path: str
+    signature_key: str | None = None
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _v020(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and "model_path" in value and "path" not in value:
+            value = {("path" if k == "model_path" else k): v for k, v in value.items()}
+        return value
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _MODEL_NAME.fullmatch(value) or len(value) > 128:
+            raise ValueError(
+                f"{value!r} is not a model name (letters, digits, '-', '_' and '.', at most 128)"
+            )
+        return value
+
+    _path = pydantic.field_validator("path")(lambda cls, v: _model_location(v))
+
+
+class Models(_Strict):
+    """`predictor.models` (v0.25): one model (`path`) or several (`paths`)."""
+
+    path: str | None = None
+    paths: list[ModelEntry] | None = None
+    signature_key: str | None = None
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _v020(cls, value: Any) -> Any:
+        # v0.20: a list of {name, model_path, signature_key}.
+        return {"paths": value} if isinstance(value, list) else value
+
+    @pydantic.field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str | None) -> str | None:
+        return None if value is None else _model_location(value)
+
+    @pydantic.model_validator(mode="after")
+    def _one_form(self) -> Models:
+        if (self.path is None) == (self.paths is None):
+            raise ValueError("give exactly one of path or paths")
+        if self.paths is not None:
+            if not self.paths:
+                raise ValueError("paths: list at least one model")
+            names = [entry.name for entry in self.paths]
+            for name in names:
+                if names.count(name) > 1:
+                    raise ValueError(f"paths: the model name {name!r} is used twice")
+        return self
+
+
 class Predictor(_Strict):
-    type: Literal["python"]
+    type: Literal["python", "onnx", "tensorflow"]
     path: str
     config: dict[str, Any] = pydantic.Field(default_factory=dict)
     python_path: str | None = None
     env: dict[str, str] = pydantic.Field(default_factory=dict)
+    # tensorflow and onnx: the model(s), as v0.20 (`model_path`) or v0.25 (`models`) wrote them.
+    model_path: str | None = None
+    models: Models | None = None
+    signature_key: str | None = None
+
+    @pydantic.field_validator("model_path")
+    @classmethod
+    def _check_model_path(cls, value: str | None) -> str | None:
+        return None if value is None else _model_location(value)
+
+    @pydantic.model_validator(mode="after")
+    def _check_models(self) -> Predictor:
+        given = [key for key in ("model_path", "models") if getattr(self, key) is not None]
+        if self.type == "python":
+            for key in (*given, *(["signature_key"] if self.signature_key else [])):
+                raise ValueError(f"{key}: only for type tensorflow or onnx, not python")
+            return self
+        if len(given) != 1:
+            raise ValueError(
+                f"type {self.type} needs exactly one of model_path or models"
+                + (" (both are given)" if given else "")
+            )
+        if self.type == "onnx":
+            keys = [e.signature_key for e in self.models.paths or []] if self.models else []
+            if self.signature_key or (self.models and self.models.signature_key) or any(keys):
+                raise ValueError("signature_key: only for type tensorflow, not onnx")
+        return self
+
+    def model_list(self) -> list[ModelEntry]:
+        """The models to load, named; a single model's name is empty (`model_name=None`).
+        A model's signature_key is its own, else that of `models`, else the top-level one."""
+        key = self.signature_key
+        if self.model_path is not None:
+            return [ModelEntry.model_construct(name="", path=self.model_path, signature_key=key)]
+        if self.models is None:
+            return []
+        key = self.models.signature_key or key
+        if self.models.path is not None:
+            return [ModelEntry.model_construct(name="", path=self.models.path, signature_key=key)]
+        assert self.models.paths is not None
+        return [
+            entry.model_copy(update={"signature_key": entry.signature_key or key})
+            for entry in self.models.paths
+        ]
 
     @pydantic.field_validator("config", mode="before")
     @classmethod
@@ -213,7 +337,26 @@ class APISpec(_Strict):
         return value
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # Keys left unset stay out: a python predictor's spec reads as it always did.
+        data = self.model_dump(mode="json")
+        predictor = data["predictor"]
+        for key in ("model_path", "models", "signature_key"):
+            if predictor.get(key) is None:
+                predictor.pop(key, None)
+        return data
+
+
+def missing_model_files(api: APISpec, names: set[str]) -> list[str]:
+    """The project-relative model paths of `api` that are neither a file nor a folder among the
+    project's files `names`."""
+    missing = []
+    for model in api.predictor.model_list():
+        path = model.path
+        if "://" in path or path.startswith("/"):
+            continue
+        if path not in names and not any(name.startswith(path.rstrip("/") + "/") for name in names):
+            missing.append(path)
+    return missing
 
 
 def json_depth(value: Any) -> int:
@@ -422,6 +565,10 @@ def parse_submission(data: Any) -> Submission:
     batch_size = sub.item_list.batch_size if sub.item_list else sub.file_dataset.batch_size  # type: ignore[union-attr]
     if batch_size < 1:
         raise _invalid("batchapi.invalid_batch_size", f"{kind}.batch_size: must be at least 1")
+    if batch_size > MAX_BATCH_SIZE:
+        raise _invalid(
+            "batchapi.invalid_batch_size", f"{kind}.batch_size: must be at most {MAX_BATCH_SIZE}"
+        )
     if sub.workers < 1:
         raise _invalid("batchapi.invalid_workers", "workers: must be at least 1")
     if sub.timeout is not None and sub.timeout < 1:
@@ -449,11 +596,10 @@ def _check_file_dataset(kind: str, dataset: FileDataset) -> None:
     if not dataset.paths:
         raise _invalid("batchapi.empty_s3_paths", f"{kind}.s3_paths: must not be empty")
     for name in ("includes", "excludes"):
-        for pattern in getattr(dataset, name):
-            try:
-                globs.compile_glob(pattern)
-            except globs.GlobError as err:
-                raise _invalid("batchapi.invalid_glob", f"{kind}.{name}: {err}") from None
+        try:
+            globs.Globs(getattr(dataset, name))
+        except globs.GlobError as err:
+            raise _invalid("batchapi.invalid_glob", f"{kind}.{name}: {err}") from None
     for path in dataset.paths:
         reason = _unicode_error(path)
         if reason is not None or "\0" in path:
@@ -470,17 +616,16 @@ def item_batches(items: list[Any], batch_size: int) -> Iterator[str]:
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         try:
-            encoded = orjson.dumps(chunk)
-        except orjson.JSONEncodeError as err:
+            encoded = exactjson.dumps(chunk)
+        except TypeError as err:
             raise _invalid(
                 "batchapi.invalid_item",
                 f"item_list.items: an item in batch {start // batch_size} cannot be stored as "
-                f"JSON ({err}: lone surrogates, nesting deeper than 254 levels and integers "
-                "beyond 64 bits are refused)",
+                f"JSON ({err}: lone surrogates and nesting deeper than 254 levels are refused)",
             ) from None
         if len(encoded) > MAX_ITEM_BYTES:
             for offset, item in enumerate(chunk):
-                size = len(orjson.dumps(item))
+                size = len(exactjson.dumps(item))
                 if size > MAX_ITEM_BYTES:
                     raise _invalid(
                         "batchapi.item_size_exceeds_limit",

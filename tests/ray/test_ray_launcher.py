@@ -1,7 +1,9 @@
-"""The Ray launcher on a real two-node Ray cluster: placement, a killed actor, a stop, GPUs.
+"""The Ray launcher on a real two-node Ray cluster (on loopback: see conftest.py): placement,
+a killed actor, a stop, GPUs, and API environments built on the nodes (requirements.txt,
+dependencies.sh, .env).
 
-Slow (the cluster takes 15-45 s to start on a small machine): run with `make test-ray`, or
-CORTEX_TEST_RAY=1 and Ray installed (`pip install -e '.[ray]'`).
+Slow: run with `make test-ray`, or CORTEX_TEST_RAY=1 and Ray installed
+(`pip install -e '.[ray]'`). The environment tests install small packages from the registry.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+import yaml
 
 from cortex.client import Client
 from helpers import (
+    FIXTURES,
     DeployedApi,
     Server,
     deploy_fixture,
@@ -33,20 +38,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    pytest.importorskip("ray")
-    import raycluster
-
-    started = raycluster.start(tmp_path_factory.mktemp("ray"))
-    yield started
-    started.stop()
-
-
-@pytest.fixture(scope="module")
-def ray_server(cluster: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    import raycluster
-
-    assert isinstance(cluster, raycluster.Cluster)
+def ray_server(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # `cluster`: the two-node loopback cluster of this folder's conftest.
     srv = start_server(
         tmp_path_factory.mktemp("ray-server"),
         CORTEX_LAUNCHER="ray",
@@ -153,3 +146,228 @@ def test_gpus_are_ray_gpus(ray_client: Client, tmp_path: Path) -> None:
     envs = [init["env"] for init in _inits(api, job_id).values()]
     assert sorted(e["CUDA_VISIBLE_DEVICES"] for e in envs) == ["0", "1"]  # type: ignore[index]
     assert len({e["CORTEX_RAY_NODE_ID"] for e in envs}) == 1  # type: ignore[index]
+
+
+# -- API environments on Ray --------------------------------------------------------------------
+
+# Builds download from the registry the first time: generous, but bounded.
+BUILD_S = 120.0
+
+
+def _env_project(
+    root: Path,
+    name: str,
+    *,
+    requirements: str | None = None,
+    dependencies: str | None = None,
+    dotenv: str | None = None,
+    env: dict[str, str] | None = None,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """A project with the reporting predictor (one JSON report per batch) and the given
+    environment files."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "predictor.py").write_text((FIXTURES / "envreport" / "predictor.py").read_text())
+    for filename, text in (
+        ("requirements.txt", requirements),
+        ("dependencies.sh", dependencies),
+        (".env", dotenv),
+    ):
+        if text is not None:
+            (folder / filename).write_text(text)
+    api = {
+        "name": name,
+        "kind": "BatchAPI",
+        "predictor": {
+            "type": "python",
+            "path": "predictor.py",
+            "config": {"out": str(root / f"{name}-out"), **(config or {})},
+            "env": env or {},
+        },
+        "compute": {"cpu": 1},
+    }
+    (folder / "cortex.yaml").write_text(yaml.safe_dump([api]))
+    return folder
+
+
+def _deploy(client: Client, folder: Path) -> None:
+    """Deploy; the server builds the environment first (it checks the files at deploy)."""
+    [result] = client.deploy(folder / "cortex.yaml")
+    name = result["api_name"]
+
+    def built() -> str | None:
+        state = str(client.environment(name)["state"])
+        return None if state == "building" else state
+
+    assert wait_for(built, BUILD_S, "the server's build to end") == "ready"
+
+
+def _reports(root: Path, name: str) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((root / f"{name}-out").glob("*.json"))]
+
+
+@pytest.mark.timeout(2 * BUILD_S + 60)
+def test_an_api_environment_on_ray_has_its_pins_dotenv_and_dependencies_sh(
+    ray_client: Client, ray_server: Server, cluster: Any, tmp_path: Path
+) -> None:
+    runs = tmp_path / "dependencies-runs.log"
+    folder = _env_project(
+        tmp_path,
+        "ray-env",
+        # pydantic<2: the server's own pydantic is 2; a pin of it must not reach the actor.
+        requirements="humanize==4.9.0\npydantic<2\n",
+        dependencies=(
+            'echo "dependencies.sh runs in $VIRTUAL_ENV"\n'
+            f'echo "$VIRTUAL_ENV" >> "{runs}"\n'
+            'echo built-by-deps > "$VIRTUAL_ENV/deps-marker.txt"\n'
+        ),
+        dotenv="GREETING=hello\nOVERRIDDEN=from-dotenv\n",
+        env={"OVERRIDDEN": "from-yaml"},
+        config={
+            "modules": ["humanize", "pydantic"],
+            "vars": ["GREETING", "OVERRIDDEN", "VIRTUAL_ENV", "PATH", "CORTEX_RAY_NODE_ID"],
+        },
+    )
+    _deploy(ray_client, folder)
+    server_envs = (ray_server.data_dir / "envs").resolve()
+    # Three workers of one CPU: both nodes; their actors build the environment at once.
+    job_id = _submit(ray_client, "ray-env", list(range(6)), 3)
+
+    status = wait_for_status(ray_client, "ray-env", job_id, BUILD_S)
+
+    assert status["status"] == "status_succeeded", status
+    reports = _reports(tmp_path, "ray-env")
+    assert len(reports) == 6
+    for report in reports:
+        prefix = Path(report["prefix"]).resolve()
+        # The node's own environment, in its Ray session's folder: not the server's.
+        assert prefix.is_relative_to(cluster.temp_dir.resolve()), report
+        assert not str(prefix).startswith(str(server_envs))
+        assert report["versions"]["humanize"][0] == "4.9.0"
+        assert report["versions"]["pydantic"][0].startswith("1."), report
+        assert Path(report["versions"]["humanize"][1]).resolve().is_relative_to(prefix)
+        # The worker runtime pulled none of the server's dependencies in.
+        assert report["server_modules"] == []
+        variables = report["vars"]
+        assert variables["GREETING"] == "hello"
+        assert variables["OVERRIDDEN"] == "from-yaml"  # predictor.env wins over .env
+        # The environment activated is the node's; nothing of the server's machine leaks.
+        assert Path(variables["VIRTUAL_ENV"]).resolve() == prefix
+        assert variables["PATH"].split(":")[0] == f"{variables['VIRTUAL_ENV']}/bin"
+        assert str(ray_server.data_dir) not in variables["PATH"]
+        assert variables["CORTEX_RAY_NODE_ID"]
+        assert report["marker"] == "built-by-deps"
+    # dependencies.sh ran once in each environment of a node, however many actors started
+    # there at once (this cluster's two nodes share one machine's session folder).
+    node_runs = [line for line in runs.read_text().split() if not line.startswith(str(server_envs))]
+    assert sorted(node_runs) == sorted(set(node_runs))
+    assert {str(Path(line).resolve()) for line in node_runs} == {
+        str(Path(r["prefix"]).resolve()) for r in reports
+    }
+    # Its output is in the raw output of the worker that built.
+    logs = "\n".join(ray_client.logs("ray-env", job_id, follow=True))
+    assert "running dependencies.sh" in logs
+    assert "dependencies.sh runs in " in logs and "ready on this Ray node" in logs
+
+
+@pytest.mark.timeout(2 * BUILD_S + 60)
+def test_a_dependencies_sh_that_fails_on_the_node_fails_the_job_with_its_output(
+    ray_client: Client, tmp_path: Path
+) -> None:
+    # It succeeds on the server (the deploy's build) and fails on the Ray nodes only.
+    folder = _env_project(
+        tmp_path,
+        "ray-bad-deps",
+        dependencies=(
+            'if [ "${TEST_ON_RAY_NODE:-}" = 1 ]; then\n'
+            "  echo 'fetching the model tools'\n"
+            "  echo 'no compiler on this node' >&2\n"
+            "  exit 3\n"
+            "fi\n"
+        ),
+    )
+    _deploy(ray_client, folder)
+    job_id = _submit(ray_client, "ray-bad-deps", [1, 2], 1)
+
+    status = wait_for_status(ray_client, "ray-bad-deps", job_id, BUILD_S)
+
+    assert status["status"] == "status_worker_error", status
+    assert "exited with code 1 before the predictor was loaded" in status["error"]["message"]
+    logs = "\n".join(ray_client.logs("ray-bad-deps", job_id, follow=True))
+    assert "dependencies.sh failed (exit code 3)" in logs
+    assert "fetching the model tools" in logs and "no compiler on this node" in logs
+    assert _reports(tmp_path, "ray-bad-deps") == []
+
+
+@pytest.mark.timeout(2 * BUILD_S + 60)
+def test_a_stop_during_the_nodes_build_stops_the_build_and_the_actor(
+    ray_client: Client, tmp_path: Path
+) -> None:
+    started, gate = tmp_path / "build-started", tmp_path / "gate"
+    terminated = tmp_path / "build-terminated"
+    folder = _env_project(
+        tmp_path,
+        "ray-slow-build",
+        # On the nodes only, the build waits for the gate (a bounded loop: at most 60 s).
+        dependencies=(
+            'if [ "${TEST_ON_RAY_NODE:-}" = 1 ]; then\n'
+            f"  trap 'touch \"{terminated}\"; exit 143' TERM\n"
+            f'  echo $$ > "{started}.tmp" && mv "{started}.tmp" "{started}"\n'
+            f'  for i in $(seq 600); do [ -f "{gate}" ] && exit 0; sleep 0.1; done\n'
+            "  exit 1\n"
+            "fi\n"
+        ),
+    )
+    _deploy(ray_client, folder)
+    job_id = _submit(ray_client, "ray-slow-build", [1], 1)
+    try:
+        wait_for(started.exists, 60, "the node's build to run dependencies.sh")
+        script = psutil.Process(int(started.read_text()))
+        actor = script.parent()
+        assert actor is not None
+        status = ray_client.get_job("ray-slow-build", job_id)["job_status"]
+        assert status["status"] == "status_running"
+        assert status["worker_counts"]["pending"] == 1, status
+
+        ray_client.stop_job("ray-slow-build", job_id)
+
+        status = ray_client.get_job("ray-slow-build", job_id)["job_status"]
+        assert status["status"] == "status_stopped"
+        wait_for(lambda: _gone([script, actor]), 30, "the build and its actor to be gone")
+        # The actor stopped its build as it stops a worker: SIGTERM first.
+        assert terminated.exists()
+        assert _reports(tmp_path, "ray-slow-build") == []
+    finally:
+        gate.touch()  # whatever is left of the build ends now
+
+
+def test_an_onnx_api_on_ray_gets_onnxruntime_on_the_nodes(
+    ray_client: Client, tmp_path: Path
+) -> None:
+    """type onnx with no requirements.txt: the model runtime the server adds to the
+    environment's definition is installed on the nodes too."""
+    from integration.test_onnx import PREDICTOR, affine_model
+
+    folder = tmp_path / "onnx-on-ray"
+    folder.mkdir()
+    (folder / "predictor.py").write_text(PREDICTOR)
+    affine_model(folder / "model.onnx", 2.0, 1.0)
+    out = tmp_path / "onnx-on-ray-out"
+    api = {
+        "name": "onnx-on-ray",
+        "kind": "BatchAPI",
+        "predictor": {
+            "type": "onnx",
+            "path": "predictor.py",
+            "model_path": "model.onnx",
+            "config": {"out": str(out)},
+        },
+    }
+    (folder / "cortex.yaml").write_text(yaml.safe_dump([api]))
+    _deploy(ray_client, folder)
+    job_id = _submit(ray_client, "onnx-on-ray", [[1, 2, 3], [0, 0, 0]], workers=2)
+    status = wait_for_status(ray_client, "onnx-on-ray", job_id, 240)
+    assert status["status"] == "status_succeeded", status
+    answers = sorted(json.loads(p.read_text())["answers"]["None"][0][0] for p in out.glob("*.json"))
+    assert answers == [[1.0, 1.0, 1.0], [3.0, 5.0, 7.0]]

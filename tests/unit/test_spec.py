@@ -173,11 +173,101 @@ class TestApiFields:
         message = spec_error("name: x\npredictor: {type: python, path: p.py}\n")
         assert message.endswith("kind: required key is missing")
 
-    @pytest.mark.parametrize("ptype", ["tensorflow", "onnx", "Python", "''"])
-    def test_predictor_type_must_be_python(self, ptype: str) -> None:
+    @pytest.mark.parametrize("ptype", ["Python", "''", "pytorch"])
+    def test_predictor_type_is_one_of_three(self, ptype: str) -> None:
         message = spec_error(api_yaml(predictor=f"{{type: {ptype}, path: p.py}}"))
         assert "predictor.type:" in message
-        assert "python" in message
+        assert "python" in message and "onnx" in message and "tensorflow" in message
+
+
+def model_api(predictor: str) -> str:
+    return api_yaml(predictor="{path: p.py, " + predictor + "}")
+
+
+class TestModels:
+    """The spec's rules for tensorflow and onnx models (§2), each a refusal naming its field."""
+
+    @pytest.mark.parametrize("ptype", ["onnx", "tensorflow"])
+    def test_a_model_is_required(self, ptype: str) -> None:
+        message = spec_error(model_api(f"type: {ptype}"))
+        assert message.endswith(
+            f"predictor: type {ptype} needs exactly one of model_path or models"
+        )
+
+    def test_not_both_model_path_and_models(self) -> None:
+        message = spec_error(model_api("type: onnx, model_path: a.onnx, models: {path: b.onnx}"))
+        assert "exactly one of model_path or models (both are given)" in message
+
+    @pytest.mark.parametrize("key", ["model_path: m.onnx", "models: {path: m}", "signature_key: s"])
+    def test_python_takes_no_model(self, key: str) -> None:
+        message = spec_error(model_api(f"type: python, {key}"))
+        assert "only for type tensorflow or onnx, not python" in message
+        assert message.split("predictor: ")[1].startswith(key.split(":")[0])
+
+    @pytest.mark.parametrize(
+        "models",
+        [
+            "signature_key: s, model_path: m.onnx",
+            "models: {path: m.onnx, signature_key: s}",
+            "models: {paths: [{name: a, path: a.onnx, signature_key: s}]}",
+        ],
+    )
+    def test_signature_key_only_for_tensorflow(self, models: str) -> None:
+        message = spec_error(model_api(f"type: onnx, {models}"))
+        assert "signature_key: only for type tensorflow, not onnx" in message
+
+    def test_model_names_are_unique(self) -> None:
+        text = model_api("type: onnx, models: {paths: [{name: a, path: x}, {name: a, path: y}]}")
+        message = spec_error(text)
+        assert "predictor.models: paths: the model name 'a' is used twice" in message
+
+    def test_v020_model_list_is_read_as_paths(self) -> None:
+        [api] = load_config_file(
+            model_api(
+                "type: tensorflow, models: [{name: a, model_path: s3://b/a/, signature_key: k},"
+                " {name: b, model_path: b/}]"
+            )
+        )
+        models = [(m.name, m.path, m.signature_key) for m in api.predictor.model_list()]
+        assert models == [("a", "s3://b/a/", "k"), ("b", "b", None)]
+
+    def test_signature_keys_fall_back_from_model_to_models_to_the_top(self) -> None:
+        [api] = load_config_file(model_api("type: tensorflow, model_path: m/, signature_key: t"))
+        assert [m.signature_key for m in api.predictor.model_list()] == ["t"]
+        [api] = load_config_file(
+            model_api(
+                "type: tensorflow, signature_key: t, models: {signature_key: m, paths: "
+                "[{name: a, path: a/, signature_key: own}, {name: b, path: b/}]}"
+            )
+        )
+        assert [m.signature_key for m in api.predictor.model_list()] == ["own", "m"]
+
+    def test_a_single_model_has_no_name(self) -> None:
+        for predictor in ("model_path: m.onnx", "models: {path: m.onnx}"):
+            [api] = load_config_file(model_api(f"type: onnx, {predictor}"))
+            assert [(m.name, m.path) for m in api.predictor.model_list()] == [("", "m.onnx")]
+
+    def test_models_needs_path_or_paths(self) -> None:
+        assert "give exactly one of path or paths" in spec_error(
+            model_api("type: onnx, models: {path: a, paths: [{name: b, path: b}]}")
+        )
+        assert "paths: list at least one model" in spec_error(
+            model_api("type: onnx, models: {paths: []}")
+        )
+
+    @pytest.mark.parametrize(
+        ("path", "why"),
+        [
+            ("ftp://host/m.onnx", "a model URL must start with one of"),
+            ("../m.onnx", "must stay inside the project folder"),
+        ],
+    )
+    def test_model_locations(self, path: str, why: str) -> None:
+        assert why in spec_error(model_api(f"type: onnx, model_path: '{path}'"))
+
+    def test_a_python_spec_reads_as_before(self) -> None:
+        [api] = load_config_file(api_yaml())
+        assert set(api.to_json()["predictor"]) == {"type", "path", "config", "python_path", "env"}
 
     def test_predictor_type_missing(self) -> None:
         message = spec_error(api_yaml(predictor="{path: p.py}"))
@@ -463,6 +553,7 @@ class TestParseSubmission:
             ({"s3_paths": ["s3:///x"], "batch_size": 1}, "batchapi.invalid_s3_path"),
             ({"s3_paths": ["relative/x"], "batch_size": 1}, "batchapi.invalid_path"),
             ({"s3_paths": ["file://host/x"], "batch_size": 1}, "batchapi.invalid_path"),
+            ({"s3_paths": ["ftp://host/x"], "batch_size": 1}, "batchapi.invalid_path"),
             (
                 {"s3_paths": ["s3://b/x"], "paths": ["s3://b/y"], "batch_size": 1},
                 "batchapi.conflicting_fields",

@@ -28,7 +28,7 @@ from cortex.project import MAX_ARCHIVE_BYTES
 from cortex.settings import Settings
 
 # Open without a token: load balancers probe readiness.
-_OPEN_PATHS = ("/healthz",)
+_OPEN_PATHS = frozenset({"/healthz"})
 _WORKER_PATH = re.compile(r"^/worker/v1/jobs/([^/]+)/")
 # Where the gate leaves the job a worker token was checked for (`api.worker` reads it).
 WORKER_JOB = "cortex.worker_job"
@@ -40,10 +40,14 @@ _DEPLOY_EXTRA_BYTES = 1 << 20
 class Gate:
     """Pure ASGI middleware: authentication, then the body's size (see the module's doc)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(
+        self, app: ASGIApp, settings: Settings, open_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.expected = f"Bearer {settings.auth_token}".encode() if settings.auth_token else None
         self.max_body_bytes = settings.max_body_bytes
+        # Exact paths only (the dashboard's static files): a prefix would open routes added later.
+        self.open_paths = _OPEN_PATHS | open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):  # lifespan
@@ -60,7 +64,7 @@ class Gate:
 
     async def _authenticate(self, scope: Scope) -> None:
         path: str = scope["path"]
-        if path in _OPEN_PATHS:
+        if path in self.open_paths:
             return
         given = _header(scope, b"authorization")
         worker = _WORKER_PATH.match(path)

@@ -24,6 +24,10 @@ class WorkerLaunch:
     # With `env_dir`: the worker's modules, to put first on its path (the environment holds
     # only the user's packages).
     runtime_dir: Path | None = None
+    # What defines that environment, for a launcher that builds it where the worker runs (Ray):
+    # its key, and the requirements the server adds to the project's (a model runtime).
+    env_key: str | None = None
+    env_extra: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,9 +3,8 @@
 Each worker is one actor, detached and named `cortex-<worker id>` (namespace `cortex`) so that a
 restarted server finds it again, as the local launcher adopts its processes. The actor asks Ray
 for the API's compute (`cpu` -> `num_cpus`, `gpu` -> `num_gpus`, `mem` -> `memory`) and gets
-the API's project folder as its working folder through Ray's runtime environment, with the
-project's `requirements.txt` installed by Ray's `pip` plugin if there is one. A node needs only
-Ray and cortex-batch installed.
+the API's project folder as its working folder through Ray's runtime environment. A node needs
+only Ray and cortex-batch installed: the actor runs in the node's own Python.
 
 Inside the actor, the worker is `python -m cortex.worker` in a subprocess, in its own process
 session, as on the local launcher: exit codes, signals, a segfault's output and the memory
@@ -13,12 +12,31 @@ watchdog behave the same, and a predictor's crash never takes the actor down wit
 actor's `wait()` returns the exit code and the tail of the raw output; a Ray error instead
 (the actor killed, its node lost) is an exit whose code is unknown, which the reconciler treats
 as a crashed worker: its leases are released and a replacement is started within the budget.
+
+**Environments.** A project with `requirements.txt`, `dependencies.sh` or
+`conda-packages.txt` runs its workers in an environment of its own on each node, made exactly
+as the server makes it for the local launcher (`cortex.environments`, the same code): the
+actor builds it from the project files that the runtime environment brought, under Ray's
+session folder of the node (`runtime_resources/cortex/envs/<key>`, the key computed by the
+server), once per node and key (a file lock: the other actors of the node wait for the first),
+and starts the worker with that environment's Python, the worker's standard-library-only
+modules first on its path. The build's output is the start of the worker's raw output; a
+failed build is a worker that exits with code 1 before its predictor is loaded.
+
+Ray's own `pip`/`uv` runtime-environment fields are not used, on purpose: Ray's virtualenv
+inherits the node's packages (it clones the node's virtualenv, or sees its site-packages), and
+the actor itself runs in it, so a user's pin of a package cortex or Ray needs (`pydantic<2`)
+breaks the actor before any worker starts. Here the actor stays in the node's Python, and the
+worker's environment holds only the user's packages, as on the local launcher. Environments
+that no running worker of the node uses are removed, least recently used first, while the
+node's folder is over its budget (20 GB).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import io
 import logging
 import os
@@ -29,12 +47,15 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cortex import errors, spec
+import psutil
+
+from cortex import environments, errors, spec
 from cortex.launchers.base import WorkerExit, WorkerLaunch
 
 try:
@@ -77,52 +98,147 @@ class WorkerActor:
     """One worker on a Ray node. Threaded (see `max_concurrency`): `wait` blocks while
     `terminate` runs."""
 
-    def __init__(self, env: dict[str, str], mem_limit_bytes: int | None, log_path: str) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        mem_limit_bytes: int | None,
+        log_path: str,
+        env_key: str | None = None,
+        env_extra: tuple[str, ...] = (),
+    ) -> None:
         self.log_path = log_path
         self.mem_limit_bytes = mem_limit_bytes
+        self._env = env
+        self._env_key = env_key
+        self._env_extra = tuple(env_extra)
         self._done = threading.Event()
         self._result: dict[str, Any] = {}
         self._oom_detail = ""
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._stopping = False
+        self._start_lock = threading.Lock()
+        self._in_use: Any = None  # the environment's in-use lock, held for the actor's life
         # Actors of one job share the unpacked working folder: the raw output goes elsewhere.
         self._tmp = Path(tempfile.mkdtemp(prefix="cortex-worker-"))
         self._output = self._tmp / "output.log"
-        cwd = os.getcwd()  # the API's project, unpacked by Ray's runtime environment
+        self._cwd = os.getcwd()  # the API's project, unpacked by Ray's runtime environment
+        # The environment may take minutes to build: the worker starts from a thread, so that
+        # `wait` and `terminate` are answered meanwhile.
+        threading.Thread(target=self._run, name="cortex-worker", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            command, env = self._command()
+        except Exception as err:
+            if self._stopping:  # its build was stopped with it
+                self._finish(-signal.SIGTERM)
+                return
+            if not isinstance(err, _NotStarted):
+                with open(self._output, "a") as out:
+                    out.write("the Ray actor could not start the worker:\n")
+                    out.write(traceback.format_exc())
+            self._finish(1)
+            return
+        with self._start_lock:
+            if self._stopping:  # stopped while its environment was built
+                self._finish(-signal.SIGTERM)
+                return
+            with open(self._output, "ab") as out:
+                self._popen = subprocess.Popen(
+                    command,
+                    cwd=self._cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent if _LIBC is not None else None,
+                )
+        self._watch(self._popen)
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        """The worker's command line and environment variables, on this node."""
+        env = dict(self._env)
         # Project-relative entries (the project and its python_path) resolve here, on this node.
-        python_path = [os.path.join(cwd, p) for p in env.pop("PYTHONPATH", "").split(":") if p]
-        if os.environ.get("PYTHONPATH"):
-            python_path.append(os.environ["PYTHONPATH"])
+        python_path = [
+            os.path.join(self._cwd, p) for p in env.pop("PYTHONPATH", "").split(":") if p
+        ]
         child_env = {
             **os.environ,  # Ray's, CUDA_VISIBLE_DEVICES for the GPUs it assigned included
             **env,
-            "PYTHONPATH": ":".join(python_path),
             "PYTHONUNBUFFERED": "1",
-            "CORTEX_PROJECT_DIR": cwd,
+            "CORTEX_PROJECT_DIR": self._cwd,
             "CORTEX_RAY_NODE_ID": ray.get_runtime_context().get_node_id(),
         }
-        with open(self._output, "ab") as out:
-            self._popen = subprocess.Popen(
-                [sys.executable, "-m", "cortex.worker"],
-                cwd=cwd,
-                env=child_env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if _LIBC is not None else None,
-            )
-        threading.Thread(target=self._watch, name="cortex-watch", daemon=True).start()
+        if self._env_key is None:
+            # No environment of its own: the node's Python, as the actor's.
+            if os.environ.get("PYTHONPATH"):
+                python_path.append(os.environ["PYTHONPATH"])
+            child_env["PYTHONPATH"] = ":".join(python_path)
+            return [sys.executable, "-m", "cortex.worker"], child_env
+        env_dir, runtime = self._prepare(self._env_key)
+        # As the local launcher's `environment_variables`: the environment activated, the
+        # worker's modules first on the path, nothing of the node's Python or user site folder.
+        child_env.update(
+            VIRTUAL_ENV=str(env_dir),
+            PATH=f"{env_dir / 'bin'}:{child_env.get('PATH', os.defpath)}",
+            PYTHONPATH=":".join([str(runtime), *python_path]),
+            PYTHONNOUSERSITE="1",
+        )
+        child_env.pop("PYTHONHOME", None)
+        return [str(env_dir / "bin" / "python"), "-m", "cortex.worker"], child_env
 
-    def _watch(self) -> None:
+    def _prepare(self, key: str) -> tuple[Path, Path]:
+        """The API's environment on this node, built if it is not yet (by this actor, or by
+        another of this node that holds the build's lock); its output goes to the raw output.
+        Raises `_NotStarted` if the build fails."""
+        folder = node_folder()
+        envs = environments.Environments(folder / "envs", folder / "cache")
+        envs.root.mkdir(parents=True, exist_ok=True)
+        # Held (shared) while this actor lives: no other actor's clean-up removes it.
+        self._in_use = open(envs.root / f"{key}{_IN_USE}", "a")  # noqa: SIM115
+        fcntl.flock(self._in_use, fcntl.LOCK_SH)
+        status = envs.status(key)
+        if status.state != environments.READY:
+            started = time.monotonic()
+            envs.build(key, Path(self._cwd), extra=self._env_extra)
+            status = envs.wait(key)
+            took = time.monotonic() - started
+            with open(self._output, "a") as out:
+                out.write(f"environment {key} on this Ray node ({envs.path(key)}):\n")
+                offset, more = 0, True
+                while more:  # the whole log, a chunk at a time
+                    lines, after = envs.log_lines(key, offset)
+                    out.writelines(f"{line}\n" for line in lines)
+                    more, offset = after != offset, after
+                if status.state == environments.READY:
+                    out.write(f"environment {key}: ready on this Ray node after {took:.1f} s\n")
+                else:
+                    out.write(
+                        f"environment {key}: failed to build on this Ray node after "
+                        f"{took:.1f} s: {status.message}\n"
+                    )
+            if status.state != environments.READY:
+                raise _NotStarted(1)
+        if envs.python(key) is None:  # marks it used now
+            with open(self._output, "a") as out:
+                out.write(f"environment {key}: removed from this Ray node while starting\n")
+            raise _NotStarted(1)
+        with contextlib.suppress(OSError):
+            envs.prune(_in_use(envs.root))
+        return envs.path(key), environments.runtime_dir(envs.root)
+
+    def _watch(self, popen: subprocess.Popen[bytes]) -> None:
         from cortex.launchers.local import tree_rss_bytes
 
         while True:
             try:
-                code = self._popen.wait(_WATCH_PERIOD_S)
+                code = popen.wait(_WATCH_PERIOD_S)
                 break
             except subprocess.TimeoutExpired:
                 pass
             if self.mem_limit_bytes is not None and not self._oom_detail:
-                rss = tree_rss_bytes(self._popen.pid)
+                rss = tree_rss_bytes(popen.pid)
                 if rss > self.mem_limit_bytes:
                     self._oom_detail = (
                         f"{rss / (1 << 20):.0f} MiB resident, over its limit of "
@@ -130,6 +246,9 @@ class WorkerActor:
                     )
                     self._signal(signal.SIGKILL)
         self._signal(signal.SIGKILL)  # whatever the predictor started goes with it
+        self._finish(code)
+
+    def _finish(self, code: int) -> None:
         self._result = {
             "exit_code": code,
             "oom": bool(self._oom_detail),
@@ -143,8 +262,21 @@ class WorkerActor:
         os._exit(0)
 
     def _signal(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._popen.pid, sig)
+        """To the worker's session; before it started, to the build's steps (each a session
+        of its own, child of this actor): another actor that waits for the same environment
+        then builds it itself."""
+        if self._popen is not None:
+            groups = [self._popen.pid]
+        else:
+            groups = []
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process().children():
+                    with contextlib.suppress(OSError):
+                        if os.getpgid(child.pid) == child.pid:
+                            groups.append(child.pid)
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, sig)
 
     def wait(self) -> dict[str, Any]:
         """The worker's exit: code, whether it was over its memory, its raw output's tail."""
@@ -152,11 +284,47 @@ class WorkerActor:
         return self._result
 
     def terminate(self, grace_s: float) -> None:
-        """SIGTERM to the worker's session, SIGKILL after `grace_s`, as the local launcher."""
+        """SIGTERM to the worker's session, SIGKILL after `grace_s`, as the local launcher. A
+        worker whose environment is being built is not started, and the build is stopped."""
+        with self._start_lock:
+            self._stopping = True
         self._signal(signal.SIGTERM)
         if not self._done.wait(grace_s):
             self._signal(signal.SIGKILL)
             self._done.wait(5)
+
+
+class _NotStarted(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+# Beside each environment on a node: held (shared) by every actor whose worker uses it.
+_IN_USE = ".inuse"
+
+
+def node_folder() -> Path:
+    """Where this Ray node keeps the API environments: in its Ray session's folder, beside
+    Ray's own runtime environments (a new session of the cluster starts with none)."""
+    with contextlib.suppress(Exception):
+        node = ray._private.worker.global_worker.node
+        return Path(node.get_runtime_env_dir_path()) / "cortex"
+    return Path(tempfile.gettempdir()) / f"cortex-ray-{os.getuid()}"
+
+
+def _in_use(root: Path) -> set[str]:
+    """The environments of this node that a live actor holds."""
+    held = set()
+    for path in root.glob(f"*{_IN_USE}"):
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                held.add(path.name[: -len(_IN_USE)])
+                continue
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    return held
 
 
 def _tail(path: Path) -> bytes:
@@ -241,9 +409,9 @@ class RayLauncher:
 
     def start(self, launch: WorkerLaunch) -> int | None:
         project = launch.project_dir
+        # Only the project travels: the actor builds the API's environment on its node from
+        # the project's files (`launch.env_dir` and `runtime_dir` are this machine's).
         runtime_env: dict[str, Any] = {"working_dir": _upload_project(project)}
-        if (project / "requirements.txt").is_file():
-            runtime_env["pip"] = str(project / "requirements.txt")
         env = dict(launch.env)
         env.pop("CORTEX_PROJECT_DIR", None)  # the actor's working folder, on its node
         env["PYTHONPATH"] = ":".join(
@@ -266,7 +434,12 @@ class RayLauncher:
         if compute.mem_bytes is not None:
             options["memory"] = compute.mem_bytes
         actor = self._actor_cls.options(**options).remote(
-            env, compute.mem_bytes, str(launch.log_path)
+            # The environment as the server defines it (key and the model runtime it adds).
+            env,
+            compute.mem_bytes,
+            str(launch.log_path),
+            launch.env_key,
+            launch.env_extra,
         )
         with self._lock:
             self._workers[launch.worker_id] = _Worker(launch.job_id, actor, actor.wait.remote())

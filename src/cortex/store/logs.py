@@ -11,6 +11,8 @@ millions of lines), and never keeps a database transaction open between pages.
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 import json
 import time
 import zlib
@@ -41,6 +43,8 @@ _PAGE_CHARS = 1 << 20
 # Chunks fetched per read transaction: at most this many, and this much JSON once unpacked.
 _FETCH_CHUNKS = 64
 _FETCH_BYTES = 4 << 20
+# Lines an ordered read holds at most to put them in time order.
+MAX_HELD_LINES = 100_000
 # Chunks deleted per transaction when pruning.
 _PRUNE_CHUNKS = 64
 # A message is split into lines a slice at a time, so that one entry of millions of short
@@ -160,14 +164,18 @@ class LogStore:
             ).first()
         return Totals() if row is None else Totals(*row)
 
-    def dropped_line(self, job_id: str, after_chunk: int) -> LogLine | None:
-        """A line that says how many lines the job's budget dropped, for the end of a read;
-        None if none were."""
+    def dropped_line(self, job_id: str) -> LogLine | None:
+        """A line that says how many lines the job's budget dropped, for the end of a read
+        (with the newest chunk's id); None if none were."""
         totals = self.totals(job_id)
         if not totals.dropped_lines:
             return None
+        with self.store._read() as conn:
+            newest = conn.execute(
+                sa.select(sa.func.max(t.log_chunks.c.id)).where(t.log_chunks.c.job_id == job_id)
+            ).scalar()
         return LogLine(
-            after_chunk,
+            newest or 0,
             time.time(),
             SERVER_SOURCE,
             "server",
@@ -214,6 +222,74 @@ class LogStore:
         for page in self.pages(job_id, Cursor(), where):
             yield from page
 
+    def read_by_time(
+        self,
+        job_id: str,
+        where: LogFilter = LogFilter(),
+        max_held_lines: int = MAX_HELD_LINES,
+        page_lines: int = PAGE_LINES,
+    ) -> Iterator[list[LogLine]]:
+        """Every line in time order (ties in arrival order), a page at a time.
+
+        Chunks arrive from many workers, each in its own time order, so they overlap in time.
+        They are read by their first line's time: no chunk still unread holds a line earlier
+        than the next one's `first_ts`, so every held line before it is final. What is held
+        is the lines of chunks that overlap in time (workers ship every 100 ms); past
+        `max_held_lines` (a worker that could not ship for a long time, or one entry of
+        millions of lines) the earliest held lines go out anyway, so memory stays bounded and
+        order is then best effort."""
+        held: list[tuple[float, int, int, LogLine]] = []
+        page: list[LogLine] = []
+        after: tuple[float, int] | None = None
+        while True:
+            chunks = self._fetch_by_time(job_id, after, where)
+            for chunk_id, source, first_ts, packed in chunks:
+                while held and held[0][0] < first_ts:
+                    page.append(heapq.heappop(held)[3])
+                    if len(page) >= page_lines:
+                        yield page
+                        page = []
+                for i, line in enumerate(_decode(chunk_id, source, packed)):
+                    if not where.keep(line):
+                        continue
+                    heapq.heappush(held, (line.ts, chunk_id, i, line))
+                    if len(held) > max_held_lines:
+                        page.append(heapq.heappop(held)[3])
+                        if len(page) >= page_lines:
+                            yield page
+                            page = []
+                after = (first_ts, chunk_id)
+            if not chunks:
+                break
+        while held:
+            page.append(heapq.heappop(held)[3])
+            if len(page) >= page_lines:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    def _fetch_by_time(
+        self, job_id: str, after: tuple[float, int] | None, where: LogFilter
+    ) -> list[Any]:
+        """The next chunks by (first line's time, id) after `after`, as `_fetch` bounds them."""
+        c = t.log_chunks.c
+        query = _chunks(job_id, where, c.id, c.raw_bytes)
+        if after is not None:
+            query = query.where(
+                sa.or_(c.first_ts > after[0], sa.and_(c.first_ts == after[0], c.id > after[1]))
+            )
+        with self.store._read() as conn:
+            sizes = conn.execute(query.order_by(c.first_ts, c.id).limit(_FETCH_CHUNKS)).all()
+            ids = [chunk_id for chunk_id, _ in _within_fetch(sizes)]
+            if not ids:
+                return []
+            rows = conn.execute(
+                sa.select(c.id, c.source, c.first_ts, c.packed).where(c.id.in_(ids))
+            ).all()
+        order = {chunk_id: n for n, chunk_id in enumerate(ids)}
+        return sorted(rows, key=lambda row: order[row.id])
+
     def tail_cursor(self, job_id: str, count: int, where: LogFilter = LogFilter()) -> Cursor:
         """Where to read from for the last `count` lines: a walk back from the end of the
         index, by each chunk's line count, decoding chunks only when lines are filtered one
@@ -250,11 +326,7 @@ class LogStore:
             ).all()
             if not sizes:
                 return []
-            last, total = sizes[0].id, 0
-            for chunk_id, raw_bytes in sizes:
-                if total and total + raw_bytes > _FETCH_BYTES:
-                    break
-                last, total = chunk_id, total + raw_bytes
+            last = _within_fetch(sizes)[-1][0]
             columns = (t.log_chunks.c.id, t.log_chunks.c.source, t.log_chunks.c.packed)
             return conn.execute(
                 _chunks(job_id, where, *columns)
@@ -342,6 +414,38 @@ def _chunks(job_id: str, where: LogFilter, *columns: Any) -> sa.Select[Any]:
     if where.since_ts is not None:
         query = query.where(t.log_chunks.c.last_ts >= where.since_ts)
     return query
+
+
+def _within_fetch(sizes: Sequence[Any]) -> list[tuple[int, int]]:
+    """The first of (chunk id, raw bytes) that fit in `_FETCH_BYTES` together (at least one)."""
+    kept: list[tuple[int, int]] = []
+    total = 0
+    for chunk_id, raw_bytes in sizes:
+        if kept and total + raw_bytes > _FETCH_BYTES:
+            break
+        kept.append((chunk_id, raw_bytes))
+        total += raw_bytes
+    return kept
+
+
+def in_time_order(
+    pages: Iterator[list[LogLine]], max_held_lines: int = MAX_HELD_LINES
+) -> Iterator[list[LogLine]]:
+    """Pages of lines read in arrival order, put in time order (ties in arrival order) within
+    a window of `max_held_lines`: exact for a tail of up to that many lines, best effort past
+    it, and never holding more."""
+    held: list[tuple[float, int, LogLine]] = []
+    arrival = itertools.count()
+    for page in pages:
+        out: list[LogLine] = []
+        for line in page:
+            heapq.heappush(held, (line.ts, next(arrival), line))
+            if len(held) > max_held_lines:
+                out.append(heapq.heappop(held)[2])
+        if out:
+            yield out
+    while held:
+        yield [heapq.heappop(held)[2] for _ in range(min(len(held), PAGE_LINES))]
 
 
 def _decode(chunk_id: int, source: str, packed: bytes) -> Iterator[LogLine]:

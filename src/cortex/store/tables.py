@@ -137,6 +137,8 @@ log_chunks = sa.Table(
     # reader holds in memory to decode the chunk.
     sa.Column("raw_bytes", sa.Integer, nullable=False),
     sa.Index("ix_log_chunks_job_id", "job_id", "id"),
+    # An ended job's log is read in time order: chunks by their first line's time.
+    sa.Index("ix_log_chunks_job_first_ts", "job_id", "first_ts", "id"),
 )
 
 # Per job, what its log stored and what it dropped past its budget (`CORTEX_LOG_MAX_BYTES`):

@@ -3,7 +3,9 @@
 Standard library only (see `cortex.environments`): a worker runs in the API's own environment,
 which holds the user's packages and nothing of the server's. orjson is used where the
 environment happens to have it (the server's own interpreter does): it reads a large lease
-answer several times faster than `json`.
+answer several times faster than `json`. But orjson reads an integer past 64 bits as a float,
+and a predictor must get the items as submitted: an answer that may hold one (19 digits in a
+row, the rule of `cortex.exactjson`, which the worker cannot import) is read by `json`.
 
 A worker never opens the store. When the server is briefly away (a restart), calls are retried
 with backoff for up to `retry_s`; the batches it holds stay leased to it meanwhile, and results
@@ -13,11 +15,14 @@ that arrive twice are counted once by the server.
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import threading
 import time
 import urllib.parse
 from typing import Any
+
+from cortex.worker import logship
 
 try:
     import orjson
@@ -25,14 +30,30 @@ try:
     def _dumps(value: Any) -> bytes:
         return orjson.dumps(value)
 
-    _loads: Any = orjson.loads
+    def _loads(data: bytes) -> Any:
+        return json.loads(data) if _may_hold_big_int(data) else orjson.loads(data)
+
 except ImportError:  # an API environment without orjson
-    import json
 
     def _dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode()
 
-    _loads = json.loads
+    def _loads(data: bytes) -> Any:
+        return json.loads(data)
+
+
+_DIGIT_RUN = b"\x01" * 19
+_DIGITS = bytes(1 if c in b"0123456789" else 0 for c in range(256))
+
+
+def _may_hold_big_int(data: bytes) -> bool:
+    """19 digits in a row, a chunk at a time (see `cortex.exactjson.may_change`)."""
+    step = 1 << 20
+    for start in range(0, len(data), step):
+        if _DIGIT_RUN in data[start : start + step + len(_DIGIT_RUN) - 1].translate(_DIGITS):
+            return True
+    return False
+
 
 log = logging.getLogger("cortex")
 
@@ -116,6 +137,8 @@ class WorkerQueue:
         return result
 
     def set_state(self, state: str, **fields: Any) -> None:
+        if state == "failed":  # ends the job: its traceback goes first
+            logship.drain()
         self._call("POST", "/state", {"worker_id": self.worker_id, "state": state, **fields})
 
     def lease(self, results: list[dict[str, Any]], max_batches: int) -> dict[str, Any]:
@@ -136,6 +159,7 @@ class WorkerQueue:
         )
 
     def finish_hook(self, error: str | None, traceback: str | None) -> None:
+        logship.drain()  # the hook's lines, then the job's final status
         self._call(
             "POST", "/hook", {"worker_id": self.worker_id, "error": error, "traceback": traceback}
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cortex import predictor as predictor_mod
-from cortex.worker import logship
+from cortex.worker import logship, models
 from cortex.worker.queue import JobGone, WorkerQueue
 
 log = logging.getLogger("cortex")
@@ -70,8 +70,14 @@ def run(queue: WorkerQueue, project_dir: Path) -> int:
     beat.start()
     try:
         try:
-            cls = predictor_mod.load_class(project_dir / info["api_spec"]["predictor"]["path"])
-            predictor = predictor_mod.Predictor(cls, info["config"], job_spec)
+            predictor_spec = info["api_spec"]["predictor"]
+            kind = predictor_spec["type"]
+            cls = predictor_mod.load_class(project_dir / predictor_spec["path"], kind)
+            # The models load once, before the predictor and before the first lease.
+            client = models.client_for(kind, _models(info, project_dir))
+            predictor = predictor_mod.Predictor(
+                cls, info["config"], job_spec, predictor_type=kind, client=client
+            )
         except BaseException as err:
             trace = traceback.format_exc()
             log.error("failed to initialise the predictor\n%s", trace.rstrip())
@@ -82,6 +88,16 @@ def run(queue: WorkerQueue, project_dir: Path) -> int:
         return _loop(queue, predictor)
     finally:
         beat.stopped.set()
+
+
+def _models(info: dict[str, Any], project_dir: Path) -> list[dict[str, Any]]:
+    """The models to load, each with a path on this machine: a project path is in the
+    project's folder; a model from storage was fetched by the server (`model_path` there)."""
+    found = []
+    for model in info.get("models") or []:
+        path = model.get("local_path") or model["path"]
+        found.append({**model, "path": str(project_dir / path)})  # an absolute path stays
+    return found
 
 
 def _loop(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
