@@ -21,6 +21,7 @@ from cortex.store import Store
 from cortex.store import tables as t
 from cortex.store.workerqueue import StoreQueue
 from cortex.worker import queue, runtime
+from faultproxy import Fault
 
 PREDICTOR = """
 import time
@@ -51,37 +52,6 @@ BATCHES = 12  # the last one fails on each of its 2 attempts
 WORKERS = 2
 
 
-@dataclasses.dataclass
-class Fault:
-    """Lose the request or the answer of one kind of message, the first `times` it is seen."""
-
-    kind: str
-    where: str  # "request" or "answer"
-    times: int = 2
-    lost: int = 0
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-
-    def strikes(self, op: str, body: dict[str, Any] | None, answer: Any = None) -> bool:
-        if not _is(self.kind, op, body or {}, answer):
-            return False
-        with self.lock:
-            if self.lost >= self.times:
-                return False
-            self.lost += 1
-            return True
-
-
-def _is(kind: str, op: str, body: dict[str, Any], answer: Any) -> bool:
-    """Whether a message is of `kind`; `answer` is None when the request is being sent."""
-    if kind == "lease":  # a lease that reports nothing; its answer when it leased batches
-        return op == "lease" and not body["results"] and (answer is None or answer["batches"])
-    if kind == "results":  # a lease that reports results
-        return op == "lease" and bool(body["results"])
-    if kind == "hook-claim":  # the answer that tells a worker to run on_job_complete
-        return op == "lease" and answer is not None and answer["run_hook"]
-    return op == kind  # state, hook (its report), heartbeat, spec, logs
-
-
 class LossyQueue(StoreQueue):
     """A worker's store adapter with a bad connection: as if the request never reached the
     server, or its answer never came back (the server acted on it)."""
@@ -92,10 +62,10 @@ class LossyQueue(StoreQueue):
 
     def _send(self, op: str, body: dict[str, Any] | None) -> Any:
         fault = self.fault
-        if fault is not None and fault.where == "request" and fault.strikes(op, body):
+        if fault is not None and fault.strikes(op, body):
             raise queue.Unavailable(f"the {op} request was lost")
         answer = super()._send(op, body)
-        if fault is not None and fault.where == "answer" and fault.strikes(op, body, answer):
+        if fault is not None and fault.strikes(op, body, answer):
             raise queue.Unavailable(f"the answer to the {op} request was lost")
         return answer
 
@@ -191,7 +161,7 @@ def test_a_lost_request_or_answer_changes_nothing(
 
     assert codes == [runtime.EXIT_OK] * WORKERS
     if fault is not None:
-        assert fault.lost == fault.times, "the fault never struck: the test tested nothing"
+        assert fault.struck == fault.times, "the fault never struck: the test tested nothing"
     job = store.get_job(job_id)
     assert job is not None
     assert (job.status, job.succeeded, job.failed) == (
@@ -224,7 +194,7 @@ def test_a_log_shipment_sent_again_is_stored_once(store: Store, tmp_path: Path, 
     for n in range(4):
         lossy.ship_logs([[1.0 + n, "stdout", None, None, f"line {n}\nmore {n}"]], dropped=n % 2)
 
-    assert fault.lost == 2
+    assert fault.struck == 2
     with store.engine.connect() as conn:
         chunks = conn.execute(t.log_chunks.select().where(t.log_chunks.c.job_id == job_id)).all()
     # Four shipments, each one chunk: its lines and, where it said some were dropped, a
