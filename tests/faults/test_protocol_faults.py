@@ -199,6 +199,26 @@ def test_a_refused_request_is_a_failure_not_a_finish(stack: Stack, recorder: Dep
     assert "starting a replacement" in text
 
 
+def test_a_job_not_found_answer_stops_a_worker_quietly(stack: Stack, recorder: DeployedApi) -> None:
+    """404 `batchapi.job_not_found` (what the server answers for a job deleted meanwhile) is
+    one of the answers that mean the job is gone: the worker stops and exits 0. Here the proxy
+    says it in place of one worker's first lease, so its sibling does all the work."""
+    gone = (404, {"kind": "batchapi.job_not_found", "message": "said by the test's proxy"})
+    stack.proxy.fault = Fault("lease", "request", times=1, action=gone)
+    try:
+        with stack.server.client() as client:
+            job_id = _submit(client, recorder.name)
+        _check_exact(stack, recorder, job_id, attempts_exact=True)
+    finally:
+        stack.proxy.fault = None
+    assert [(w.state, w.exit_code) for w in stack.workers(job_id)] == [
+        (WorkerState.SUCCEEDED, 0)
+    ] * 2
+    with stack.server.client() as client:
+        text = "\n".join(client.logs(recorder.name, job_id))
+    assert "the server ended this worker's job: 404 batchapi.job_not_found" in text
+
+
 def _restart(stack: Stack) -> None:
     """SIGKILL the server and start it again on the same port and store."""
     stack.server.process.send_signal(signal.SIGKILL)
