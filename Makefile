@@ -21,8 +21,10 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.examples
 	scripts/run.sh
 
-## Lint, type-check and run the whole test suite.
+## Lint, type-check and run the whole test suite (the dashboard's browser tests need `chromium`).
 test: $(VENV)/.test lint typecheck
+	@command -v chromium >/dev/null 2>&1 || echo "make test: no chromium on PATH: the dashboard's \
+	browser tests (tests/browser) are SKIPPED; apt-get install chromium chromium-driver runs them"
 	$(BIN)/pytest
 
 $(VENV)/.ray: pyproject.toml | $(VENV)/.test

@@ -40,6 +40,7 @@ The digits example is deployed at $CORTEX_URL/digits. In another terminal:
   .venv/bin/cortex submit digits examples/digits/submission.json   # submit a job
   .venv/bin/cortex get digits --watch                              # watch it finish
 
+or watch it in the dashboard: $CORTEX_URL/ui
 Predictions land in /tmp/cortex-examples/digits/<job id>/results.json. Ctrl-C stops the server.
 MSG
 wait "$server"

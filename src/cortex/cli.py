@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import orjson
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from cortex import display, errors
+from cortex import cliconfig, display, errors, exactjson
 from cortex.client import Client
 from cortex.jobs import JobStatus
 from cortex.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_URL
@@ -37,13 +38,47 @@ def _error_line(message: str) -> None:
     click.secho(f"error: {' '.join(message.split())}", err=True, fg="red")
 
 
-url_option = click.option(
-    "--url",
-    envvar="CORTEX_URL",
-    default=DEFAULT_URL,
-    show_default=True,
-    help="The cortex server (env CORTEX_URL).",
-)
+def _remember_env(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    ctx.meta["cortex_env"] = value
+
+
+def _resolve_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    """--url, else CORTEX_URL (click reads it), else --env's, else the default environment's
+    (`cortex.cliconfig`), else the local server. The environment's token goes with it."""
+    if value:
+        return value
+    try:
+        name = ctx.meta.get("cortex_env")
+        env = cliconfig.get(name) if name else cliconfig.default()
+    except errors.CortexError as err:
+        raise click.BadParameter(err.message, param_hint="--env") from None
+    if env is None:
+        return DEFAULT_URL
+    ctx.meta["cortex_token"] = env.token
+    return env.url
+
+
+def url_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--url and --env (-e): which server a client command talks to."""
+    command = click.option(
+        "--url",
+        envvar="CORTEX_URL",
+        default=None,
+        callback=_resolve_url,
+        help=f"The cortex server (env CORTEX_URL; default: the environment's, or {DEFAULT_URL}).",
+    )(command)
+    return click.option(
+        "-e",
+        "--env",
+        "env_name",
+        default=None,
+        is_eager=True,
+        expose_value=False,
+        callback=_remember_env,
+        help="A named environment (cortex env list); CORTEX_URL and --url win over it.",
+    )(command)
+
+
 output_option = click.option(
     "-o", "--output", type=click.Choice(["pretty", "json"]), default="pretty", show_default=True
 )
@@ -52,8 +87,9 @@ output_option = click.option(
 @contextmanager
 def _client(url: str) -> Iterator[Client]:
     """A client whose errors become one line on stderr and a meaningful exit code."""
+    token = click.get_current_context().meta.get("cortex_token")
     try:
-        with Client(url) as client:
+        with Client(url, token=os.environ.get("CORTEX_AUTH_TOKEN") or token) as client:
             yield client
     except errors.ConnectionFailed as err:
         _error_line(err.message)
@@ -243,11 +279,6 @@ def serve(
     log_format: str,
 ) -> None:
     """Run the server (the public API, the worker API and the reconciler)."""
-    if not auth_token and not insecure and not _is_loopback(host):
-        raise click.UsageError(
-            f"refusing to listen on {host} without a token: anyone who can reach it could run "
-            "code on this machine. Set --auth-token (or CORTEX_AUTH_TOKEN), or pass --insecure."
-        )
     import logging.config
 
     import uvicorn
@@ -257,30 +288,40 @@ def serve(
     from cortex.api.app import create_app
     from cortex.settings import Settings
 
-    settings = Settings(
-        host=host,
-        port=port,
-        data_dir=data_dir,
-        store_url=store_url,
-        launcher=launcher,
-        ray_address=ray_address,
-        gpus=None if gpus is None else gpus_mod.parse(gpus),
-        public_url=public_url,
-        max_body_bytes=max_body_bytes,
-        lease_s=lease_s,
-        heartbeat_s=heartbeat_s,
-        worker_grace_s=worker_grace_s,
-        leader_lease_s=leader_lease_s,
-        max_workers=max_workers,
-        auth_token=auth_token,
-        log_retention_s=log_retention_s,
-        log_max_lines_per_job=log_max_lines,
-        data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
-        data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
-        env_cache_bytes=env_cache_bytes,
-        env_installer=env_installer,
-        env_build_timeout_s=env_build_timeout_s,
-    )
+    try:
+        settings = Settings(
+            host=host,
+            port=port,
+            data_dir=data_dir,
+            store_url=store_url,
+            launcher=launcher,
+            ray_address=ray_address,
+            gpus=None if gpus is None else gpus_mod.parse(gpus),
+            public_url=public_url,
+            max_body_bytes=max_body_bytes,
+            lease_s=lease_s,
+            heartbeat_s=heartbeat_s,
+            worker_grace_s=worker_grace_s,
+            leader_lease_s=leader_lease_s,
+            max_workers=max_workers,
+            auth_token=auth_token,
+            log_retention_s=log_retention_s,
+            log_max_lines_per_job=log_max_lines,
+            data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
+            data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
+            env_cache_bytes=env_cache_bytes,
+            env_installer=env_installer,
+            env_build_timeout_s=env_build_timeout_s,
+        )
+    except ValueError as err:  # settings that contradict each other
+        _error_line(str(err))
+        sys.exit(EXIT_USAGE)
+    if not auth_token and not insecure and not _is_loopback(host):
+        _error_line(
+            f"refusing to listen on {host} without a token: anyone who can reach it could run "
+            "code on this machine. Set --auth-token (or CORTEX_AUTH_TOKEN), or pass --insecure."
+        )
+        sys.exit(EXIT_USAGE)
     log_config = serverlog.config(log_level, json_lines=log_format == "json")
     logging.config.dictConfig(log_config)
     # Before uvicorn: a store that is away or not migrated is one line and exit code 1, not
@@ -288,6 +329,7 @@ def serve(
     from cortex import launchers
 
     launchers.check(settings)  # Ray missing, or its address: one line, exit code 1
+    _hold_data_dir(settings)  # another server on this folder: one line, exit code 1
     _prepare_store(settings)
     uvicorn.run(
         create_app(settings),
@@ -302,6 +344,14 @@ def serve(
         # (Kludex/uvicorn#3138).
         ws="wsproto",
     )
+
+
+def _hold_data_dir(settings: Any) -> None:
+    from cortex import replicas
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    replica_id = replicas.load_id(settings.data_dir)
+    replicas.hold(settings.data_dir, settings.resolved_store_url, settings.listen_url, replica_id)
 
 
 def _prepare_store(settings: Any) -> None:
@@ -472,14 +522,15 @@ def get(api: str | None, job_id: str | None, url: str, output: str, watch: bool)
 
         if output == "json":
             _print_json(fetch()[0])
+        elif watch and api is not None and job_id is not None:
+            # One job: its progress bar until it ends, as `submit --wait` shows it.
+            final = _follow_job(client, api, job_id)
+            console.print(render()[0])
+            sys.exit(EXIT_OK if final["status"] == JobStatus.SUCCEEDED.value else EXIT_FAILED)
         elif watch:
             _watch(render)
         else:
             console.print(render()[0])
-        if job_id is not None and api is not None:
-            status = JobStatus(client.get_job(api, job_id)["job_status"]["status"])
-            if status.terminal and status is not JobStatus.SUCCEEDED and watch:
-                sys.exit(EXIT_FAILED)
 
 
 @cli.command()
@@ -489,31 +540,159 @@ def get(api: str | None, job_id: str | None, url: str, output: str, watch: bool)
 @click.option("--dry-run", is_flag=True, help="Validate only; create nothing.")
 @click.option("--workers", type=int, default=None, help="Override the submission's workers.")
 @output_option
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Show the job's progress until it ends; exit 0 if it succeeded, 1 if not.",
+)
+@click.option("--follow", is_flag=True, help="As --wait, and stream the job's logs.")
 def submit(
-    api: str, submission: Any, url: str, dry_run: bool, workers: int | None, output: str
+    api: str,
+    submission: Any,
+    url: str,
+    dry_run: bool,
+    workers: int | None,
+    output: str,
+    wait: bool,
+    follow: bool,
 ) -> None:
     """Submit a job to API: SUBMISSION is a JSON file (or - for stdin), as for POST /<api>."""
     raw = submission.read()
     try:
         # orjson: a 45 MB item list is checked in 0.2 s, and sent as read (the standard
         # library took 0.7 s to parse and encode it again).
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
+        body = exactjson.loads(raw)
+    except ValueError as err:
         raise click.UsageError(f"{submission.name} is not valid JSON: {err}") from None
     if workers is not None:
         if not isinstance(body, dict):
             raise click.UsageError(f"{submission.name} must hold a JSON object")
         body["workers"] = workers
-        raw = orjson.dumps(body)
+        raw = exactjson.dumps(body)
     with _client(url) as client:
         result = client.submit(api, raw, dry_run=dry_run)
-    if dry_run:
-        click.echo(result, nl=False)
-    elif output == "json":
-        _print_json(result)
-    else:
-        click.echo(f"submitted job {result['job_id']}")
-        click.echo(f"follow it with: cortex get {api} {result['job_id']} --watch")
+        if dry_run:
+            click.echo(result, nl=False)
+            return
+        if output == "json" and not (wait or follow):
+            _print_json(result)
+            return
+        click.echo(f"submitted job {result['job_id']}", err=output == "json")
+        if not (wait or follow):
+            click.echo(f"follow it with: cortex get {api} {result['job_id']} --watch")
+            return
+        final = _follow_job(client, api, result["job_id"], logs=follow, quiet=output == "json")
+    if output == "json":
+        _print_json(final)
+    sys.exit(EXIT_OK if final["status"] == JobStatus.SUCCEEDED.value else EXIT_FAILED)
+
+
+def _follow_job(
+    client: Client, api: str, job_id: str, *, logs: bool = False, quiet: bool = False
+) -> dict[str, Any]:
+    """Show a job's progress until it ends, as `ray job submit` does: a Rich bar with counts,
+    rate and ETA on a terminal, a plain line when the counts change otherwise; with `logs`,
+    the job's log lines above it. Ctrl-C leaves the job running and says how to get back to
+    it. Returns the final status."""
+    rate = display.Rate()
+    streamer = _LogStreamer(client, api, job_id) if logs else None
+    try:
+        if quiet:
+            final = client.wait(api, job_id)
+        elif console.is_terminal:
+            final = _follow_on_terminal(client, api, job_id, rate, streamer)
+        else:
+            final = _follow_plain(client, api, job_id, rate, streamer)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\njob {job_id} goes on: follow it with `cortex get {api} {job_id} --watch`, stop "
+            f"it with `cortex delete {api} {job_id}`",
+            err=True,
+        )
+        sys.exit(130)
+    if streamer is not None:
+        streamer.finish()
+    if not quiet:
+        ok = final["status"] == JobStatus.SUCCEEDED.value
+        click.secho(display.final_line(final), fg=None if ok else "red", err=not ok)
+    return final
+
+
+def _follow_on_terminal(
+    client: Client, api: str, job_id: str, rate: display.Rate, streamer: _LogStreamer | None
+) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(f"job {job_id}", total=None, detail="")
+        if streamer is not None:
+            streamer.start(lambda line: progress.console.print(line, markup=False))
+
+        def show(job: dict[str, Any]) -> None:
+            metrics = job["batch_metrics"]
+            done = metrics["succeeded"] + metrics["failed"]
+            total = job["total_batch_count"]
+            progress.update(
+                task,
+                total=total or None,
+                completed=done,
+                detail=display.progress_detail(job, rate.update(done)),
+            )
+
+        return client.wait(api, job_id, on_progress=show)
+
+
+def _follow_plain(
+    client: Client, api: str, job_id: str, rate: display.Rate, streamer: _LogStreamer | None
+) -> dict[str, Any]:
+    if streamer is not None:
+        streamer.start(click.echo)
+    last: list[tuple[int, int, str]] = []
+
+    def show(job: dict[str, Any]) -> None:
+        metrics = job["batch_metrics"]
+        done = metrics["succeeded"] + metrics["failed"]
+        current = (done, job["total_batch_count"], job["status"])
+        speed = rate.update(done)
+        if not last or last[0] != current:  # a line when something changed, not every poll
+            last[:] = [current]
+            click.echo(display.progress_line(job, speed))
+
+    return client.wait(api, job_id, on_progress=show)
+
+
+class _LogStreamer:
+    """The job's log, followed on a thread while the progress shows; the stream ends by
+    itself once the job has ended and every line is out."""
+
+    def __init__(self, client: Client, api: str, job_id: str) -> None:
+        # A client of its own: httpx clients are not shared across threads mid-stream.
+        self._client = Client(client.url)
+        self._api = api
+        self._job_id = job_id
+        self._thread: threading.Thread | None = None
+
+    def start(self, emit: Callable[[str], None]) -> None:
+        def run() -> None:
+            try:
+                for line in self._client.logs(self._api, self._job_id, follow=True):
+                    emit(line)
+            except errors.CortexError as err:
+                emit(f"(the log stream stopped: {err.message})")
+
+        self._thread = threading.Thread(target=run, name="cortex-logs", daemon=True)
+        self._thread.start()
+
+    def finish(self, timeout_s: float = 10.0) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self._client.close()
 
 
 @cli.command()
@@ -540,11 +719,129 @@ def delete(api: str, job_id: str | None, url: str, output: str, force: bool) -> 
         click.echo(result["message"])
 
 
+@cli.group("env")
+def env_group() -> None:
+    """Named environments: which server the other commands talk to (~/.cortex/cli.yaml)."""
+
+
+@env_group.command("configure")
+@click.argument("name")
+@click.option("--url", required=True, help="The server, e.g. https://cortex.example.com.")
+@click.option("--token", default=None, help="Its token (kept in the file, owner-only).")
+def env_configure(name: str, url: str, token: str | None) -> None:
+    """Add or change environment NAME (the first one becomes the default)."""
+    _config_call(cliconfig.configure, name, url, token)
+    click.echo(f"configured environment {name} ({url})")
+
+
+@env_group.command("list")
+@output_option
+def env_list(output: str) -> None:
+    """The environments, the default marked."""
+    found, default = _config_call(cliconfig.environments)
+    if output == "json":
+        _print_json(
+            {
+                "default": default,
+                "environments": [{"name": e.name, "url": e.url} for e in found],
+            }
+        )
+        return
+    if not found:
+        click.echo("no environments: add one with `cortex env configure NAME --url URL`")
+    for env in found:
+        marker = "*" if env.name == default else " "
+        token = " (token set)" if env.token else ""
+        click.echo(f"{marker} {env.name}\t{env.url}{token}")
+
+
+@env_group.command("default")
+@click.argument("name")
+def env_default(name: str) -> None:
+    """Make NAME the environment commands use without --env."""
+    _config_call(cliconfig.set_default, name)
+    click.echo(f"{name} is the default environment")
+
+
+@env_group.command("delete")
+@click.argument("name")
+def env_delete(name: str) -> None:
+    """Forget environment NAME."""
+    _config_call(cliconfig.delete, name)
+    click.echo(f"deleted environment {name}")
+
+
+def _config_call(function: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return function(*args)
+    except errors.CortexError as err:
+        _error_line(err.message)
+        sys.exit(EXIT_FAILED)
+
+
 @cli.command()
 @click.argument("api")
 @click.argument("job_id")
 @url_option
-@click.option("-f", "--follow", is_flag=True, help="Stream new lines until the job ends.")
+@output_option
+@click.option("--limit", type=int, default=100, show_default=True)
+def failed(api: str, job_id: str, url: str, output: str, limit: int) -> None:
+    """The failed batches of job JOB_ID: attempts, error, the end of the traceback."""
+    with _client(url) as client:
+        batches = client.failed_batches(api, job_id, limit)
+    if output == "json":
+        _print_json(batches)
+    elif console.is_terminal:
+        console.print(display.failed_table(batches))
+    else:  # piped: whole lines, never cut to a table's width
+        for batch in batches:
+            click.echo(
+                f"batch {batch['batch_id']} (attempts {batch['attempts']}): {batch['error']}"
+            )
+            for line in (batch.get("traceback") or "").rstrip().splitlines()[-3:]:
+                click.echo(f"  {line}")
+
+
+@cli.command()
+@click.argument("api")
+@click.argument("job_id")
+@url_option
+@output_option
+@click.option("--workers", type=int, default=None, help="Workers for the new job.")
+@click.option("--wait", is_flag=True, help="Show the new job's progress until it ends.")
+def retry(api: str, job_id: str, url: str, output: str, workers: int | None, wait: bool) -> None:
+    """Re-run the failed batches of ended job JOB_ID, as a new job."""
+    with _client(url) as client:
+        job = client.retry_failed(api, job_id, workers)
+        if output == "json" and not wait:
+            _print_json(job)
+            return
+        click.echo(
+            f"retrying {job['total_batch_count']} failed batches of job {job_id} as job "
+            f"{job['job_id']}",
+            err=output == "json",
+        )
+        if not wait:
+            click.echo(f"follow it with: cortex get {api} {job['job_id']} --watch")
+            return
+        final = _follow_job(client, api, job["job_id"], quiet=output == "json")
+    if output == "json":
+        _print_json(final)
+    sys.exit(EXIT_OK if final["status"] == JobStatus.SUCCEEDED.value else EXIT_FAILED)
+
+
+@cli.command()
+@click.argument("api")
+@click.argument("job_id")
+@url_option
+@click.option(
+    "-f/-F",
+    "--follow/--no-follow",
+    default=True,
+    show_default=True,
+    help="Stream new lines until the job ends, as Cortex did (an ended job's log is printed "
+    "and the command exits); --no-follow prints what is there now.",
+)
 @click.option("--since", default=None, help="Only lines since: 30s, 5m, 2h, 1d, or a time.")
 @click.option("--tail", type=int, default=None, help="Only the last N lines (then follow).")
 @click.option("--worker", "worker_id", default=None, help="One worker: 0, worker-0 or server.")

@@ -200,6 +200,42 @@ class Client:
                 f"lost the connection to the cortex server at {self.url} ({err.__class__.__name__})"
             ) from None
 
+    def failed_batches(self, api_name: str, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The job's batches that used all their attempts: id, attempts, error, traceback,
+        payload."""
+        result: list[dict[str, Any]] = self._json(
+            "GET", f"/{api_name}/{job_id}/failed_batches", params={"limit": limit}
+        )["failed_batches"]
+        return result
+
+    def retry_failed(
+        self, api_name: str, job_id: str, workers: int | None = None
+    ) -> dict[str, Any]:
+        """Re-run the failed batches of an ended job as a new job; returns the new job."""
+        body = {} if workers is None else {"workers": workers}
+        result: dict[str, Any] = self._json("POST", f"/{api_name}/{job_id}/retry_failed", json=body)
+        return result
+
+    def wait(
+        self,
+        api_name: str,
+        job_id: str,
+        timeout_s: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] = lambda _: None,
+        poll_s: float = 0.5,
+    ) -> dict[str, Any]:
+        """Poll the job until it ends; `on_progress` gets each status seen. Returns the final
+        status; TimeoutError after `timeout_s`, the job going on."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            status: dict[str, Any] = self.get_job(api_name, job_id)["job_status"]
+            on_progress(status)
+            if status["status"] not in ("status_enqueuing", "status_running"):
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {status['status']}")
+            time.sleep(poll_s)
+
     def stop_job(self, api_name: str, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._json("DELETE", f"/{api_name}", params={"jobID": job_id})
         return result

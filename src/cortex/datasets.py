@@ -1,11 +1,11 @@
 """File datasets (spec §6.2): listing files under prefixes, filtered by globs, and streaming the
 JSON values of JSON-lines files, as generators over fsspec, so memory stays flat.
 
-Storage is whatever fsspec reaches: `s3://` (s3fs), `gs://` (gcsfs), `http(s)://` (one URL is
-one file) and local paths (`/abs/path` or `file:///abs/path`). Credentials come from each
-storage's usual places (environment, config files); a submission never carries them. Local
-paths are served only under the server's data roots, checked after links and `..` are
-resolved.
+Storage is read through fsspec, for these schemes only: `s3://` (s3fs), `gs://` (gcsfs),
+`http(s)://` (one URL is one file) and local paths (`/abs/path` or `file:///abs/path`).
+Credentials come from each storage's usual places (environment, config files); a submission
+never carries them. Local paths are served only under the server's data roots, checked after
+links and `..` are resolved.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from cortex import errors, globs, spec
+from cortex import errors, exactjson, globs, spec
 
 # How much of a file is read at once. Lines are cut from each chunk; the rest of a line waits
 # for the next chunk, so a value split across chunks (or a UTF-8 character: it never holds a
@@ -32,6 +32,11 @@ MAX_LINE_BYTES = 32 << 20
 _LISTING_PAGE = 1000
 _LOCAL = "file"
 _HTTP = ("http", "https")
+# The schemes a dataset may use. fsspec knows many more (ftp://, sftp://, smb://, hdfs://,
+# memory://...), but each is a way to make the server connect somewhere or read something it
+# was never meant to: anything else is refused at submission.
+_OBJECT_STORES = ("s3", "gs", "gcs")
+SCHEMES = (_LOCAL, *_HTTP, *_OBJECT_STORES)
 
 
 class DatasetError(errors.CortexError):
@@ -74,6 +79,12 @@ def parse_location(url: str) -> Location:
     if not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
         raise _invalid_path(
             url, "must be a URL (s3://, gs://, https://, file://) or an absolute path"
+        )
+    if scheme not in SCHEMES:
+        raise _invalid_path(
+            url,
+            f"{scheme}:// is not read by this server: use s3://, gs://, http(s)://, file:// or "
+            "an absolute path",
         )
     if scheme == _LOCAL:
         if not rest.startswith("/"):
@@ -281,8 +292,8 @@ def list_location(loc: Location, roots: tuple[Path, ...]) -> Iterator[str]:
 
 def list_files(dataset: spec.FileDataset, roots: tuple[Path, ...]) -> Generator[str, None, None]:
     """The dataset's files, each once, in prefix order (and name order within a prefix)."""
-    includes = [globs.compile_glob(g) for g in dataset.includes]
-    excludes = [globs.compile_glob(g) for g in dataset.excludes]
+    includes = globs.Globs(dataset.includes)
+    excludes = globs.Globs(dataset.excludes)
     resolved = [Path(os.path.realpath(root)) for root in roots]
     for loc in distinct_locations(dataset.paths):
         for url in list_location(loc, roots):
@@ -353,8 +364,8 @@ def _line_values(line: bytes, url: str, line_no: int) -> Iterator[bytes]:
                 f"{url}, line {line_no}: not valid JSON: {err}", kind="batchapi.invalid_item"
             ) from None
         try:
-            raw = orjson.dumps(value)
-        except orjson.JSONEncodeError as err:
+            raw = exactjson.dumps(value)  # an integer past 64 bits stays exact
+        except TypeError as err:
             raise DatasetError(
                 f"{url}, line {line_no}: cannot be stored as JSON: {err}",
                 kind="batchapi.invalid_item",

@@ -190,3 +190,88 @@ _RUNTIME_KEYS = {
 
 def _job_spec(job: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in job.items() if key not in _RUNTIME_KEYS}
+
+
+class Rate:
+    """Batches per second and the time left, from the statuses a follower sees: the rate over
+    the last `window_s` of samples, so a slow start does not make the ETA lie for ever."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._samples: list[tuple[float, int]] = []
+
+    def update(self, done: int, now: float | None = None) -> float | None:
+        """Batches per second once `done` batches are done; None until some finish."""
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
+            self._samples.pop(0)
+        first_t, first_done = self._samples[0]
+        if now - first_t <= 0 or done < first_done:
+            return None
+        return (done - first_done) / (now - first_t)  # 0.0 while stalled: no ETA
+
+    @staticmethod
+    def eta(rate: float | None, left: int) -> float | None:
+        return None if not rate else left / rate
+
+
+def progress_detail(job: dict[str, Any], rate: float | None) -> str:
+    """The words beside a job's progress bar: counts by state, rate, time left."""
+    counts = job.get("batch_counts") or {}
+    metrics = job["batch_metrics"]
+    total = job["total_batch_count"]
+    left = max(0, total - metrics["succeeded"] - metrics["failed"])
+    parts = [f"{metrics['succeeded']} succeeded"]
+    if metrics["failed"]:
+        parts.append(f"{metrics['failed']} failed")
+    if counts.get("leased"):
+        parts.append(f"{counts['leased']} running")
+    if counts.get("queued"):
+        parts.append(f"{counts['queued']} queued")
+    if rate is not None:
+        parts.append(f"{rate:.1f} batches/s")
+        eta = Rate.eta(rate, left)
+        if eta is not None and left:
+            parts.append(f"ETA {duration(eta)}")
+    return ", ".join(parts)
+
+
+def progress_line(job: dict[str, Any], rate: float | None) -> str:
+    """One plain line of a job's progress, for output that is not a terminal."""
+    metrics = job["batch_metrics"]
+    done = metrics["succeeded"] + metrics["failed"]
+    total = job["total_batch_count"]
+    status = JobStatus(job["status"])
+    of_total = f"{done}/{total}" if status is not JobStatus.ENQUEUING else f"{done}/{total}+"
+    return f"job {job['job_id']}: {status.text}, {of_total} batches ({progress_detail(job, rate)})"
+
+
+def final_line(job: dict[str, Any]) -> str:
+    """How a followed job ended, in one line."""
+    metrics = job["batch_metrics"]
+    status = JobStatus(job["status"])
+    line = (
+        f"job {job['job_id']} {status.text} after {job_duration(job)}: "
+        f"{metrics['succeeded']} of {job['total_batch_count']} batches succeeded"
+    )
+    if metrics["failed"]:
+        line += f", {metrics['failed']} failed"
+    if job.get("error"):
+        line += f" ({job['error']['message']})"
+    return line
+
+
+def failed_table(batches: list[dict[str, Any]], traceback_lines: int = 3) -> RenderableType:
+    """A job's failed batches: id, attempts, error, and the last lines of the traceback (the
+    ones that say where)."""
+    if not batches:
+        return Text("no failed batches")
+    table = _table("batch id", "attempts", "error")
+    for batch in batches:
+        error = batch.get("error") or ""
+        trace = (batch.get("traceback") or "").rstrip().splitlines()
+        if trace:
+            error += "\n" + "\n".join(trace[-traceback_lines:])
+        table.add_row(batch["batch_id"], str(batch["attempts"]), error)
+    return table

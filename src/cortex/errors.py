@@ -129,3 +129,9 @@ class StoreUnavailable(CortexError):
     """The store's database cannot be reached."""
 
     kind = "store.unavailable"
+
+
+class InUse(CortexError):
+    """A data folder (or SQLite store) that another running server holds."""
+
+    kind = "server.in_use"

@@ -87,15 +87,28 @@ async def stream_lines(
     fmt: Callable[[str, LogLine], str],
 ) -> AsyncGenerator[list[str], None]:
     """Yield formatted lines a page (a few chunks) at a time: a huge log is never loaded whole.
-    With `follow`, keep going until `finished()` says the job ended and every worker is gone,
-    then drain what is left."""
+
+    The log of an ended job, read without `follow`, comes in time order: workers ship their
+    lines every 100 ms, so in arrival order a worker's last lines could come after the job's
+    final status. Following (and reading a running job) stays in arrival order, which is
+    what lets a follower see each line once as it comes. With `follow`, keep going until
+    `finished()` says the job ended and every worker is gone, then drain what is left."""
+    by_time = not follow and job.status.terminal
     after = 0
     if tail is not None:
         lines, after = await run_in_threadpool(logs.tail, job.job_id, tail, where)
+        if by_time:  # the last lines to arrive, in time order
+            lines.sort(key=lambda line: (line.ts, line.chunk_id))
         if lines:
             yield [fmt(job.job_id, line) for line in lines]
         if not follow:
             return
+    if by_time:
+        pages = logs.read_by_time(job.job_id, where, PAGE_CHUNKS)
+        while (page := await run_in_threadpool(next, pages, None)) is not None:
+            if page:
+                yield [fmt(job.job_id, line) for line in page]
+        return
     draining = False
     while True:
         lines, after, more = await run_in_threadpool(

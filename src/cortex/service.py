@@ -30,7 +30,7 @@ from cortex import (
 from cortex.jobs import JobStatus, WorkerState, new_job_id, new_worker_id
 from cortex.launchers import Launcher, WorkerLaunch
 from cortex.settings import Settings
-from cortex.store import ApiRecord, Job, LeaseResult, Store
+from cortex.store import ApiRecord, Job, LeaseResult, Store, engine
 from cortex.store.logs import LogStore
 from cortex.store.records import BatchResult
 
@@ -298,7 +298,7 @@ class Service:
                 job.job_id,
                 JobStatus.UNEXPECTED_ERROR,
                 "batchapi.enqueue_failed",
-                f"failed to write the job's batches: {err}",
+                f"failed to write the job's batches: {engine.error_reason(err)}",
             )
             raise
         if done is None:  # stopped (or timed out) meanwhile
@@ -426,7 +426,7 @@ class Service:
                 job_id,
                 JobStatus.ENQUEUE_FAILED,
                 "batchapi.enqueue_failed",
-                f"failed to enqueue all batches: {err}",
+                f"failed to enqueue all batches: {engine.error_reason(err)}",
             )
         finally:
             with self._enqueuers_lock:

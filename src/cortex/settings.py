@@ -11,6 +11,14 @@ DEFAULT_PORT = 8888
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 
 
+def _setting(name: str) -> str:
+    """A setting as a user sets it: its `cortex serve` flag and its variable."""
+    if name in ("reconcile_s", "max_lease_batches"):
+        return name  # not a flag: set only where Settings is built in code
+    flag = "log_max_lines" if name == "log_max_lines_per_job" else name
+    return f"--{flag.replace('_', '-')} (CORTEX_{flag.upper()})"
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     host: str = DEFAULT_HOST
@@ -60,6 +68,45 @@ class Settings:
     env_cache_bytes: int = 20 * 10**9
     env_installer: str = ""
     env_build_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        """Refuse settings that contradict each other or cannot work, before anything starts:
+        a server that runs with them fails later, and in ways that do not point here."""
+        positive = (
+            "lease_s",
+            "heartbeat_s",
+            "reconcile_s",
+            "leader_lease_s",
+            "max_lease_batches",
+            "max_workers",
+            "max_body_bytes",
+            "log_max_lines_per_job",
+            "env_build_timeout_s",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not value > 0:  # NaN too
+                raise ValueError(f"{_setting(name)} must be more than 0, not {value}")
+        for name in ("worker_grace_s", "log_retention_s", "env_cache_bytes"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{_setting(name)} must be 0 or more, not {value}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"{_setting('port')} must be 0 to 65535, not {self.port}")
+        if self.heartbeat_s > self.lease_s / 2:
+            # A lease renewed less often than twice per lease lapses whenever one heartbeat
+            # is late: the batch goes to another worker while the first still runs it.
+            raise ValueError(
+                f"{_setting('heartbeat_s')} {self.heartbeat_s:g} must be at most half of "
+                f"{_setting('lease_s')} {self.lease_s:g}: a batch would be leased again while "
+                "its worker still runs it"
+            )
+        if self.auth_token != self.auth_token.strip():
+            # A blank token would pass for "a token is set" (and allow listening on every
+            # interface) while guarding nothing that a client could match: HTTP trims spaces
+            # around a header's value.
+            what = "is blank" if not self.auth_token.strip() else "starts or ends with whitespace"
+            raise ValueError(f"{_setting('auth_token')} {what}: give a real secret, or none")
 
     def __repr__(self) -> str:  # never print the token
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -16,11 +16,10 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-import orjson
 import pydantic
 import yaml
 
-from cortex import errors
+from cortex import errors, exactjson
 
 MAX_NAME_LENGTH = 42
 MAX_ITEM_BYTES = 262144  # one item's raw JSON (spec §4: 256 KiB)
@@ -30,6 +29,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 MAX_JSON_DEPTH = 64
 # Largest `timeout` and `max_attempts`: the store keeps them in 32-bit integer columns.
 MAX_INT32 = (1 << 31) - 1
+# Most items in one batch: a batch is leased, held, sent and retried whole, so one of millions
+# of items would be a single unit of work too big to hand out or retry.
+MAX_BATCH_SIZE = 100_000
 
 # Names that would shadow the server's own paths, now or in the near future.
 RESERVED_NAMES = frozenset(
@@ -40,6 +42,7 @@ RESERVED_NAMES = frozenset(
         "redoc",
         "openapi",
         "metrics",
+        "ui",
         "deploy",
         "get",
         "delete",
@@ -562,6 +565,10 @@ def parse_submission(data: Any) -> Submission:
     batch_size = sub.item_list.batch_size if sub.item_list else sub.file_dataset.batch_size  # type: ignore[union-attr]
     if batch_size < 1:
         raise _invalid("batchapi.invalid_batch_size", f"{kind}.batch_size: must be at least 1")
+    if batch_size > MAX_BATCH_SIZE:
+        raise _invalid(
+            "batchapi.invalid_batch_size", f"{kind}.batch_size: must be at most {MAX_BATCH_SIZE}"
+        )
     if sub.workers < 1:
         raise _invalid("batchapi.invalid_workers", "workers: must be at least 1")
     if sub.timeout is not None and sub.timeout < 1:
@@ -589,11 +596,10 @@ def _check_file_dataset(kind: str, dataset: FileDataset) -> None:
     if not dataset.paths:
         raise _invalid("batchapi.empty_s3_paths", f"{kind}.s3_paths: must not be empty")
     for name in ("includes", "excludes"):
-        for pattern in getattr(dataset, name):
-            try:
-                globs.compile_glob(pattern)
-            except globs.GlobError as err:
-                raise _invalid("batchapi.invalid_glob", f"{kind}.{name}: {err}") from None
+        try:
+            globs.Globs(getattr(dataset, name))
+        except globs.GlobError as err:
+            raise _invalid("batchapi.invalid_glob", f"{kind}.{name}: {err}") from None
     for path in dataset.paths:
         reason = _unicode_error(path)
         if reason is not None or "\0" in path:
@@ -610,17 +616,16 @@ def item_batches(items: list[Any], batch_size: int) -> Iterator[str]:
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         try:
-            encoded = orjson.dumps(chunk)
-        except orjson.JSONEncodeError as err:
+            encoded = exactjson.dumps(chunk)
+        except TypeError as err:
             raise _invalid(
                 "batchapi.invalid_item",
                 f"item_list.items: an item in batch {start // batch_size} cannot be stored as "
-                f"JSON ({err}: lone surrogates, nesting deeper than 254 levels and integers "
-                "beyond 64 bits are refused)",
+                f"JSON ({err}: lone surrogates and nesting deeper than 254 levels are refused)",
             ) from None
         if len(encoded) > MAX_ITEM_BYTES:
             for offset, item in enumerate(chunk):
-                size = len(orjson.dumps(item))
+                size = len(exactjson.dumps(item))
                 if size > MAX_ITEM_BYTES:
                     raise _invalid(
                         "batchapi.item_size_exceeds_limit",

@@ -6,7 +6,7 @@ import datetime
 from typing import Any
 
 from cortex import spec
-from cortex.store import ApiRecord, Job
+from cortex.store import ApiRecord, Job, WorkerRecord
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -59,6 +59,9 @@ def job_status_json(
             "average_time_per_batch": average,
         },
         "worker_counts": worker_counts,
+        # Additive: the dataset as submitted: its kind, and a file dataset's paths, globs and
+        # batch size (an item list's items are not kept).
+        "dataset": job.dataset,
         # Additive: why a job failed, as data (kind, message, traceback).
         "error": None
         if job.error_kind is None
@@ -78,4 +81,21 @@ def api_json(api: ApiRecord, base_url: str) -> dict[str, Any]:
         "created_at": rfc3339(api.created_at),
         "updated_at": rfc3339(api.updated_at),
         "endpoint": f"{base_url}/{api.name}",
+    }
+
+
+def worker_json(worker: WorkerRecord) -> dict[str, Any]:
+    """One worker of a job (additive: `GET /<api>/<job_id>/workers`), as the dashboard lists it."""
+    return {
+        "worker_id": worker.worker_id,
+        # The name the logs give it: worker-0, worker-1, ...
+        "name": "worker-" + worker.worker_id.removeprefix(f"{worker.job_id}-"),
+        "state": worker.state.value,
+        "pid": worker.pid,
+        "exit_code": worker.exit_code,
+        "error": worker.error_message,
+        "replica_id": worker.replica_id,
+        "started_at": rfc3339(worker.started_at),
+        "updated_at": rfc3339(worker.updated_at),
+        "last_seen": rfc3339(worker.seen_at),
     }

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from cortex.jobs import JobStatus, WorkerState
-from cortex.store import Store
+from cortex.store import Store, engine
 from cortex.store import tables as t
 from cortex.store.records import BatchResult
 
@@ -311,3 +311,13 @@ def test_delete_api_erases_its_history(store: Store) -> None:
     store.delete_api("api")
     assert store.get_api("api") is None
     assert store.get_job(job_id) is None
+
+
+def test_a_database_error_is_told_without_its_sql(store: Store) -> None:
+    """A job's error says what the database said, not the statement and its parameters."""
+    with pytest.raises(sa.exc.IntegrityError) as raised, store._write() as conn:
+        conn.execute(sa.text("CREATE TEMPORARY TABLE t (k INTEGER PRIMARY KEY)"))
+        conn.execute(sa.text("INSERT INTO t (k) VALUES (:k)"), [{"k": 1}, {"k": 1}])
+    reason = engine.error_reason(raised.value)
+    assert reason.startswith("the store failed: ") and len(reason.splitlines()) == 1
+    assert "INSERT" not in reason and "unique" in reason.lower(), reason

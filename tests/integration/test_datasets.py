@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -267,6 +268,81 @@ def test_failures_are_precise(s3: S3, data: DataServer, dclient: Client, tmp_pat
     error = failed({"s3_paths": [url], "batch_size": 1})
     assert error["kind"] == "batchapi.storage_error"
     assert f"cannot read {url}" in error["message"] and "Cannot connect" in error["message"]
+
+
+def test_big_integers_in_json_lines_reach_the_predictor_exactly(
+    data: DataServer, dclient: Client, tmp_path: Path
+) -> None:
+    path = data.root / "big-ints.jsonl"
+    # A value alone on its line is stored as its own text; several on one line are re-encoded.
+    lines = [str(2**64 + 1), json.dumps({"n": -(2**63) - 1}), f"1 {2**128 + 1}"]
+    path.write_text("\n".join(lines) + "\n")
+    api = deploy_fixture(dclient, "recorder", tmp_path)
+    body = {"workers": 1, "delimited_files": {"s3_paths": [str(path)], "batch_size": 10}}
+    job_id = dclient.submit(api.name, body)["job_id"]
+    status = wait_for_status(dclient, api.name, job_id)
+    assert status["status"] == "status_succeeded", status
+    (batch,) = _recorded(api, job_id)
+    assert repr(batch) == repr([2**64 + 1, {"n": -(2**63) - 1}, 1, 2**128 + 1])
+
+
+def test_hostile_globs_are_answered_at_once_and_the_server_stays_responsive(
+    data: DataServer, dclient: Client, tmp_path: Path
+) -> None:
+    """Globs that a backtracking matcher takes seconds (or forever) on, against long paths:
+    each answer is a 4xx at once, and the server answers others meanwhile."""
+    folder = data.root / "long" / ("a" * 200) / ("a" * 200) / ("a" * 200)
+    folder.mkdir(parents=True)
+    for n in range(100):
+        (folder / (f"{n:03d}" + "a" * 200)).write_text("1\n")
+    api = deploy_fixture(dclient, "recorder", tmp_path)
+    cases = [
+        (["**a" * 9 + "**b"], "batchapi.no_s3_files_found"),  # froze the server for 8 s
+        (["{a,{b,{c,{d,*a*a*a*a*a*a*b}}}}"], "batchapi.no_s3_files_found"),
+        (["{" * 17 + "a" + "}" * 17], "batchapi.invalid_glob"),
+        (["{" * 5000 + "}" * 5000], "batchapi.invalid_glob"),  # answered 500
+        (["[" * 3000], "batchapi.invalid_glob"),
+        (["*" * 2000], "batchapi.invalid_glob"),
+        (["**"] * 101, "batchapi.invalid_glob"),
+    ]
+    stop = threading.Event()
+    health_s: list[float] = []
+
+    def probe() -> None:
+        with httpx.Client(base_url=data.server.url, timeout=10) as http:
+            while not stop.is_set():
+                started = time.perf_counter()
+                assert http.get("/healthz").status_code == 200
+                health_s.append(time.perf_counter() - started)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    # The prober is answering before the first hostile request (a loaded machine may take a
+    # while to start the thread), so "meanwhile" is measured.
+    wait_for(lambda: health_s, 30, "the first /healthz answer")
+    answers_s = []
+    try:
+        with httpx.Client(base_url=data.server.url, timeout=30) as http:
+            for includes, kind in cases:
+                body = {
+                    "workers": 1,
+                    "file_path_lister": {
+                        "s3_paths": [str(data.root / "long") + "/"],
+                        "includes": includes,
+                        "batch_size": 1,
+                    },
+                }
+                started = time.perf_counter()
+                response = http.post(f"/{api.name}", json=body)
+                answers_s.append(time.perf_counter() - started)
+                assert response.status_code == 400, response.text
+                assert response.json()["kind"] == kind, response.text
+    finally:
+        stop.set()
+        prober.join()
+    # Generous bounds for a loaded 2-core machine; the answers take a few milliseconds.
+    assert max(answers_s) < 2.0, answers_s
+    assert max(health_s) < 2.0, health_s
 
 
 def test_a_restart_while_enqueuing_resumes(tmp_path: Path) -> None:

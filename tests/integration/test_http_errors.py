@@ -84,6 +84,17 @@ def test_unknown_job(http: httpx.Client, api_name: str) -> None:
             },
             "batchapi.invalid_glob",
         ),
+        (
+            {"workers": 1, "file_path_lister": {"s3_paths": ["ftp://h/x"], "batch_size": 1}},
+            "batchapi.invalid_path",
+        ),
+        (
+            {
+                "workers": 1,
+                "delimited_files": {"paths": ["s3://b/"], "includes": ["{" * 999], "batch_size": 1},
+            },
+            "batchapi.invalid_glob",
+        ),
         ({"workers": 1, "item_list": {"items": [], "batch_size": 1}}, "batchapi.empty_item_list"),
         (
             {"workers": 1, "item_list": {"items": [1], "batch_size": 0}},
@@ -105,6 +116,31 @@ def test_unknown_job(http: httpx.Client, api_name: str) -> None:
 def test_bad_submissions(http: httpx.Client, api_name: str, body: object, kind: str) -> None:
     _error(http.post(f"/{api_name}", json=body), 400, kind)
     assert http.get(f"/{api_name}").json()["job_statuses"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "says"),
+    [
+        (
+            {"workers": 1, "item_list": {"items": [1], "batch_size": 100_001}},
+            "batchapi.invalid_batch_size",
+            "item_list.batch_size: must be at most 100000",
+        ),
+        (
+            {"workers": 1, "file_path_lister": {"s3_paths": ["s3://b/"], "batch_size": 2**64}},
+            "batchapi.invalid_batch_size",
+            "file_path_lister.batch_size: must be at most 100000",
+        ),
+        (_body(workers=65), "batchapi.too_many_workers", "(64; set CORTEX_MAX_WORKERS"),
+        (_body(workers=2**70), "batchapi.too_many_workers", "(64; set CORTEX_MAX_WORKERS"),
+        (_body(timeout=2**31), "batchapi.invalid_timeout", "at most 2147483647 seconds"),
+        (_body(max_attempts=2**80), "batchapi.invalid_max_attempts", "at most 2147483647"),
+    ],
+)
+def test_integer_fields_are_bounded_and_say_the_bound(
+    http: httpx.Client, api_name: str, body: object, kind: str, says: str
+) -> None:
+    assert says in _error(http.post(f"/{api_name}", json=body), 400, kind)
 
 
 def test_item_over_the_size_limit_names_the_item(http: httpx.Client, api_name: str) -> None:

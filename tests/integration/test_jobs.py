@@ -202,3 +202,26 @@ def test_jobs_are_listed_newest_first(client: Client, tmp_path: Path) -> None:
     summary = client.get_api(api.name)["batch_api"]
     assert [job["job_id"] for job in summary["job_statuses"]] == [second, first]
     assert summary["endpoint"].endswith(f"/{api.name}")
+
+
+def test_items_and_configs_reach_the_predictor_exactly_big_integers_included(
+    client: Client, tmp_path: Path
+) -> None:
+    """orjson reads integers past 64 bits as floats (2**64 + 1 arrived as 2**64, a float):
+    each value reaches `predict` and `__init__` as it was submitted."""
+    big = [2**64 + 1, -(2**63) - 1, 2**200 + 7, {"n": -(10**30) - 1}, 18446744073709551615]
+    text = ["12345678901234567890123", 1.5, -0.25, 9223372036854775807]
+    api = deploy_fixture(client, "recorder", tmp_path, config={"api_big": 2**70 + 1})
+    job_id = _submit(
+        client, api.name, big + text, batch_size=3, workers=1, config={"job_big": -(2**90)}
+    )
+    status = wait_for_status(client, api.name, job_id)
+    assert status["status"] == "status_succeeded", status
+    assert status["config"] == {"job_big": -(2**90)}  # the status answer keeps it too
+    out = _job_out(api, job_id)
+    batches = [json.loads(f.read_text()) for f in out.glob("batch-*.json")]
+    seen = sorted((i for b in batches for i in b), key=repr)
+    assert seen == sorted(big + text, key=repr)
+    assert all(type(a) is type(b) for a, b in zip(seen, sorted(big + text, key=repr), strict=True))
+    init = json.loads(next(out.glob("init-*.json")).read_text())
+    assert init["config"]["api_big"] == 2**70 + 1 and init["config"]["job_big"] == -(2**90)

@@ -120,8 +120,8 @@ def test_a_follower_sees_every_line_once_and_the_socket_closes_when_the_job_ends
         frames, code = _receive_all(socket)
     assert code == 1000
     assert client.get_job(api.name, job_id)["job_status"]["status"] == "status_succeeded"
-    everything = client._request(
-        "GET", f"/{api.name}/{job_id}/logs", params={"format": "json"}
+    everything = client._request(  # arrival order, as the follower read it
+        "GET", f"/{api.name}/{job_id}/logs", params={"format": "json", "follow": True}
     ).text.splitlines(keepends=True)
     assert frames == everything
     lines = [json.loads(frame) for frame in frames]

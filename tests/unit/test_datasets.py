@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import time
 from pathlib import Path
 
 import pytest
@@ -32,22 +34,85 @@ from cortex import datasets, errors, globs, spec
     ],
 )
 def test_globs_follow_the_spec(pattern: str, url: str, matches: bool) -> None:
-    assert bool(globs.compile_glob(pattern).match(url)) is matches
+    assert globs.compile_glob(pattern).matches(url) is matches
 
 
-@pytest.mark.parametrize("pattern", ["a[", "{a,b", "x\\", "[]", "[z-a]"])
-def test_bad_globs_are_refused(pattern: str) -> None:
-    with pytest.raises(globs.GlobError):
+@pytest.mark.parametrize(
+    ("pattern", "url", "matches"),
+    [
+        ("[a-c-]", "-", True),  # a `-` after a range is itself
+        ("[\\]]x", "]x", True),
+        ("[^a]", "^", True),  # `^` is a character here, not RE2's negation
+        ("[!^]", "^", False),
+        ("a\nb*", "a\nb\nc", True),  # any character but `/`, a newline included
+        ("{a,{b,{c,d}}}.txt", "d.txt", True),
+        ("{,x}y", "y", True),
+    ],
+)
+def test_globs_mean_what_they_say_in_re2(pattern: str, url: str, matches: bool) -> None:
+    assert globs.compile_glob(pattern).matches(url) is matches
+
+
+@pytest.mark.parametrize(
+    ("pattern", "says"),
+    [
+        ("a[", "never closed"),
+        ("{a,b", "never closed"),
+        ("x\\", "escape character"),
+        ("[]", "empty character class"),
+        ("[z-a]", "out of order"),
+        ("a}", "unexpected"),
+        ("{" * 17 + "}" * 17, "deeper than 16 levels"),
+        ("{" * 5000 + "}" * 5000, "at most 1024"),  # answered 500 (a RecursionError) before
+        ("*" * 1025, "at most 1024"),
+        ("\ud800", "not valid unicode"),
+    ],
+)
+def test_bad_globs_are_refused_with_the_reason(pattern: str, says: str) -> None:
+    with pytest.raises(globs.GlobError, match=says):
         globs.compile_glob(pattern)
 
 
+def test_too_many_globs_are_refused_with_the_bound() -> None:
+    with pytest.raises(globs.GlobError, match="at most 100"):
+        globs.Globs(["*"] * 101)
+
+
+def test_any_pattern_compiles_or_is_refused_as_a_glob_error() -> None:
+    """Random patterns over the glob's own metacharacters: each compiles, or is refused with
+    GlobError (a 400 `batchapi.invalid_glob`), never anything else (a 500)."""
+    rng = random.Random(1234)
+    alphabet = "*?[]{},!-\\/a^.()|+$"
+    for _ in range(20_000):
+        pattern = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        try:
+            compiled = globs.compile_glob(pattern)
+        except globs.GlobError:
+            continue
+        compiled.matches("s3://b/" + pattern)
+
+
+def test_hostile_globs_match_in_linear_time() -> None:
+    """Stars that make a backtracking matcher explode (`**a` nine times, then `**b`, took
+    seconds on a path of a few hundred characters with Python's re) against long paths."""
+    hostile = globs.compile_glob("**a" * 9 + "**b")
+    nested = globs.compile_glob("{" * 16 + "*a*," * 16 + "}" * 16 + "*b")
+    url = "s3://bucket/" + "/".join(["a" * 200] * 50)  # 10 kB of `a`, no `b`
+    started = time.perf_counter()
+    for _ in range(100):
+        assert not hostile.matches(url)
+        assert not nested.matches(url)
+    assert time.perf_counter() - started < 2.0  # about 10 ms on a loaded laptop
+
+
 def test_keep_needs_an_include_and_no_exclude() -> None:
-    inc = [globs.compile_glob("**.json")]
-    exc = [globs.compile_glob("**/skip/**")]
+    inc = globs.Globs(["**.json", "**.jsonl"])
+    exc = globs.Globs(["**/skip/**"])
     assert globs.keep("s3://b/a.json", inc, exc)
+    assert globs.keep("s3://b/a.jsonl", inc, exc)
     assert not globs.keep("s3://b/a.txt", inc, exc)
     assert not globs.keep("s3://b/skip/a.json", inc, exc)
-    assert globs.keep("s3://b/a.txt", [], exc)
+    assert globs.keep("s3://b/a.txt", globs.Globs([]), exc)
 
 
 def test_overlapping_prefixes_are_listed_once() -> None:
@@ -186,10 +251,15 @@ def test_batches_fill_across_files(tmp_path: Path) -> None:
     ]
 
 
-def test_unknown_schemes_are_refused() -> None:
+@pytest.mark.parametrize(
+    "url", ["nosuchproto://b/x", "ftp://host/x", "sftp://host/x", "memory://x", "HDFS://nn/x"]
+)
+def test_unknown_schemes_are_refused(url: str) -> None:
+    """fsspec would read (or connect to) each of these; a submission may not ask for them."""
     with pytest.raises(errors.InvalidSubmission) as info:
-        datasets.filesystem(datasets.parse_location("nosuchproto://b/x"))
+        datasets.parse_location(url)
     assert info.value.kind == "batchapi.invalid_path"
+    assert "is not read by this server: use s3://, gs://, http(s)://" in info.value.message
 
 
 def test_remote_datasets_can_be_limited_to_url_prefixes() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cortex import display
 from cortex.display import duration, job_duration, ms_duration, start_time, status_text
 
 
@@ -94,3 +95,41 @@ class TestOtherFields:
 
     def test_job_duration_without_start(self) -> None:
         assert job_duration({"start_time": None, "end_time": None}) == "-"
+
+
+JOB = {
+    "job_id": "69d9c0013c2d0d97",
+    "status": "status_running",
+    "total_batch_count": 40,
+    "start_time": "2026-12-01T10:00:00.000000Z",
+    "end_time": None,
+    "batch_counts": {"queued": 20, "leased": 2, "succeeded": 15, "failed": 3},
+    "batch_metrics": {"succeeded": 15, "failed": 3, "average_time_per_batch": 0.5},
+    "error": None,
+}
+
+
+def test_the_progress_line_snapshot() -> None:
+    assert display.progress_line(JOB, 4.0) == (
+        "job 69d9c0013c2d0d97: running, 18/40 batches (15 succeeded, 3 failed, 2 running, "
+        "20 queued, 4.0 batches/s, ETA 5s)"
+    )
+    assert display.progress_detail(JOB, None) == "15 succeeded, 3 failed, 2 running, 20 queued"
+
+
+def test_the_rate_is_over_the_recent_window() -> None:
+    rate = display.Rate(window_s=10)
+    assert rate.update(0, now=0.0) is None
+    assert rate.update(10, now=5.0) == 2.0
+    assert rate.update(10, now=20.0) == 0.0  # stalled over the window: no ETA
+    assert display.Rate.eta(0.0, 5) is None
+    # A slow start is forgotten once it leaves the window.
+    assert rate.update(110, now=30.0) == 10.0
+
+
+def test_the_final_line_says_the_outcome() -> None:
+    ended = {**JOB, "status": "status_completed_with_failures", "end_time": "2026-12-01T10:01:05Z"}
+    assert display.final_line(ended) == (
+        "job 69d9c0013c2d0d97 completed with failures after 1m5s: 15 of 40 batches succeeded, "
+        "3 failed"
+    )

@@ -198,3 +198,28 @@ def test_lines_the_server_never_took_are_counted() -> None:
     # The next request says how many lines the first one lost.
     assert calls[0][0][0][4] == "one\ntwo"
     assert calls[1] == ([], 2)
+
+
+def test_drain_returns_once_what_was_said_has_been_sent(received: Received) -> None:
+    """The worker drains before reporting a failed start (which ends the job): the lines
+    said before it are with the server, or the wait gave up after its timeout."""
+    with capturing(received, period_s=10.0):  # no periodic shipping: only drain sends
+        print("a print still in its buffer", end="\n")
+        logging.getLogger("predictor").error("failed to initialise the predictor\nTraceback")
+        logship.drain(timeout_s=5)
+        assert received.lines() == [
+            ("stdout", None, "a print still in its buffer"),
+            ("log:ERROR", None, "predictor: failed to initialise the predictor"),
+            ("log:ERROR", None, "Traceback"),
+        ]
+        received.gate.clear()  # the server stops answering
+        print("stuck")
+        started = time.monotonic()
+        cap = logship._installed
+        assert cap is not None
+        cap.flush()
+        assert not cap.shipper.drain(timeout_s=0.3)
+        assert 0.3 <= time.monotonic() - started < 5
+        received.gate.set()
+        assert cap.shipper.drain(timeout_s=5)
+        assert received.lines()[-1] == ("stdout", None, "stuck")

@@ -553,6 +553,7 @@ class TestParseSubmission:
             ({"s3_paths": ["s3:///x"], "batch_size": 1}, "batchapi.invalid_s3_path"),
             ({"s3_paths": ["relative/x"], "batch_size": 1}, "batchapi.invalid_path"),
             ({"s3_paths": ["file://host/x"], "batch_size": 1}, "batchapi.invalid_path"),
+            ({"s3_paths": ["ftp://host/x"], "batch_size": 1}, "batchapi.invalid_path"),
             (
                 {"s3_paths": ["s3://b/x"], "paths": ["s3://b/y"], "batch_size": 1},
                 "batchapi.conflicting_fields",

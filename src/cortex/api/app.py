@@ -19,7 +19,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketState
 
 from cortex import errors, launchers, replicas
-from cortex.api import logs, public, worker
+from cortex.api import logs, metrics, public, ui, worker
 from cortex.api.auth import BearerAuth
 from cortex.reconciler import Reconciler
 from cortex.service import Service
@@ -34,10 +34,14 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        replica_id = replicas.load_id(settings.data_dir)
+        # Before the store is touched: a second server on this folder must change nothing.
+        replicas.hold(
+            settings.data_dir, settings.resolved_store_url, settings.listen_url, replica_id
+        )
         store = Store(settings.resolved_store_url)
         schema.prepare(store)
         launcher = launchers.create(settings)
-        replica_id = replicas.load_id(settings.data_dir)
         service = Service(settings, store, launcher, replica_id)
         membership = replicas.Membership(
             Cluster(store), replica_id, settings.listen_url, settings.leader_lease_s
@@ -55,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
             # Workers outlive a server restart on purpose (they retry and hold their leases);
             # only a deliberate shutdown of the whole service would stop them.
             store.close()
+            replicas.release()
 
     app = FastAPI(
         title="Cortex Batch",
@@ -62,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics.Metrics(app.state)
 
     @app.exception_handler(errors.CortexError)
     async def cortex_error(conn: HTTPConnection, err: errors.CortexError) -> JSONResponse | None:
@@ -108,9 +114,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(worker.router)
     app.include_router(logs.router)  # before public: /<api>/logs is not a job id
+    app.include_router(metrics.router)  # before public: `ui` and `metrics` are not APIs
+    app.include_router(ui.router)
     app.include_router(public.router)
     if settings.auth_token:
-        app.add_middleware(BearerAuth, token=settings.auth_token)
+        app.add_middleware(BearerAuth, token=settings.auth_token, open_paths=ui.PUBLIC_PATHS)
+    # Outermost (added last), so that a request refused for its token is timed too.
+    app.add_middleware(metrics.RequestTimer, histogram=app.state.metrics.request_duration)
     return app
 
 

@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cortex import errors
 
 # Open without a token: load balancers probe readiness; workers bring their own job tokens.
-_OPEN_PATHS = ("/healthz",)
+_OPEN_PATHS = frozenset({"/healthz"})
 _WORKER_PREFIX = "/worker/"
 
 
@@ -19,16 +19,18 @@ class BearerAuth:
     """Pure ASGI middleware: requests and websockets without the server's token get a 401 and
     go no further (a websocket is refused before its handshake)."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode()
+        # Exact paths only (the dashboard's static files): a prefix would open routes added later.
+        self.open_paths = _OPEN_PATHS | open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):  # lifespan
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if path in _OPEN_PATHS or path.startswith(_WORKER_PREFIX):
+        if path in self.open_paths or path.startswith(_WORKER_PREFIX):
             await self.app(scope, receive, send)
             return
         given = b""

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import Request
 
-from cortex import errors
+from cortex import errors, exactjson
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -31,8 +30,9 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if not body:
         raise errors.InvalidRequest("the request body is empty; send a JSON object")
     try:
-        # orjson: three times the speed of json on big item lists, and it refuses what could
-        # not be stored or sent back (lone surrogates, NaN, nesting past 1024 levels).
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as err:
+        # orjson where it reads the body exactly (three times the speed of json on big item
+        # lists), json where it would not (integers past 64 bits); both refuse what could not
+        # be stored or sent back (lone surrogates, NaN, nesting too deep).
+        return exactjson.loads(body)
+    except ValueError as err:
         raise errors.InvalidRequest(f"the request body is not valid JSON: {err}") from None

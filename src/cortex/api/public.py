@@ -6,18 +6,17 @@ import json
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-import orjson
 import pydantic
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from cortex import errors, views
+from cortex import errors, exactjson, globs, views
 from cortex.api import deps
 from cortex.api.body import read_json
 from cortex.project import MAX_ARCHIVE_BYTES
 from cortex.service import Service
-from cortex.spec import DEFAULT_MAX_ATTEMPTS, MAX_INT32
+from cortex.spec import DEFAULT_MAX_ATTEMPTS, MAX_BATCH_SIZE, MAX_INT32
 from cortex.store import Job
 from cortex.store.sql import JobProgress
 
@@ -149,17 +148,19 @@ def delete_api(api_name: str, service: ServiceDep) -> dict[str, str]:
 
 
 _POSITIVE_INT = {"type": "integer", "minimum": 1}
+_BATCH_SIZE = {**_POSITIVE_INT, "maximum": MAX_BATCH_SIZE}
 _ITEM_LIST_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["items", "batch_size"],
     "properties": {
         "items": {"type": "array", "minItems": 1, "items": {}},
-        "batch_size": _POSITIVE_INT,
+        "batch_size": _BATCH_SIZE,
     },
 }
 _GLOBS: dict[str, Any] = {
     "type": "array",
-    "items": {"type": "string"},
+    "maxItems": globs.MAX_GLOBS,
+    "items": {"type": "string", "maxLength": globs.MAX_GLOB_CHARS},
     "description": "globs matched against each file's full URL: * stops at /, ** crosses it",
 }
 _S3_DATASET_SCHEMA: dict[str, Any] = {
@@ -174,7 +175,7 @@ _S3_DATASET_SCHEMA: dict[str, Any] = {
         "s3_paths": {"type": "array", "minItems": 1, "items": {"type": "string"}},
         "includes": _GLOBS,
         "excludes": _GLOBS,
-        "batch_size": _POSITIVE_INT,
+        "batch_size": _BATCH_SIZE,
     },
 }
 _SUBMISSION_FIELDS: dict[str, Any] = {
@@ -295,9 +296,10 @@ _STATUS_DOC: dict[int | str, dict[str, Any]] = {
 
 
 def _json(data: Any) -> Response:
-    """A JSON response written by orjson, skipping FastAPI's validation and encoding of the
-    return value: status requests are the hottest public path."""
-    return Response(orjson.dumps(data), media_type="application/json")
+    """A JSON response written by orjson (json for integers past 64 bits in a config),
+    skipping FastAPI's validation and encoding of the return value: status requests are the
+    hottest public path."""
+    return Response(exactjson.dumps(data), media_type="application/json")
 
 
 @router.get("/{api_name}", response_model=None, responses=_STATUS_DOC)
@@ -354,6 +356,15 @@ def failed_batches(
     """The batches that used all their attempts, with the last error and traceback."""
     job = service.get_job(api_name, job_id)
     return {"job_id": job.job_id, "failed_batches": service.store.failed_batches(job_id, limit)}
+
+
+@router.get("/{api_name}/{job_id}/workers")
+def job_workers(api_name: str, job_id: str, service: ServiceDep) -> dict[str, Any]:
+    """The job's workers, replacements included, oldest first: state, pid, exit code, the error
+    that ended one, the replica that started it and when it was last heard from."""
+    job = service.get_job(api_name, job_id)
+    workers = service.store.list_workers(job.job_id)
+    return {"job_id": job.job_id, "workers": [views.worker_json(w) for w in workers]}
 
 
 class RetryBody(pydantic.BaseModel):

@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from cortex import errors
 from cortex.api import deps
 from cortex.api.body import read_body
+from cortex.api.metrics import MetricsDep
 from cortex.jobs import WorkerState
 from cortex.service import Service
 from cortex.store import Job
@@ -108,12 +109,13 @@ def state(body: StateBody, job: JobDep, service: ServiceDep) -> dict[str, bool]:
 
 
 @router.post("/lease")
-def lease(body: LeaseBody, job: JobDep, service: ServiceDep) -> Response:
+def lease(body: LeaseBody, job: JobDep, service: ServiceDep, metrics: MetricsDep) -> Response:
     _own_worker(job, body.worker_id)
     results = [
         BatchResult(r.batch_id, r.ok, r.duration_s, r.error, r.traceback) for r in body.results
     ]
     leased = service.lease(job, body.worker_id, results, body.max_batches, body.seq)
+    metrics.observe_results(job.api_name, results)
     # Payloads are stored as JSON text: splice their bytes in rather than parse and re-encode.
     parts = [b'{"batches":[']
     for i, b in enumerate(leased.batches):

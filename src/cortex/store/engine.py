@@ -18,6 +18,8 @@ import sqlalchemy.dialects.postgresql
 import sqlalchemy.dialects.sqlite
 from sqlalchemy.engine import Connection
 
+from cortex import errors
+
 
 def engine_url(url: str) -> str:
     """The SQLAlchemy URL for a store URL: a plain `postgresql://` (or `postgres://`) URL, as
@@ -26,6 +28,16 @@ def engine_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
+
+
+def error_reason(err: BaseException) -> str:
+    """An error as one line fit for a job's status. A database error's text holds its SQL
+    statement and parameters (a whole batch's payload, perhaps): only the database's own
+    reason is kept."""
+    if isinstance(err, sa.exc.StatementError):
+        lines = str(err.orig if err.orig is not None else type(err).__name__).strip().splitlines()
+        return f"the store failed: {lines[0] if lines else type(err.orig).__name__}"
+    return str(err)
 
 
 def display_url(url: str) -> str:
@@ -52,13 +64,21 @@ class BaseStore:
             # READ COMMITTED is what the locking rules (in `sql`'s docstring) are written for;
             # set it rather than rely on the server's default. pre_ping: a PostgreSQL restart
             # costs no failed request.
-            self.engine = sa.create_engine(
-                self.url,
-                pool_size=10,
-                max_overflow=20,
-                pool_pre_ping=True,
-                isolation_level="READ COMMITTED",
-            )
+            try:
+                self.engine = sa.create_engine(
+                    self.url,
+                    pool_size=10,
+                    max_overflow=20,
+                    pool_pre_ping=True,
+                    isolation_level="READ COMMITTED",
+                )
+            except ModuleNotFoundError as err:
+                # psycopg is an extra: SQLite, the default, needs no driver.
+                extra = " (pip install 'cortex-batch[postgres]')" if "psycopg" in str(err) else ""
+                raise errors.StoreUnavailable(
+                    f"the store {display_url(self.url)} needs the Python package "
+                    f"{err.name or 'its driver'}, which is not installed{extra}"
+                ) from None
             self._write_lock = contextlib.nullcontext()
 
     def close(self) -> None:

@@ -8,8 +8,9 @@ after decoding, so reading a huge log streams chunk by chunk and never holds it 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -85,6 +86,47 @@ class LogStore:
         lines = [line for row in rows for line in _decode(row) if where.keep(line)]
         last = rows[-1].id if rows else after_chunk
         return lines, last, len(rows) == max_chunks
+
+    def read_by_time(
+        self,
+        job_id: str,
+        where: LogFilter = LogFilter(),
+        page_chunks: int = 8,
+        max_held_lines: int = 100_000,
+    ) -> Iterator[list[LogLine]]:
+        """Every line in time order (ties in arrival order), a page at a time.
+
+        Chunks arrive from many workers, each in its own time order, so they overlap in time.
+        They are read by their first line's time: no chunk still unread holds a line earlier
+        than the next one's `first_ts`, so every held line before it is final. What is held
+        is the lines of chunks that overlap in time (workers ship every 100 ms); past
+        `max_held_lines` (a worker that could not ship for a long time) the earliest held
+        lines go out anyway, so memory stays bounded and order is then best effort."""
+        held: list[tuple[float, int, int, LogLine]] = []
+        after: tuple[float, int] | None = None
+        c = t.log_chunks.c
+        while True:
+            query = _chunks(job_id, where).add_columns(c.first_ts)
+            if after is not None:
+                query = query.where(
+                    sa.or_(c.first_ts > after[0], sa.and_(c.first_ts == after[0], c.id > after[1]))
+                )
+            with self.store._read() as conn:
+                rows = conn.execute(query.order_by(c.first_ts, c.id).limit(page_chunks)).all()
+            page: list[LogLine] = []
+            for row in rows:
+                while held and (held[0][0] < row.first_ts or len(held) > max_held_lines):
+                    page.append(heapq.heappop(held)[3])
+                for i, line in enumerate(_decode(row)):
+                    if where.keep(line):
+                        heapq.heappush(held, (line.ts, line.chunk_id, i, line))
+            if len(rows) < page_chunks:
+                page.extend(heapq.heappop(held)[3] for _ in range(len(held)))
+                yield page
+                return
+            after = (rows[-1].first_ts, rows[-1].id)
+            if page:
+                yield page
 
     def tail(
         self, job_id: str, count: int, where: LogFilter = LogFilter()

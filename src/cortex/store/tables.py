@@ -134,6 +134,8 @@ log_chunks = sa.Table(
     sa.Column("line_count", sa.Integer, nullable=False),
     sa.Column("lines", sa.Text, nullable=False),
     sa.Index("ix_log_chunks_job_id", "job_id", "id"),
+    # An ended job's log is read in time order: chunks by their first line's time.
+    sa.Index("ix_log_chunks_job_first_ts", "job_id", "first_ts", "id"),
 )
 
 workers = sa.Table(

@@ -43,6 +43,18 @@ _current_batch: str | None = None
 _installed: Capture | None = None
 
 
+def drain(timeout_s: float = 5.0) -> None:
+    """Ship what this process has said so far before going on (a no-op without a capture).
+
+    The worker calls it before a report that can end its job (its predictor failed to load,
+    its `on_job_complete` finished): the traceback it just logged must be in the job's log
+    before the job's final status, which a reader may take as "every line is in"."""
+    capture = _installed
+    if capture is not None:
+        capture.flush()
+        capture.shipper.drain(timeout_s)
+
+
 @contextlib.contextmanager
 def in_batch(batch_id: str) -> Iterator[None]:
     """Lines printed inside carry `batch_id`: the buffers are handed over at both ends, so each
@@ -102,6 +114,8 @@ class Shipper(threading.Thread):
         self._drained = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._closing = False
+        # Lines taken from the queue and not yet sent (or given up on): `drain` waits on it.
+        self._sending = False
 
     def write(self, stream: str, level: str | None, text: str, key: str | None = None) -> None:
         """Queue `text`: whole lines for a log record (`level` set), any text for a stream.
@@ -207,6 +221,7 @@ class Shipper(threading.Thread):
             self._pending_chars -= taken
             if taken:
                 self._stalled = False
+            self._sending = True
             self._drained.notify_all()
         return lines
 
@@ -237,8 +252,27 @@ class Shipper(threading.Thread):
                     lost = sum(line[4].count("\n") + 1 for line in lines)
                     with self._lock:
                         self._dropped += lost + dropped
+            with self._drained:
+                self._sending = False
+                self._drained.notify_all()
             if closing and not self._chunks:
                 return
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until everything queued so far has been sent (or given up on), for at most
+        `timeout_s`; whether it was. Lines queued meanwhile by other threads may be waited
+        for too: this is for the last words before a report that may end the job."""
+        if threading.current_thread() is self or not self.is_alive():
+            return not self._chunks
+        deadline = time.monotonic() + timeout_s
+        with self._drained:
+            while self._chunks or self._sending:
+                self._wake.set()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.is_alive():
+                    return False
+                self._drained.wait(min(remaining, self.period_s))
+        return True
 
     def nudge(self) -> None:
         """Ship what is queued now rather than at the end of the period."""

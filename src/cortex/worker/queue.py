@@ -11,7 +11,9 @@ copies into API environments.)
 Standard library only (see `cortex.environments`): a worker runs in the API's own environment,
 which holds the user's packages and nothing of the server's. orjson is used where the
 environment happens to have it (the server's own interpreter does): it reads a large lease
-answer several times faster than `json`.
+answer several times faster than `json`. But orjson reads an integer past 64 bits as a float,
+and a predictor must get the items as submitted: an answer that may hold one (19 digits in a
+row, the rule of `cortex.exactjson`, which the worker cannot import) is read by `json`.
 
 **Sequence numbers.** A request can reach the server and its answer be lost (a proxy closes the
 connection, the server dies after committing). The worker then sends it again, with the same
@@ -34,11 +36,14 @@ from __future__ import annotations
 
 import http.client
 import itertools
+import json
 import logging
 import threading
 import time
 import urllib.parse
 from typing import Any
+
+from cortex.worker import logship
 
 try:
     import orjson
@@ -46,14 +51,30 @@ try:
     def _dumps(value: Any) -> bytes:
         return orjson.dumps(value)
 
-    _loads: Any = orjson.loads
+    def _loads(data: bytes) -> Any:
+        return json.loads(data) if _may_hold_big_int(data) else orjson.loads(data)
+
 except ImportError:  # an API environment without orjson
-    import json
 
     def _dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode()
 
-    _loads = json.loads
+    def _loads(data: bytes) -> Any:
+        return json.loads(data)
+
+
+_DIGIT_RUN = b"\x01" * 19
+_DIGITS = bytes(1 if c in b"0123456789" else 0 for c in range(256))
+
+
+def _may_hold_big_int(data: bytes) -> bool:
+    """19 digits in a row, a chunk at a time (see `cortex.exactjson.may_change`)."""
+    step = 1 << 20
+    for start in range(0, len(data), step):
+        if _DIGIT_RUN in data[start : start + step + len(_DIGIT_RUN) - 1].translate(_DIGITS):
+            return True
+    return False
+
 
 log = logging.getLogger("cortex")
 
@@ -104,6 +125,8 @@ class WorkerQueue:
         return result
 
     def set_state(self, state: str, **fields: Any) -> None:
+        if state == "failed":  # ends the job: its traceback goes first
+            logship.drain()
         self._request("state", {"worker_id": self.worker_id, "state": state, **fields}, LOOP)
 
     def lease(self, results: list[dict[str, Any]], max_batches: int) -> dict[str, Any]:
@@ -122,6 +145,7 @@ class WorkerQueue:
         self._request("logs", body, LOGS)
 
     def finish_hook(self, error: str | None, traceback: str | None) -> None:
+        logship.drain()  # the hook's lines, then the job's final status
         body = {"worker_id": self.worker_id, "error": error, "traceback": traceback}
         self._request("hook", body, LOOP)
 
