@@ -97,11 +97,15 @@ class FaultProxy:
         return self
 
     def close(self) -> None:
+        """Stop listening, and wait for a fault's `before` still running (a server restart
+        started after its test gave up must not outlive the test's clean-up)."""
+
         async def stop() -> None:
             if self._server is not None:
                 self._server.close()
+            await self._loop.shutdown_default_executor()
 
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()

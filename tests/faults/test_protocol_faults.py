@@ -87,8 +87,8 @@ def stack(
     """One server per store for the module's jobs, one at a time, with its proxy."""
     made = _stack(request.param, request, tmp_path_factory.mktemp("proxied"))
     yield made
+    made.proxy.close()  # first: it waits for a restart in progress
     stop_server(made.server)
-    made.proxy.close()
 
 
 @pytest.fixture
@@ -96,8 +96,8 @@ def own_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]
     """A stack this test may kill; on the store the test names by its `engine` parameter."""
     made = _stack(request.param, request, tmp_path / "server")
     yield made
+    made.proxy.close()  # first: it waits for a restart in progress
     stop_server(made.server)
-    made.proxy.close()
 
 
 @pytest.fixture(scope="module")
