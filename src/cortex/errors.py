@@ -39,6 +39,24 @@ class NotFound(CortexError):
     status_code = 404
 
 
+class JobMissing(NotFound):
+    """A job that a request names inside the service does not exist (any more): deleted with
+    its API. The worker API's answer that tells a worker its job is gone."""
+
+    kind = "batchapi.job_not_found"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} does not exist")
+
+
+class StaleRequest(CortexError):
+    """A worker request older than the last one the server acted on for that worker: a copy
+    that arrived late. Nobody waits for its answer; it changes nothing."""
+
+    kind = "worker.stale_request"
+    status_code = 409
+
+
 class Unauthorized(CortexError):
     kind = "auth.unauthorized"
     status_code = 401

@@ -103,6 +103,34 @@ class WorkerState(enum.StrEnum):
     def alive(self) -> bool:
         return self in (WorkerState.PENDING, WorkerState.INITIALIZING, WorkerState.RUNNING)
 
+    @property
+    def ended(self) -> bool:
+        return self in _WORKER_ENDED
+
+
+# A worker moves forward only. Reports arrive late and out of order (a worker's "running"
+# retried after the server restarted, the launcher's exit after the leader marked the worker
+# lost), so the store applies a report only if this table allows it: an ended worker stays
+# ended, and the first end wins, which is also what makes each death handled once. A state
+# may be reported again (a pid learnt later), except an ended one.
+_WORKER_ENDED = frozenset({WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.UNKNOWN})
+_WORKER_ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.PENDING: frozenset(WorkerState),
+    WorkerState.STALLED: frozenset(WorkerState) - {WorkerState.PENDING},
+    WorkerState.INITIALIZING: frozenset(WorkerState) - {WorkerState.PENDING},
+    WorkerState.RUNNING: _WORKER_ENDED | {WorkerState.RUNNING, WorkerState.STALLED},
+}
+
+
+def can_move(current: WorkerState, new: WorkerState) -> bool:
+    """Whether a worker in `current` may be recorded as `new`."""
+    return new in _WORKER_ALLOWED.get(current, frozenset())
+
+
+def moves_to(new: WorkerState) -> list[WorkerState]:
+    """The states a worker may be in for a report of `new` to apply (for a WHERE clause)."""
+    return [state for state, allowed in _WORKER_ALLOWED.items() if new in allowed]
+
 
 _MAX_INT64 = (1 << 63) - 1
 _id_lock = threading.Lock()

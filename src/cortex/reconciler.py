@@ -11,6 +11,7 @@ timeouts, and replacing the workers of replicas that are gone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import threading
@@ -21,7 +22,6 @@ from cortex.launchers import WorkerExit
 from cortex.replicas import Membership
 from cortex.service import Service
 from cortex.store.cluster import Cluster
-from cortex.store.records import Job
 
 log = logging.getLogger("cortex.server")
 
@@ -30,6 +30,20 @@ log = logging.getLogger("cortex.server")
 _NATURAL_EXIT_GRACE_S = 40.0
 _NATURAL_END = (JobStatus.SUCCEEDED, JobStatus.COMPLETED_WITH_FAILURES)
 _BEFORE_INIT = (WorkerState.PENDING, WorkerState.INITIALIZING)
+
+
+@dataclasses.dataclass
+class _Death:
+    """A worker of an in-progress job that died (or was lost), recorded as ended in the store,
+    whose consequences (its batches given back, a replacement, or the job's end) are being
+    acted on: kept until that is done, and tried again on each tick if a step fails."""
+
+    job_id: str
+    worker_id: str
+    reason: str
+    oom: bool
+    before_init: bool
+    counted: bool = False  # a restart of the job's budget was taken for its replacement
 
 
 class Reconciler:
@@ -41,6 +55,11 @@ class Reconciler:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._stopping: set[str] = set()
+        # Deaths whose consequences are not all acted on yet, by worker id (see `_Death`).
+        self._deaths: dict[str, _Death] = {}
+        # Workers whose raw output is stored: an exit seen again after a store error does not
+        # store it twice.
+        self._output_stored: set[str] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="cortex-reconciler", daemon=True)
         # Pruning has a thread of its own: deleting a big job and giving its space back can
@@ -77,13 +96,43 @@ class Reconciler:
 
     def tick(self) -> None:
         leader = self.membership.renew()
-        for ended in self.service.launcher.poll():
-            self._on_exit(ended)
+        self._record_exits()
         if leader:
             self._store_wide()
+        self._act_on_deaths()
         self._resume_enqueuing(leader)
         self._stop_ended()
         self.service.store.checkpoint()
+
+    def _record_exits(self) -> None:
+        """Record each exit the launcher hands over, and acknowledge it once recorded: an exit
+        that cannot be recorded now (a store error) is handed over again on the next tick."""
+        launcher = self.service.launcher
+        for ended in launcher.poll():
+            try:
+                self._on_exit(ended)
+            except Exception:
+                log.exception(
+                    "job %s: cannot record the exit of worker %s yet; trying again",
+                    ended.job_id,
+                    ended.worker_id,
+                )
+                continue
+            launcher.ack(ended.worker_id)
+            self._output_stored.discard(ended.worker_id)
+
+    def _act_on_deaths(self) -> None:
+        for worker_id, death in list(self._deaths.items()):
+            try:
+                self._after_death(death)
+            except Exception:
+                log.exception(
+                    "job %s: cannot act on the end of worker %s yet; trying again",
+                    death.job_id,
+                    worker_id,
+                )
+                continue
+            del self._deaths[worker_id]
 
     def _resume_enqueuing(self, leader: bool) -> None:
         """Never leave a job enqueuing with nobody enqueuing it: this replica resumes its own
@@ -139,11 +188,11 @@ class Reconciler:
             )
             if not self.cluster.mark_lost(worker.worker_id, reason):
                 continue
-            owner = store.get_job(worker.job_id)
-            if owner is not None and owner.status.in_progress:
-                log.warning("job %s: %s", owner.job_id, reason)
-                # Lost with its replica says nothing about the predictor: always replace it.
-                self._after_death(owner, worker.worker_id, reason, oom=False, before_init=False)
+            log.warning("job %s: %s", worker.job_id, reason)
+            # Lost with its replica says nothing about the predictor: always replace it.
+            self._deaths[worker.worker_id] = _Death(
+                worker.job_id, worker.worker_id, reason, oom=False, before_init=False
+            )
 
     def _stop_ended(self) -> None:
         """Stop this replica's workers of jobs that have ended (or were deleted)."""
@@ -206,51 +255,67 @@ class Reconciler:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _on_exit(self, ended: WorkerExit) -> None:
+        """Record a worker's exit: its end in the store (once: the first end of a worker wins),
+        and, for a worker that died with work left, a `_Death` to act on."""
         store = self.service.store
-        # First, so that a follower who sees the worker ended has every line it wrote.
-        self.service.ingest_output(ended.job_id, ended.worker_id)
-        worker = store.get_worker(ended.worker_id)
-        if ended.exit_code == 0:
-            store.update_worker(ended.worker_id, WorkerState.SUCCEEDED, exit_code=0)
-            return
-        if ended.exit_code is None:
-            # An adopted worker (started by an earlier server) is gone and its exit code
-            # cannot be known: do not blame the job, make sure someone finishes it.
-            store.update_worker(ended.worker_id, WorkerState.UNKNOWN, error_message=ended.reason)
+        worker_id = ended.worker_id
+        if worker_id not in self._output_stored:
+            # First, so that a follower who sees the worker ended has every line it wrote.
+            self.service.ingest_output(ended.job_id, worker_id)
+            self._output_stored.add(worker_id)
+        # A worker told that its work was over ended cleanly, whatever its exit says: an
+        # adopted process's code cannot be known, and one that dies on its way out (while
+        # shipping its last lines) leaves nothing undone.
+        finished = store.worker_finished(worker_id)
+        if ended.exit_code == 0 or (ended.exit_code is None and finished and not ended.oom):
+            state, message = WorkerState.SUCCEEDED, None
+        elif ended.exit_code is None:
+            # Gone, its exit code unknown (an adopted process, a lost Ray actor): do not blame
+            # the predictor, make sure someone finishes its work.
+            state, message = WorkerState.UNKNOWN, ended.reason
         else:
-            store.update_worker(
-                ended.worker_id,
-                WorkerState.FAILED,
-                exit_code=ended.exit_code,
-                error_message=f"worker {ended.reason}",
-            )
-        job = store.get_job(ended.job_id)
+            state, message = WorkerState.FAILED, f"worker {ended.reason}"
+        before = store.end_worker(
+            worker_id, state, exit_code=ended.exit_code, error_message=message
+        )
+        if before is None or state is WorkerState.SUCCEEDED or finished:
+            # Recorded already (this exit seen again, or the leader marked the worker lost
+            # first), or nothing left undone.
+            return
+        # In memory from here, so that nothing after the store's commit can lose it.
+        self._deaths[worker_id] = _Death(
+            ended.job_id,
+            worker_id,
+            f"worker {worker_id} {ended.reason}",
+            oom=ended.oom,
+            before_init=before.state in _BEFORE_INIT,
+        )
+
+    def _after_death(self, death: _Death) -> None:
+        """A worker of a job died with work left, or was lost with its replica: give its
+        batches back, and replace it or end the job. Every step may be taken again (after a
+        store error) without being done twice, except that a failure inside starting the
+        replacement may start a second one: the pool is then one larger, never smaller."""
+        store = self.service.store
+        job = store.get_job(death.job_id)
         if job is None or not job.status.in_progress:
             return
-        reason = f"worker {ended.worker_id} {ended.reason}"
-        early = worker is not None and worker.state in _BEFORE_INIT
-        self._after_death(job, ended.worker_id, reason, oom=ended.oom, before_init=early)
-
-    def _after_death(
-        self, job: Job, worker_id: str, reason: str, *, oom: bool, before_init: bool
-    ) -> None:
-        """A worker of an in-progress job died, or was lost with its replica."""
-        store = self.service.store
-        if job.completion_state == "claimed" and job.completion_worker == worker_id:
+        reason = death.reason
+        if job.completion_state == "claimed" and job.completion_worker == death.worker_id:
             # The hook may have half run; running it again could repeat its side effects.
             self.service._end(
                 job.job_id,
-                JobStatus.WORKER_OOM if oom else JobStatus.WORKER_ERROR,
+                JobStatus.WORKER_OOM if death.oom else JobStatus.WORKER_ERROR,
                 "batchapi.hook_worker_died",
                 f"{reason} while running on_job_complete",
             )
             return
-        kind = "worker_oom" if oom else "worker_died"
-        store.release_worker_leases(job.job_id, worker_id, kind, reason)
-        if oom:
+        kind = "worker_oom" if death.oom else "worker_died"
+        store.release_worker_leases(job.job_id, death.worker_id, kind, reason)
+        if death.oom:
             self.service._end(job.job_id, JobStatus.WORKER_OOM, "batchapi.worker_oom", reason)
             return
-        if before_init:
+        if death.before_init:
             # It died before its predictor was loaded: another worker would most likely too.
             self.service._end(
                 job.job_id,
@@ -263,16 +328,18 @@ class Reconciler:
         # given back above; start a replacement, within a budget so that a job whose workers
         # keep dying still ends.
         budget = max(3, job.workers * job.max_attempts)
-        if store.count_restart(job.job_id, budget):
-            self.service.job_event(job.job_id, f"{reason}; starting a replacement", "WARNING")
-            self.service.launch_workers(job, 1)
-        else:
-            self.service._end(
-                job.job_id,
-                JobStatus.WORKER_ERROR,
-                "batchapi.worker_exited",
-                f"{reason}; {budget} workers were already replaced, giving up",
-            )
+        if not death.counted:
+            if not store.count_restart(job.job_id, budget):
+                self.service._end(
+                    job.job_id,
+                    JobStatus.WORKER_ERROR,
+                    "batchapi.worker_exited",
+                    f"{reason}; {budget} workers were already replaced, giving up",
+                )
+                return
+            death.counted = True
+        self.service.job_event(job.job_id, f"{reason}; starting a replacement", "WARNING")
+        self.service.launch_workers(job, 1)
 
     def _stop_async(self, job_id: str) -> None:
         with self._lock:
@@ -302,14 +369,19 @@ class Reconciler:
             for worker in workers:
                 if not worker.state.alive or worker.replica_id not in mine:
                     continue
-                if worker.pid is not None and self.service.launcher.adopt(
-                    job.job_id, worker.worker_id, worker.pid
-                ):
+                # By pid where the launcher has one (local); a Ray actor by its name, placed
+                # or still waiting for a node.
+                if self.service.launcher.adopt(job.job_id, worker.worker_id, worker.pid):
                     # Heartbeats failed while the server was down: the worker still holds its
                     # batches, so its leases must not expire on the first tick.
                     store.extend_worker_leases(job.job_id, worker.worker_id, self.settings.lease_s)
                     continue
-                store.update_worker(
+                gone.add(worker.worker_id)
+                if store.worker_finished(worker.worker_id):
+                    # It was told its work was over and exited while the server was down.
+                    store.end_worker(worker.worker_id, WorkerState.SUCCEEDED)
+                    continue
+                store.end_worker(
                     worker.worker_id,
                     WorkerState.UNKNOWN,
                     error_message="the worker was gone when the server started",
@@ -320,7 +392,6 @@ class Reconciler:
                     "worker_died",
                     "the worker died while the server was down",
                 )
-                gone.add(worker.worker_id)
             alive = [w for w in workers if w.state.alive and w.worker_id not in gone]
             if job.completion_state == "claimed" and job.completion_worker not in {
                 w.worker_id for w in alive

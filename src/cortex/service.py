@@ -753,30 +753,37 @@ class Service:
         worker_id: str,
         state: WorkerState,
         *,
+        seq: int | None = None,
         pid: int | None = None,
         has_hook: bool | None = None,
         error: str | None = None,
         traceback: str | None = None,
     ) -> None:
-        self.store.update_worker(worker_id, state, pid=pid, error_message=error)
-        if has_hook is not None:
-            self.store.set_has_hook(job.job_id, has_hook)
-        if state is WorkerState.FAILED:
-            self._end(
-                job.job_id,
-                JobStatus.WORKER_ERROR,
-                "batchapi.worker_init_failed",
-                f"worker {worker_id} failed to initialise the predictor: {error}",
-                traceback,
-            )
+        reason = self.store.report_state(
+            job.job_id,
+            worker_id,
+            state,
+            seq=seq,
+            pid=pid,
+            has_hook=has_hook,
+            error=error,
+            traceback=traceback,
+        )
+        if reason is not None:  # this report failed the job
+            self._ended(job.job_id, JobStatus.WORKER_ERROR, reason)
 
     def lease(
-        self, job: Job, worker_id: str, results: list[BatchResult], max_batches: int
+        self,
+        job: Job,
+        worker_id: str,
+        results: list[BatchResult],
+        max_batches: int,
+        seq: int | None = None,
     ) -> LeaseResult:
         # (No per-lease log line: at thousands of leases a second it would drown the log.)
         max_batches = max(0, min(max_batches, self.settings.max_lease_batches))
         result = self.store.lease(
-            job.job_id, worker_id, results, max_batches, self.settings.lease_s
+            job.job_id, worker_id, results, max_batches, self.settings.lease_s, seq
         )
         if result.final_status is not None:
             self._ended(job.job_id, result.final_status, None)
@@ -787,12 +794,33 @@ class Service:
     def heartbeat(self, job: Job, worker_id: str) -> bool:
         return self.store.heartbeat(job.job_id, worker_id, self.settings.lease_s)
 
+    def ship_logs(
+        self,
+        job: Job,
+        worker_id: str,
+        lines: list[list[Any]],
+        dropped: int = 0,
+        seq: int | None = None,
+    ) -> int:
+        """Store a worker's log shipment (once, however often it is sent), within the job's
+        log budget."""
+        return self.store.ship_logs(
+            job.job_id, worker_id, lines, dropped, seq, self.settings.log_max_bytes
+        )
+
     def finish_hook(
-        self, job: Job, worker_id: str, error: str | None, traceback: str | None
+        self,
+        job: Job,
+        worker_id: str,
+        error: str | None,
+        traceback: str | None,
+        seq: int | None = None,
     ) -> JobStatus:
-        status = self.store.finish_hook(job.job_id, worker_id, error, traceback)
-        outcome = "finished" if error is None else f"failed: {error}"
-        self.job_event(job.job_id, f"on_job_complete {outcome} (worker {worker_id})")
-        if status.terminal:
-            self._ended(job.job_id, status, None if error is None else f"on_job_complete: {error}")
-        return status
+        result = self.store.finish_hook(job.job_id, worker_id, error, traceback, seq)
+        if result.taken:  # said once, not again for a copy of the report
+            outcome = "finished" if error is None else f"failed: {error}"
+            self.job_event(job.job_id, f"on_job_complete {outcome} (worker {worker_id})")
+        if result.ended:
+            message = None if error is None else f"on_job_complete: {error}"
+            self._ended(job.job_id, result.status, message)
+        return result.status

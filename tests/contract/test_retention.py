@@ -32,7 +32,15 @@ def _job(store: Store, job_id: str, batches: int = 3) -> str:
 
 
 def _rows(store: Store, job_id: str) -> dict[str, int]:
-    tables = (t.jobs, t.batches, t.batch_payloads, t.workers, t.log_chunks, t.log_totals)
+    tables = (
+        t.jobs,
+        t.batches,
+        t.batch_payloads,
+        t.workers,
+        t.worker_replies,
+        t.log_chunks,
+        t.log_totals,
+    )
     with store.engine.connect() as conn:
         return {
             table.name: conn.execute(

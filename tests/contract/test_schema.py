@@ -173,16 +173,16 @@ def test_batches_written_before_0005_keep_their_payloads_both_ways(new_url: Any)
         store.close()
 
 
-def test_log_chunks_written_before_0008_are_compressed_and_counted_both_ways(
+def test_log_chunks_written_before_0009_are_compressed_and_counted_both_ways(
     new_url: Any,
 ) -> None:
-    """0008 compresses the chunks already stored and counts them against their job's budget;
+    """0009 compresses the chunks already stored and counts them against their job's budget;
     a downgrade gives them back as text."""
     store = Store(new_url())
     lines = '[[1.5, "stdout", null, "b1", "one\\ntwo"]]'
     try:
         with store.engine.begin() as conn:
-            command.upgrade(schema.config(conn), "0007")
+            command.upgrade(schema.config(conn), "0008")
             conn.execute(
                 sa.text(
                     "INSERT INTO log_chunks (job_id, source, first_ts, last_ts, line_count, lines)"
@@ -196,7 +196,7 @@ def test_log_chunks_written_before_0008_are_compressed_and_counted_both_ways(
         assert read == [("one", "b1"), ("two", "b1")]
         assert logs.totals("job1").stored_bytes == len(lines)
         with store.engine.begin() as conn:
-            command.downgrade(schema.config(conn), "0007")
+            command.downgrade(schema.config(conn), "0008")
             assert conn.execute(sa.text("SELECT lines FROM log_chunks")).scalar_one() == lines
     finally:
         store.close()

@@ -238,16 +238,16 @@ def test_the_hook_is_claimed_by_exactly_one_worker(store: Store) -> None:
     assert job is not None and job.status is JobStatus.RUNNING  # until the hook reports
     other = "w2" if hooks[0] == "w1" else "w1"
     assert store.lease(job_id, other, [], 1, 30).done
-    assert store.finish_hook(job_id, other, None, None) is JobStatus.RUNNING  # not its claim
-    assert store.finish_hook(job_id, hooks[0], None, None) is JobStatus.SUCCEEDED
-    assert store.finish_hook(job_id, hooks[0], None, None) is JobStatus.SUCCEEDED
+    assert store.finish_hook(job_id, other, None, None).status is JobStatus.RUNNING  # not its claim
+    assert store.finish_hook(job_id, hooks[0], None, None).status is JobStatus.SUCCEEDED
+    assert store.finish_hook(job_id, hooks[0], None, None).status is JobStatus.SUCCEEDED
 
 
 def test_a_failing_hook_ends_the_job_as_worker_error(store: Store) -> None:
     job_id = _job(store, batches=1, hook=True)
     batch = store.lease(job_id, "w1", [], 1, 30).batches[0]
     assert store.lease(job_id, "w1", [ok(batch.batch_id)], 1, 30).run_hook
-    status = store.finish_hook(job_id, "w1", "OSError: disk full", "Traceback ...")
+    status = store.finish_hook(job_id, "w1", "OSError: disk full", "Traceback ...").status
     assert status is JobStatus.WORKER_ERROR
     job = store.get_job(job_id)
     assert job is not None and "disk full" in (job.error_message or "")

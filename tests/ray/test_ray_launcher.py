@@ -371,3 +371,33 @@ def test_an_onnx_api_on_ray_gets_onnxruntime_on_the_nodes(
     assert status["status"] == "status_succeeded", status
     answers = sorted(json.loads(p.read_text())["answers"]["None"][0][0] for p in out.glob("*.json"))
     assert answers == [[1.0, 1.0, 1.0], [3.0, 5.0, 7.0]]
+
+
+def test_an_actor_still_waiting_for_a_node_is_adopted_after_a_restart(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """A worker whose actor no node can place yet has reported no pid; a restarted server
+    adopts it by its actor's name all the same, rather than taking it for dead and starting
+    another that would wait for the same resources."""
+    env = {"CORTEX_LAUNCHER": "ray", "CORTEX_RAY_ADDRESS": cluster.address, **cluster.env}
+    srv = start_server(tmp_path / "server", **env)
+    try:
+        with srv.client() as client:
+            # No node has 3 CPUs: the actor waits for one (an autoscaler could add it).
+            api = deploy_fixture(client, "recorder", tmp_path, compute={"cpu": 3})
+            job_id = _submit(client, api.name, [1], 1)
+            counts = client.get_job(api.name, job_id)["job_status"]["worker_counts"]
+            assert counts["pending"] == 1
+        srv.process.send_signal(signal.SIGKILL)
+        srv.process.wait()
+        port = int(srv.url.rsplit(":", 1)[1])
+        srv = start_server(tmp_path / "server", port=port, **env)
+        with srv.client() as client:
+            status = client.get_job(api.name, job_id)["job_status"]
+            assert status["status"] == "status_running"
+            # The same worker, still pending: not unknown, and no other started.
+            assert status["worker_counts"]["pending"] == 1
+            assert sum(status["worker_counts"].values()) == 1
+            client.stop_job(api.name, job_id)
+    finally:
+        stop_server(srv)

@@ -9,7 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cortex.jobs import IN_PROGRESS, JobStatus, WorkerState, can_transition, new_job_id
+from cortex.jobs import (
+    IN_PROGRESS,
+    JobStatus,
+    WorkerState,
+    can_move,
+    can_transition,
+    moves_to,
+    new_job_id,
+)
 
 TERMINAL = {
     JobStatus.ENQUEUE_FAILED,
@@ -199,3 +207,32 @@ class TestNewJobId:
             values = [int(i, 16) for i in batch]
             assert all(a > b for a, b in itertools.pairwise(values))
         assert all(HEX_ID.fullmatch(i) for i in ids)
+
+
+ENDED = {WorkerState.SUCCEEDED, WorkerState.FAILED, WorkerState.UNKNOWN}
+
+
+@pytest.mark.parametrize("ended", sorted(ENDED))
+def test_an_ended_worker_stays_ended(ended: WorkerState) -> None:
+    assert ended.ended and not ended.alive
+    assert not any(can_move(ended, new) for new in WorkerState)
+
+
+def test_a_worker_moves_forward_only() -> None:
+    forward = [WorkerState.PENDING, WorkerState.INITIALIZING, WorkerState.RUNNING]
+    for earlier, later in itertools.combinations(forward, 2):
+        assert can_move(earlier, later) and not can_move(later, earlier)
+    for state in forward:
+        assert can_move(state, state)  # told again (a pid learnt later)
+        assert all(can_move(state, end) for end in ENDED)
+
+
+def test_moves_to_lists_the_states_a_report_may_apply_in() -> None:
+    for new in WorkerState:
+        assert set(moves_to(new)) == {s for s in WorkerState if can_move(s, new)}
+    assert set(moves_to(WorkerState.RUNNING)) == {
+        WorkerState.PENDING,
+        WorkerState.STALLED,
+        WorkerState.INITIALIZING,
+        WorkerState.RUNNING,
+    }

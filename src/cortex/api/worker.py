@@ -1,8 +1,14 @@
-"""The worker API: how workers lease batches and report results, with a job-scoped token."""
+"""The worker API: how workers lease batches and report results, with a job-scoped token.
+
+Every request but the spec read and heartbeats carries `seq`, the worker's number for it (see
+`cortex.store.protocol`): a request sent again after its answer was lost gets the same answer,
+and nothing is done twice. Errors a worker must tell apart: 401 and 403 (the token is refused,
+or the job does not exist) and 404 `batchapi.job_not_found` (it was deleted meanwhile) mean the
+job is gone; any other 4xx is a failure the worker reports.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -35,8 +41,13 @@ async def _job(request: Request) -> Job:
 JobDep = Annotated[Job, Depends(_job)]
 
 
+# The worker's number for a request: unique and growing per worker and channel.
+Seq = Annotated[int | None, pydantic.Field(ge=0, lt=1 << 63)]
+
+
 class StateBody(pydantic.BaseModel):
     worker_id: str = pydantic.Field(max_length=128)
+    seq: Seq = None
     state: Literal["initializing", "running", "failed"]
     pid: int | None = None
     has_hook: bool | None = None
@@ -54,6 +65,7 @@ class ResultBody(pydantic.BaseModel):
 
 class LeaseBody(pydantic.BaseModel):
     worker_id: str = pydantic.Field(max_length=128)
+    seq: Seq = None
     results: list[ResultBody] = []
     max_batches: int = 1
 
@@ -64,6 +76,7 @@ class WorkerBody(pydantic.BaseModel):
 
 class HookBody(pydantic.BaseModel):
     worker_id: str = pydantic.Field(max_length=128)
+    seq: Seq = None
     error: str | None = None
     traceback: str | None = None
 
@@ -85,6 +98,7 @@ def state(body: StateBody, job: JobDep, service: ServiceDep) -> dict[str, bool]:
         job,
         body.worker_id,
         WorkerState(body.state),
+        seq=body.seq,
         pid=body.pid,
         has_hook=body.has_hook,
         error=body.error,
@@ -99,7 +113,7 @@ def lease(body: LeaseBody, job: JobDep, service: ServiceDep, metrics: MetricsDep
     results = [
         BatchResult(r.batch_id, r.ok, r.duration_s, r.error, r.traceback) for r in body.results
     ]
-    leased = service.lease(job, body.worker_id, results, body.max_batches)
+    leased = service.lease(job, body.worker_id, results, body.max_batches, body.seq)
     metrics.observe_results(job.api_name, results)
     # Payloads are stored as JSON text: splice their bytes in rather than parse and re-encode.
     parts = [b'{"batches":[']
@@ -126,10 +140,11 @@ _MAX_LINE_CHARS = 4 << 20
 
 @router.post("/logs")
 async def logs(request: Request, job: JobDep, service: ServiceDep) -> dict[str, int]:
-    """Lines a worker captured: `{worker_id, lines: [[ts, stream, level, batch_id, message]],
-    dropped}`. Thousands of lines a request: checked cheaply, stored as one chunk, within the
-    job's log budget. Parsing and storing run in the thread pool: a worker printing as fast
-    as it can must not hold the event loop that answers everyone else."""
+    """Lines a worker captured: `{worker_id, seq, lines: [[ts, stream, level, batch_id,
+    message]], dropped}`. Thousands of lines a request: checked cheaply, stored in chunks
+    within the job's log budget, once however often the same shipment (`seq`) is sent.
+    Parsing and storing run in the thread pool: a worker printing as fast as it can must not
+    hold the event loop that answers everyone else."""
     raw = await read_body(request, service.settings.max_body_bytes)
     stored = await run_in_threadpool(_store_lines, service, job, raw)
     return {"stored": stored}
@@ -144,6 +159,9 @@ def _store_lines(service: Service, job: Job, raw: bytes) -> int:
         raise errors.InvalidRequest("worker_id: required")
     worker_id = body["worker_id"]
     _own_worker(job, worker_id)
+    seq = body.get("seq")
+    if seq is not None and (type(seq) is not int or not 0 <= seq < 1 << 63):
+        raise errors.InvalidRequest("seq: must be a whole number from 0 to 2**63 - 1")
     lines = body.get("lines") or []
     if not isinstance(lines, list):
         raise errors.InvalidRequest(_LINE_SHAPE)
@@ -161,18 +179,9 @@ def _store_lines(service: Service, job: Job, raw: bytes) -> int:
         if len(line[4]) > _MAX_LINE_CHARS:
             line[4] = line[4][:_MAX_LINE_CHARS] + " [line cut]"
     dropped = body.get("dropped") or 0
-    if isinstance(dropped, int) and dropped > 0:
-        lines.append(
-            [
-                lines[-1][0] if lines else time.time(),
-                "stderr",
-                "WARNING",
-                None,
-                f"cortex: {dropped} log lines were dropped: the worker printed faster than "
-                "they could be shipped, or the server was unreachable",
-            ]
-        )
-    return service.logs.append(job.job_id, worker_id, lines)
+    if not isinstance(dropped, int):
+        dropped = 0
+    return service.ship_logs(job, worker_id, lines, dropped, seq)
 
 
 _LINE_SHAPE = "lines: each line is [ts, stream, level, batch_id, message]"
@@ -181,5 +190,5 @@ _LINE_SHAPE = "lines: each line is [ts, stream, level, batch_id, message]"
 @router.post("/hook")
 def hook(body: HookBody, job: JobDep, service: ServiceDep) -> dict[str, str]:
     _own_worker(job, body.worker_id)
-    status = service.finish_hook(job, body.worker_id, body.error, body.traceback)
+    status = service.finish_hook(job, body.worker_id, body.error, body.traceback, body.seq)
     return {"status": status.value}

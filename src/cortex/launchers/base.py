@@ -68,11 +68,18 @@ class Launcher(Protocol):
     def start(self, launch: WorkerLaunch) -> int | None:
         """Start one worker; returns its pid where there is one."""
 
-    def adopt(self, job_id: str, worker_id: str, pid: int) -> bool:
-        """Take over a worker started by an earlier server process; False if it is gone."""
+    def adopt(self, job_id: str, worker_id: str, pid: int | None) -> bool:
+        """Take over a worker started by an earlier server process; False if it is gone. `pid`
+        is the one its row holds, None where the worker never reported one (a Ray actor not
+        placed yet is still adopted, by its name)."""
 
     def poll(self) -> list[WorkerExit]:
-        """Workers that ended since the last call."""
+        """Workers that have ended and whose exits are not acknowledged yet: an exit is handed
+        over on every call until `ack`, so one that could not be recorded (a store error) is
+        recorded on a later tick rather than lost."""
+
+    def ack(self, worker_id: str) -> None:
+        """The worker's exit is recorded: forget it."""
 
     def job_ids(self) -> set[str]:
         """Jobs that have live workers."""

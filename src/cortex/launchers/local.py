@@ -38,6 +38,9 @@ class _Proc:
     pid: int
     mem_limit_bytes: int | None = None
     oom_detail: str = ""
+    # Set once the process is seen to have ended (it is reaped then, so its pid is no longer
+    # ours to signal); handed over by `poll` until acknowledged.
+    exit: WorkerExit | None = None
 
 
 class LocalLauncher:
@@ -92,7 +95,9 @@ class LocalLauncher:
                 start_new_session=True,
             )
 
-    def adopt(self, job_id: str, worker_id: str, pid: int) -> bool:
+    def adopt(self, job_id: str, worker_id: str, pid: int | None) -> bool:
+        if pid is None:  # it never got as far as its process
+            return False
         try:
             proc = psutil.Process(pid)
             ours = any("cortex.worker" in part for part in proc.cmdline())
@@ -112,7 +117,10 @@ class LocalLauncher:
     def poll(self) -> list[WorkerExit]:
         exits: list[WorkerExit] = []
         with self._lock:
-            for worker_id, proc in list(self._procs.items()):
+            for worker_id, proc in self._procs.items():
+                if proc.exit is not None:  # seen before, not recorded yet
+                    exits.append(proc.exit)
+                    continue
                 if proc.mem_limit_bytes is not None and not proc.oom_detail:
                     _enforce_memory(proc)
                 if proc.popen is not None:
@@ -123,31 +131,33 @@ class LocalLauncher:
                     continue
                 else:
                     code = None
-                exits.append(
-                    WorkerExit(
-                        proc.job_id,
-                        worker_id,
-                        code,
-                        oom=bool(proc.oom_detail),
-                        detail=proc.oom_detail,
-                    )
+                proc.exit = WorkerExit(
+                    proc.job_id, worker_id, code, oom=bool(proc.oom_detail), detail=proc.oom_detail
                 )
-                del self._procs[worker_id]
+                exits.append(proc.exit)
+                # Its devices are free now: a replacement started before the exit is
+                # acknowledged can take them.
                 self.gpus.release(worker_id)
         return exits
 
+    def ack(self, worker_id: str) -> None:
+        with self._lock:
+            proc = self._procs.get(worker_id)
+            if proc is not None and proc.exit is not None:
+                del self._procs[worker_id]
+
     def job_ids(self) -> set[str]:
         with self._lock:
-            return {proc.job_id for proc in self._procs.values()}
+            return {proc.job_id for proc in self._procs.values() if proc.exit is None}
 
     def stop_job(self, job_id: str, grace_s: float) -> None:
         with self._lock:
-            procs = [p for p in self._procs.values() if p.job_id == job_id]
+            procs = [p for p in self._procs.values() if p.job_id == job_id and p.exit is None]
         _stop(procs, grace_s)
 
     def close(self, grace_s: float) -> None:
         with self._lock:
-            procs = list(self._procs.values())
+            procs = [p for p in self._procs.values() if p.exit is None]
         _stop(procs, grace_s)
         self.poll()
 

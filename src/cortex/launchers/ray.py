@@ -398,6 +398,8 @@ class RayLauncher:
         # Threads: `wait` blocks for the worker's life while `terminate` must still get in.
         self._actor_cls = ray.remote(max_concurrency=4, max_restarts=0)(WorkerActor)
         self._workers: dict[str, _Worker] = {}
+        # Exits seen and not acknowledged yet (see `poll`), by worker id.
+        self._exited: dict[str, WorkerExit] = {}
         self._lock = threading.Lock()
 
     def reserve(self, job_id: str, compute: spec.Compute, workers: int) -> None:
@@ -445,7 +447,9 @@ class RayLauncher:
             self._workers[launch.worker_id] = _Worker(launch.job_id, actor, actor.wait.remote())
         return None  # the worker reports its pid itself, once its actor is placed
 
-    def adopt(self, job_id: str, worker_id: str, pid: int) -> bool:
+    def adopt(self, job_id: str, worker_id: str, pid: int | None) -> bool:
+        """By the actor's name, whatever `pid` says: an actor still waiting for a node (its
+        worker never reported a pid) is adopted too, and placed by Ray in its time."""
         try:
             actor = ray.get_actor(actor_name(worker_id), namespace=NAMESPACE)
         except ValueError:
@@ -455,22 +459,28 @@ class RayLauncher:
         return True
 
     def poll(self) -> list[WorkerExit]:
+        """New exits are read once (the worker's output is written to its log file then) and
+        kept, with the ones not acknowledged yet, until `ack`."""
         with self._lock:
             workers = dict(self._workers)
-        if not workers:
-            return []
-        refs = {w.exited: worker_id for worker_id, w in workers.items()}
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
-        exits = []
-        for ref in ready:
-            worker_id = refs[ref]
-            worker = workers[worker_id]
-            exits.append(self._exit(worker_id, worker, ref))
-            with contextlib.suppress(Exception):
-                ray.kill(worker.actor, no_restart=True)
-            with self._lock:
-                self._workers.pop(worker_id, None)
-        return exits
+        if workers:
+            refs = {w.exited: worker_id for worker_id, w in workers.items()}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+            for ref in ready:
+                worker_id = refs[ref]
+                worker = workers[worker_id]
+                ended = self._exit(worker_id, worker, ref)
+                with contextlib.suppress(Exception):
+                    ray.kill(worker.actor, no_restart=True)
+                with self._lock:
+                    self._workers.pop(worker_id, None)
+                    self._exited[worker_id] = ended
+        with self._lock:
+            return list(self._exited.values())
+
+    def ack(self, worker_id: str) -> None:
+        with self._lock:
+            self._exited.pop(worker_id, None)
 
     def _exit(self, worker_id: str, worker: _Worker, ref: Any) -> WorkerExit:
         try:

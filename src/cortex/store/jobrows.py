@@ -110,7 +110,7 @@ class JobStore(engine.BaseStore):
 def get(conn: Connection, job_id: str) -> Job:
     row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
     if row is None:
-        raise errors.NotFound(f"job {job_id} does not exist")
+        raise errors.JobMissing(job_id)
     return Job.from_row(row)
 
 
@@ -138,7 +138,7 @@ def lock(
     if row is None:
         if missing_ok:
             return None
-        raise errors.NotFound(f"job {job_id} does not exist")
+        raise errors.JobMissing(job_id)
     return Job.from_row(row)
 
 

@@ -17,7 +17,7 @@ import json
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import sqlalchemy as sa
@@ -25,7 +25,9 @@ from sqlalchemy.engine import Connection
 
 from cortex.store import engine
 from cortex.store import tables as t
-from cortex.store.sql import Store
+
+if TYPE_CHECKING:  # `sql` puts `protocol` together, which writes log shipments with this module
+    from cortex.store.sql import Store
 
 SERVER_SOURCE = "server"
 # [ts, stream, level, batch_id, message]
@@ -109,44 +111,15 @@ class LogStore:
         """Store lines as chunks of about `CHUNK_BYTES`; returns how many entries were stored.
 
         With `budgeted`, what would take the job's log past `max_bytes` is dropped, whole
-        lines from the end, and counted in `log_totals`; the first drop stores a line that
-        says so. The server's own lines and a dead worker's last output are not budgeted:
-        they are few, bounded, and say why a job ended."""
+        lines from the end, and counted (see `write`). The server's own lines and a dead
+        worker's last output are not budgeted: they are few, bounded, and say why a job
+        ended."""
         if not lines:
             return 0
-        # Encoded and compressed outside the write lock, which every lease waits for on
-        # SQLite; only an append that meets another one at the budget's edge does it twice.
-        # A job past its budget costs a count, not an encoding.
-        room = self.max_bytes - self.totals(job_id).stored_bytes if budgeted else None
-        kept, chunks = _within(lines, room)
+        max_bytes = self.max_bytes if budgeted else None
+        shipment = prepare(self.store, job_id, lines, max_bytes)
         with self.store._write() as conn:
-            totals = _lock_totals(conn, job_id)
-            if budgeted and sum(chunk.raw_bytes for chunk in chunks) > (
-                self.max_bytes - totals.stored_bytes
-            ):
-                kept, chunks = _within(lines, self.max_bytes - totals.stored_bytes)
-            stored = 0
-            for chunk in chunks:
-                _insert_chunk(conn, job_id, source, chunk)
-                stored += chunk.raw_bytes
-            dropped_lines, dropped_bytes = 0, 0
-            if kept is not lines:
-                dropped_lines = _line_count(lines) - _line_count(kept)
-                dropped_bytes = _text_bytes(lines) - _text_bytes(kept)
-            if dropped_lines and totals.dropped_lines == 0:
-                (notice,) = _pack([_budget_notice(self.max_bytes)])
-                _insert_chunk(conn, job_id, SERVER_SOURCE, notice)
-                stored += notice.raw_bytes
-            conn.execute(
-                t.log_totals.update()
-                .where(t.log_totals.c.job_id == job_id)
-                .values(
-                    stored_bytes=t.log_totals.c.stored_bytes + stored,
-                    dropped_lines=t.log_totals.c.dropped_lines + dropped_lines,
-                    dropped_bytes=t.log_totals.c.dropped_bytes + dropped_bytes,
-                )
-            )
-        return len(kept)
+            return write(conn, job_id, source, shipment, max_bytes)
 
     def server_line(self, job_id: str, message: str, level: str = "INFO") -> None:
         self.append(
@@ -402,6 +375,78 @@ class LogStore:
             if count < _PRUNE_CHUNKS:
                 break
         return deleted, transactions
+
+
+# -- writing, inside a caller's transaction ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shipment:
+    """Lines to store and what of them fits the job's budget, encoded and compressed before
+    the write transaction (which every lease waits for on SQLite)."""
+
+    lines: Sequence[RawLine]
+    kept: Sequence[RawLine]
+    chunks: list[_Packed]
+
+
+def prepare(
+    store: engine.BaseStore, job_id: str, lines: Sequence[RawLine], max_bytes: int | None
+) -> Shipment:
+    """Fit `lines` to what is left of the job's budget (None: no budget) and pack them. A job
+    past its budget costs a read and a count, not an encoding."""
+    room = None
+    if max_bytes is not None:
+        with store._read() as conn:
+            room = max_bytes - _stored_bytes(conn, job_id)
+    kept, chunks = _within(lines, room)
+    return Shipment(lines, kept, chunks)
+
+
+def write(
+    conn: Connection, job_id: str, source: str, shipment: Shipment, max_bytes: int | None
+) -> int:
+    """Store a prepared shipment in the caller's transaction; returns the entries stored.
+
+    The job's totals row is locked (FOR UPDATE) first, so two appends to one job decide on the
+    budget one after the other; one that meets another at the budget's edge fits its lines
+    again. What does not fit is dropped and counted in `log_totals` (lines, and bytes of text);
+    the first drop stores a line that says so."""
+    lines, kept, chunks = shipment.lines, shipment.kept, shipment.chunks
+    totals = _lock_totals(conn, job_id)
+    if max_bytes is not None and sum(chunk.raw_bytes for chunk in chunks) > (
+        max_bytes - totals.stored_bytes
+    ):
+        kept, chunks = _within(lines, max_bytes - totals.stored_bytes)
+    stored = 0
+    for chunk in chunks:
+        _insert_chunk(conn, job_id, source, chunk)
+        stored += chunk.raw_bytes
+    dropped_lines, dropped_bytes = 0, 0
+    if kept is not lines:
+        dropped_lines = _line_count(lines) - _line_count(kept)
+        dropped_bytes = _text_bytes(lines) - _text_bytes(kept)
+    if dropped_lines and totals.dropped_lines == 0:
+        (notice,) = _pack([_budget_notice(max_bytes or 0)])
+        _insert_chunk(conn, job_id, SERVER_SOURCE, notice)
+        stored += notice.raw_bytes
+    conn.execute(
+        t.log_totals.update()
+        .where(t.log_totals.c.job_id == job_id)
+        .values(
+            stored_bytes=t.log_totals.c.stored_bytes + stored,
+            dropped_lines=t.log_totals.c.dropped_lines + dropped_lines,
+            dropped_bytes=t.log_totals.c.dropped_bytes + dropped_bytes,
+        )
+    )
+    return len(kept)
+
+
+def _stored_bytes(conn: Connection, job_id: str) -> int:
+    row = conn.execute(
+        sa.select(t.log_totals.c.stored_bytes).where(t.log_totals.c.job_id == job_id)
+    ).scalar()
+    return int(row or 0)
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cortex.jobs import BatchState, JobStatus, WorkerState
-from cortex.store import batchrows, engine, jobrows
+from cortex.store import batchrows, engine, jobrows, protocol
 from cortex.store import tables as t
-from cortex.store.records import BatchResult, Job, LeasedBatch, LeaseResult
+from cortex.store.records import BatchResult, HookResult, Job, LeasedBatch, LeaseResult
 
 _MAX_LEASE_BYTES = 4 << 20
 _ACTIVE = (BatchState.QUEUED.value, BatchState.LEASED.value)
@@ -28,20 +28,30 @@ class QueueStore(engine.BaseStore):
         results: list[BatchResult],
         max_batches: int,
         lease_s: float,
+        seq: int | None = None,
     ) -> LeaseResult:
         """Record a worker's results and lease it up to `max_batches` more, in one transaction.
 
         When the results end the job's last batch, the completion is decided here too: a job
         whose predictor has `on_job_complete` is claimed by this worker (it alone gets
         `run_hook`); any other job gets its final status in this same transaction.
+
+        With `seq` (the worker's request number, see `protocol`), the answer is kept in that
+        same transaction, and the same request sent again gets it back: its results are not
+        counted again, the batches it leased come back to it (those it still holds), and a
+        hook claim is told again rather than lost.
         """
         now = time.time()
         with self._write() as conn:
             # Results may end the job's last batch, so a report takes the job row exclusively;
             # a bare lease only needs the status to hold still (see `sql`'s docstring).
             job = jobrows.lock(conn, job_id, key_share=not results)
+            if seq is not None:
+                kept = protocol.claim(conn, job_id, worker_id, protocol.LOOP, seq, "lease")
+                if kept is not None:
+                    return _replay(conn, job, worker_id, kept)
             if job.status.terminal:
-                return LeaseResult(batches=[], done=True)
+                return _answer(conn, worker_id, seq, LeaseResult(batches=[], done=True))
             if results:
                 _record_results(conn, job, worker_id, results)
             _release_lost(conn, job_id, worker_id)
@@ -55,14 +65,20 @@ class QueueStore(engine.BaseStore):
                     max_batches = min(max_batches, -(-left // _leasing_workers(conn, job_id)))
                 leased = _take_batches(conn, job_id, worker_id, max(1, max_batches), now + lease_s)
                 if leased:
-                    return LeaseResult(batches=leased)
+                    return _answer(conn, worker_id, seq, LeaseResult(batches=leased))
             if results:
-                return _maybe_complete(conn, job_id, worker_id)
+                return _answer(conn, worker_id, seq, _maybe_complete(conn, job_id, worker_id))
         # Nothing to lease: whether the job is complete is decided under the exclusive lock,
-        # so two workers ending the last two batches at once cannot both miss it.
+        # so two workers ending the last two batches at once cannot both miss it. The first
+        # transaction kept no answer, so `seq` is still this request's to answer (unless a copy
+        # of it answered meanwhile: then that answer is this one's too).
         with self._write() as conn:
-            jobrows.lock(conn, job_id)
-            return _maybe_complete(conn, job_id, worker_id)
+            job = jobrows.lock(conn, job_id)
+            if seq is not None:
+                kept = protocol.claim(conn, job_id, worker_id, protocol.LOOP, seq, "lease")
+                if kept is not None:
+                    return _replay(conn, job, worker_id, kept)
+            return _answer(conn, worker_id, seq, _maybe_complete(conn, job_id, worker_id))
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> bool:
         """Extend every lease the worker holds and note that it was seen; False if the job
@@ -91,28 +107,26 @@ class QueueStore(engine.BaseStore):
             return True
 
     def finish_hook(
-        self, job_id: str, worker_id: str, error: str | None, traceback: str | None
-    ) -> JobStatus:
-        """The claimed worker ran on_job_complete; write the final status now."""
+        self,
+        job_id: str,
+        worker_id: str,
+        error: str | None,
+        traceback: str | None,
+        seq: int | None = None,
+    ) -> HookResult:
+        """The claimed worker ran on_job_complete; write the final status now. A report sent
+        again (same `seq`) gets the status the first one got, and ends nothing."""
         with self._write() as conn:
             job = jobrows.lock(conn, job_id)
-            if job.completion_state != "claimed" or job.completion_worker != worker_id:
-                return job.status
-            conn.execute(
-                t.jobs.update().where(t.jobs.c.job_id == job_id).values(completion_state="done")
-            )
-            if error is None:
-                jobrows.finalize(conn, job)
-            else:
-                jobrows.transition(
-                    conn,
-                    job_id,
-                    JobStatus.WORKER_ERROR,
-                    "batchapi.on_job_complete_failed",
-                    f"on_job_complete raised on worker {worker_id}: {error}",
-                    traceback,
-                )
-            return jobrows.get(conn, job_id).status
+            if seq is not None:
+                kept = protocol.claim(conn, job_id, worker_id, protocol.LOOP, seq, "hook")
+                if kept is not None:
+                    return HookResult(JobStatus(kept["status"]))
+            result = _finish_hook(conn, job, worker_id, error, traceback)
+            if seq is not None:
+                reply = {"op": "hook", "status": result.status.value}
+                protocol.record(conn, worker_id, protocol.LOOP, seq, reply, final=True)
+            return result
 
     def expire_leases(self) -> int:
         """End the attempt of every batch whose lease ran out: it is queued again, or failed if
@@ -180,6 +194,80 @@ class QueueStore(engine.BaseStore):
 # -- helpers that run inside a caller's transaction ---------------------------------------------
 
 
+def _finish_hook(
+    conn: Connection, job: Job, worker_id: str, error: str | None, traceback: str | None
+) -> HookResult:
+    if job.completion_state != "claimed" or job.completion_worker != worker_id:
+        return HookResult(job.status)
+    conn.execute(
+        t.jobs.update().where(t.jobs.c.job_id == job.job_id).values(completion_state="done")
+    )
+    if error is None:
+        jobrows.finalize(conn, job)
+    else:
+        jobrows.transition(
+            conn,
+            job.job_id,
+            JobStatus.WORKER_ERROR,
+            "batchapi.on_job_complete_failed",
+            f"on_job_complete raised on worker {worker_id}: {error}",
+            traceback,
+        )
+    status = jobrows.get(conn, job.job_id).status
+    # Read under the job's lock: a stop that came first already said the job ended.
+    return HookResult(status, taken=True, ended=status.terminal and not job.status.terminal)
+
+
+def _answer(conn: Connection, worker_id: str, seq: int | None, result: LeaseResult) -> LeaseResult:
+    """Keep a lease's answer for a copy of its request: the batches by their place in the job
+    (their payloads are read again from `batch_payloads`), and whether the worker is done,
+    which makes its exit a clean one whatever its code (`ProtocolStore.worker_finished`)."""
+    if seq is not None:
+        reply = {
+            "op": "lease",
+            "seqs": [batch.seq for batch in result.batches],
+            "run_hook": result.run_hook,
+            "done": result.done,
+        }
+        protocol.record(conn, worker_id, protocol.LOOP, seq, reply, final=result.done)
+    return result
+
+
+def _replay(conn: Connection, job: Job, worker_id: str, kept: protocol.Reply) -> LeaseResult:
+    """The kept answer of a lease sent again, as it stands now: the batches it leased that are
+    still leased to this worker (one whose lease expired meanwhile may be someone else's), and
+    done if the job has ended since (a stop released them all)."""
+    if job.status.terminal:
+        return LeaseResult(batches=[], done=True)
+    seqs: list[int] = kept["seqs"]
+    held = []
+    if seqs:
+        rows = conn.execute(
+            sa.select(t.batches.c.seq, t.batches.c.batch_id, t.batches.c.attempts)
+            .where(
+                t.batches.c.job_id == job.job_id,
+                t.batches.c.seq.in_(seqs),
+                t.batches.c.state == BatchState.LEASED.value,
+                t.batches.c.lease_owner == worker_id,
+            )
+            .order_by(t.batches.c.seq)
+        ).all()
+        payloads = _payloads(conn, job.job_id, [row.seq for row in rows])
+        held = [LeasedBatch(r.batch_id, payloads[r.seq], r.attempts, r.seq) for r in rows]
+    return LeaseResult(batches=held, run_hook=bool(kept["run_hook"]), done=bool(kept["done"]))
+
+
+def _payloads(conn: Connection, job_id: str, seqs: list[int]) -> dict[int, bytes]:
+    return {
+        row.seq: row.payload
+        for row in conn.execute(
+            sa.select(t.batch_payloads.c.seq, batchrows.payload_bytes(conn)).where(
+                t.batch_payloads.c.job_id == job_id, t.batch_payloads.c.seq.in_(seqs)
+            )
+        )
+    }
+
+
 def _leasing_workers(conn: Connection, job_id: str) -> int:
     """How many of the job's workers lease batches now or are about to (at least 1)."""
     count = conn.execute(
@@ -237,15 +325,8 @@ def _take_batches(
             attempts=t.batches.c.attempts + 1,
         )
     )
-    payloads: dict[int, bytes] = {
-        row.seq: row.payload
-        for row in conn.execute(
-            sa.select(t.batch_payloads.c.seq, batchrows.payload_bytes(conn)).where(
-                t.batch_payloads.c.job_id == job_id, t.batch_payloads.c.seq.in_(seqs)
-            )
-        )
-    }
-    return [LeasedBatch(c.batch_id, payloads[c.seq], c.attempts + 1) for c in candidates]
+    payloads = _payloads(conn, job_id, seqs)
+    return [LeasedBatch(c.batch_id, payloads[c.seq], c.attempts + 1, c.seq) for c in candidates]
 
 
 def _release_lost(conn: Connection, job_id: str, worker_id: str) -> None:

@@ -109,6 +109,7 @@ class LeasedBatch:
     batch_id: str
     payload: bytes  # the batch's JSON array, as stored (UTF-8): spliced into answers as is
     attempt: int
+    seq: int = 0  # its place in the job (what a kept lease answer names it by)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,3 +132,15 @@ class LeaseResult:
     done: bool = False
     # Set when this very request ended the job (no hook to run): its final status.
     final_status: JobStatus | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HookResult:
+    """What the report of an `on_job_complete` run did."""
+
+    status: JobStatus  # the job's status after it
+    # The report was taken: it came from the worker that holds the claim, and it was not a
+    # copy of a report taken already.
+    taken: bool = False
+    # And it ended the job (a stop may have come first).
+    ended: bool = False

@@ -18,6 +18,7 @@ _CHUNK_ROWS: tuple[tuple[sa.Table, tuple[str, ...], int], ...] = (
     (t.batch_payloads, ("job_id", "seq"), 256),
     (t.batches, ("job_id", "seq"), 5000),
     (t.workers, ("worker_id",), 5000),
+    (t.worker_replies, ("worker_id", "channel"), 5000),
 )
 # Jobs looked at per call: the reconciler comes back for the rest.
 _JOBS_PER_PASS = 100

@@ -4,7 +4,8 @@
 helpers that run inside its transactions: `engine` (the engine, its transactions, SQLite's
 settings), `apis` (deploys), `submissions` (creating jobs, enqueuing their batches), `jobrows`
 (reading, locking and listing jobs, their status transitions), `workerrows`, `queue` (leases,
-results, expiry, completion), `batchrows` (payloads, failed batches, pruning) and `retention`
+results, expiry, completion), `protocol` (the worker requests' numbers and kept answers, state
+reports, log shipments), `batchrows` (payloads, failed batches, pruning) and `retention`
 (deleting ended jobs).
 
 State transitions are written once; the dialects differ only where they must. On SQLite
@@ -28,7 +29,16 @@ that correct (SQLite ignores the row locks and gets the same order from its one 
 
 from __future__ import annotations
 
-from cortex.store import apis, batchrows, jobrows, queue, retention, submissions, workerrows
+from cortex.store import (
+    apis,
+    batchrows,
+    jobrows,
+    protocol,
+    queue,
+    retention,
+    submissions,
+    workerrows,
+)
 from cortex.store.engine import display_url, engine_url, insert_ignore
 from cortex.store.jobrows import JobProgress
 from cortex.store.workerrows import worker_record
@@ -50,6 +60,7 @@ class Store(
     jobrows.JobStore,
     workerrows.WorkerStore,
     queue.QueueStore,
+    protocol.ProtocolStore,
     batchrows.BatchStore,
     retention.RetentionStore,
 ):

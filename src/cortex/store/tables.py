@@ -170,6 +170,24 @@ workers = sa.Table(
     sa.Index("ix_workers_state", "state"),
 )
 
+# The worker protocol's memory (`store/protocol.py`): per worker and channel ("loop": state
+# reports, leases, the hook's report; "logs": log shipments), the sequence number of the last
+# request and the answer it got, written in the transaction that acted on it. A request sent
+# again (its answer was lost) is answered from here instead of acting twice. `final`: that
+# answer ended the worker's work (nothing left to lease, or the hook's report was taken), so
+# an exit after it is a clean one whatever its code says.
+worker_replies = sa.Table(
+    "worker_replies",
+    metadata,
+    sa.Column("worker_id", sa.String(64), primary_key=True),
+    sa.Column("channel", sa.String(8), primary_key=True),
+    sa.Column("job_id", sa.String(32), nullable=False, index=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    # JSON; null while the request that took `seq` has not been answered (see `protocol`).
+    sa.Column("reply", sa.Text, nullable=True),
+    sa.Column("final", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
 # Every server replica, renewed on its reconciler tick; one not seen for `leader_lease_s` is
 # gone, and the workers it started are the leader's to watch.
 replicas = sa.Table(

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from cortex.jobs import WorkerState, new_worker_id
+from cortex.jobs import WorkerState, can_move, moves_to, new_worker_id
 from cortex.store import engine, jobrows
 from cortex.store import tables as t
 from cortex.store.records import WorkerRecord
@@ -41,23 +41,38 @@ class WorkerStore(engine.BaseStore):
         pid: int | None = None,
         exit_code: int | None = None,
         error_message: str | None = None,
-    ) -> None:
-        """Record a worker's new state. A worker that has ended stays ended."""
-        now = time.time()
-        values: dict[str, Any] = {"state": state.value, "updated_at": now, "seen_at": now}
-        if pid is not None:
-            values["pid"] = pid
-        if exit_code is not None:
-            values["exit_code"] = exit_code
-        if error_message is not None:
-            values["error_message"] = error_message
-        ended = (WorkerState.SUCCEEDED.value, WorkerState.FAILED.value)
+    ) -> bool:
+        """Record a worker's new state if the state table allows the move (see
+        `jobs.can_move`: an ended worker stays ended); whether it did."""
         with self._write() as conn:
-            conn.execute(
-                t.workers.update()
-                .where(t.workers.c.worker_id == worker_id, t.workers.c.state.not_in(ended))
-                .values(**values)
+            return move(
+                conn, worker_id, state, pid=pid, exit_code=exit_code, error_message=error_message
             )
+
+    def end_worker(
+        self,
+        worker_id: str,
+        state: WorkerState,
+        *,
+        exit_code: int | None = None,
+        error_message: str | None = None,
+    ) -> WorkerRecord | None:
+        """End a worker (`succeeded`, `failed` or `unknown`); returns its row as it was before
+        if this call ended it, None if it had ended already (or has no row).
+
+        A compare-and-set: of two that end one worker (an exit seen again after a store error,
+        the leader marking it lost while its replica saw it exit), one gets the row, so its
+        death is handled once.
+        """
+        assert state.ended
+        with self._write() as conn:
+            row = conn.execute(
+                sa.select(t.workers).where(t.workers.c.worker_id == worker_id).with_for_update()
+            ).first()
+            if row is None or not can_move(WorkerState(row.state), state):
+                return None
+            move(conn, worker_id, state, exit_code=exit_code, error_message=error_message)
+            return worker_record(row)
 
     def get_worker(self, worker_id: str) -> WorkerRecord | None:
         with self._read() as conn:
@@ -92,6 +107,36 @@ def worker_record(r: Any) -> WorkerRecord:
         replica_id=r.replica_id,
         seen_at=r.seen_at,
     )
+
+
+def move(
+    conn: Connection,
+    worker_id: str,
+    state: WorkerState,
+    *,
+    pid: int | None = None,
+    exit_code: int | None = None,
+    error_message: str | None = None,
+) -> bool:
+    """`update_worker` inside the caller's transaction: a compare-and-set on the states the
+    table lets move to `state`, so a late report cannot undo a later one."""
+    now = time.time()
+    values: dict[str, Any] = {"state": state.value, "updated_at": now, "seen_at": now}
+    if pid is not None:
+        values["pid"] = pid
+    if exit_code is not None:
+        values["exit_code"] = exit_code
+    if error_message is not None:
+        values["error_message"] = error_message
+    moved = conn.execute(
+        t.workers.update()
+        .where(
+            t.workers.c.worker_id == worker_id,
+            t.workers.c.state.in_([s.value for s in moves_to(state)]),
+        )
+        .values(**values)
+    )
+    return bool(moved.rowcount == 1)
 
 
 def insert(conn: Connection, job_id: str, indexes: range, replica_id: str, now: float) -> list[str]:

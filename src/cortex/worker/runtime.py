@@ -1,7 +1,9 @@
 """The worker loop: load the predictor once, then lease, predict and report until done.
 
-Configuration comes from the environment the launcher sets: CORTEX_URL, CORTEX_JOB_ID,
-CORTEX_WORKER_ID, CORTEX_WORKER_TOKEN and CORTEX_PROJECT_DIR.
+The loop speaks to the server through a `WorkerQueue` (`cortex.worker.queue`): over HTTP in a
+worker process, straight on the store in the tests, the same loop either way. Configuration
+comes from the environment the launcher sets: CORTEX_URL, CORTEX_JOB_ID, CORTEX_WORKER_ID,
+CORTEX_WORKER_TOKEN and CORTEX_PROJECT_DIR.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from cortex import predictor as predictor_mod
 from cortex.worker import logship, models
-from cortex.worker.queue import JobGone, WorkerQueue
+from cortex.worker.queue import HttpQueue, JobGone, Refused, Unreachable, WorkerQueue
 
 log = logging.getLogger("cortex")
 
@@ -27,6 +29,13 @@ _PREFETCH_WORK_S = 0.1
 _MAX_PREFETCH = 256
 _PREFETCH_BYTES = 4 << 20
 _IDLE_POLL_MAX_S = 0.25
+
+# Exit codes. The server takes none of them alone for a clean finish: it also knows whether it
+# told the worker that its work was over (`cortex.store.protocol`).
+EXIT_OK = 0  # nothing left to do, or the job is gone
+EXIT_FAILED = 1  # the predictor failed to load, or on_job_complete raised
+EXIT_REFUSED = 2  # the server refused a request: a failure, whose reason is in the job's log
+EXIT_UNREACHABLE = 3  # the server stayed unreachable for longer than the retry period
 
 
 def _configure_logging() -> None:
@@ -82,10 +91,10 @@ def run(queue: WorkerQueue, project_dir: Path) -> int:
             trace = traceback.format_exc()
             log.error("failed to initialise the predictor\n%s", trace.rstrip())
             queue.set_state("failed", error=_error_line(err), traceback=trace)
-            return 1
+            return EXIT_FAILED
         queue.set_state("running", has_hook=predictor.has_hook)
         log.info("polling for batches...")
-        return _loop(queue, predictor)
+        return work(queue, predictor)
     finally:
         beat.stopped.set()
 
@@ -100,7 +109,9 @@ def _models(info: dict[str, Any], project_dir: Path) -> list[dict[str, Any]]:
     return found
 
 
-def _loop(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
+def work(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
+    """Lease, predict and report until the server says there is nothing left (or, to this
+    worker alone, to run `on_job_complete`); returns the worker's exit code."""
     results: list[dict[str, Any]] = []
     avg_s: float | None = None
     batch_bytes = 0.0
@@ -120,7 +131,7 @@ def _loop(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
         if not batches:
             if reply.get("done"):
                 log.info("no batches left in queue, exiting...")
-                return 0
+                return EXIT_OK
             time.sleep(idle_s)  # other workers hold the last batches; one may come back
             idle_s = min(idle_s * 2, _IDLE_POLL_MAX_S)
             continue
@@ -161,16 +172,16 @@ def _run_hook(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
         trace = traceback.format_exc()
         log.error("on_job_complete failed\n%s", trace.rstrip())
         queue.finish_hook(_error_line(err), trace)
-        return 1
+        return EXIT_FAILED
     queue.finish_hook(None, None)
     log.info("no batches left in queue, job has been completed")
-    return 0
+    return EXIT_OK
 
 
 def main() -> int:
     _configure_logging()
     env = os.environ
-    queue = WorkerQueue(
+    queue = HttpQueue(
         env["CORTEX_URL"],
         env["CORTEX_JOB_ID"],
         env["CORTEX_WORKER_ID"],
@@ -182,7 +193,14 @@ def main() -> int:
         return run(queue, Path(env.get("CORTEX_PROJECT_DIR", ".")))
     except JobGone as err:
         log.info("the server ended this worker's job: %s", err)
-        return 0
+        return EXIT_OK
+    except Refused as err:
+        # Not a clean finish: the server would not take what this worker had to say.
+        log.error("the server refused a request of this worker: %s", err)
+        return EXIT_REFUSED
+    except Unreachable as err:
+        log.error("the server is unreachable: %s", err)
+        return EXIT_UNREACHABLE
     finally:
         capture.uninstall()  # ships what is left before the process ends
         queue.close()

@@ -2,8 +2,8 @@
 zlib-compressed JSON (`packed`) with its uncompressed size (`raw_bytes`); `log_totals` holds
 what each job's log stored and dropped.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-08
 """
 
@@ -14,8 +14,8 @@ import zlib
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
