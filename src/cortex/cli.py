@@ -208,6 +208,34 @@ store_option = click.option(
     help="Keep at most this many log lines per job (the oldest go first).",
 )
 @click.option(
+    "--log-max-bytes",
+    envvar="CORTEX_LOG_MAX_BYTES",
+    default=128 << 20,
+    type=click.IntRange(min=0),
+    help="Store at most this many bytes of log per job; later lines are dropped and counted.",
+)
+@click.option(
+    "--max-project-bytes",
+    envvar="CORTEX_MAX_PROJECT_BYTES",
+    default=1 << 30,
+    type=click.IntRange(min=0),
+    help="Refuse a deploy whose project unpacks to more than this.",
+)
+@click.option(
+    "--job-retention-s",
+    envvar="CORTEX_JOB_RETENTION_S",
+    default=30 * 86400.0,
+    type=float,
+    help="Delete a job (its record, batches and logs) this long after it ends.",
+)
+@click.option(
+    "--prune-s",
+    envvar="CORTEX_PRUNE_S",
+    default=60.0,
+    type=click.FloatRange(min=0.1),
+    help="How often what is past its retention is deleted and its space given back.",
+)
+@click.option(
     "--data-roots",
     envvar="CORTEX_DATA_ROOTS",
     default="",
@@ -270,6 +298,10 @@ def serve(
     insecure: bool,
     log_retention_s: float,
     log_max_lines: int,
+    log_max_bytes: int,
+    max_project_bytes: int,
+    job_retention_s: float,
+    prune_s: float,
     data_roots: str,
     data_urls: str,
     env_cache_bytes: int,
@@ -307,6 +339,10 @@ def serve(
             auth_token=auth_token,
             log_retention_s=log_retention_s,
             log_max_lines_per_job=log_max_lines,
+            log_max_bytes=log_max_bytes,
+            max_project_bytes=max_project_bytes,
+            job_retention_s=job_retention_s,
+            prune_s=prune_s,
             data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
             data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
             env_cache_bytes=env_cache_bytes,

@@ -7,15 +7,21 @@ import datetime
 import json
 import re
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 
-from fastapi.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from cortex import errors
 from cortex.store import Job
-from cortex.store.logs import LogFilter, LogLine, LogStore
+from cortex.store.logs import (
+    SERVER_SOURCE,
+    Cursor,
+    LogFilter,
+    LogLine,
+    LogStore,
+    in_time_order,
+)
 
-PAGE_CHUNKS = 8
 FOLLOW_POLL_S = 0.1
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -86,42 +92,50 @@ async def stream_lines(
     finished: Callable[[], bool],
     fmt: Callable[[str, LogLine], str],
 ) -> AsyncGenerator[list[str], None]:
-    """Yield formatted lines a page (a few chunks) at a time: a huge log is never loaded whole.
+    """Yield formatted lines a page at a time. Reading, decoding and formatting run in the
+    thread pool, a page per hand-off, so a huge log (or one chunk of millions of lines)
+    neither fills memory nor holds the event loop.
 
     The log of an ended job, read without `follow`, comes in time order: workers ship their
     lines every 100 ms, so in arrival order a worker's last lines could come after the job's
     final status. Following (and reading a running job) stays in arrival order, which is
     what lets a follower see each line once as it comes. With `follow`, keep going until
-    `finished()` says the job ended and every worker is gone, then drain what is left."""
+    `finished()` says the job ended and every worker is gone, then drain what is left. The
+    log ends with the count of lines its budget dropped, if any."""
     by_time = not follow and job.status.terminal
-    after = 0
+    cursor = Cursor()
     if tail is not None:
-        lines, after = await run_in_threadpool(logs.tail, job.job_id, tail, where)
-        if by_time:  # the last lines to arrive, in time order
-            lines.sort(key=lambda line: (line.ts, line.chunk_id))
-        if lines:
-            yield [fmt(job.job_id, line) for line in lines]
-        if not follow:
-            return
+        cursor = await run_in_threadpool(logs.tail_cursor, job.job_id, tail, where)
     if by_time:
-        pages = logs.read_by_time(job.job_id, where, PAGE_CHUNKS)
-        while (page := await run_in_threadpool(next, pages, None)) is not None:
-            if page:
-                yield [fmt(job.job_id, line) for line in page]
-        return
-    draining = False
-    while True:
-        lines, after, more = await run_in_threadpool(
-            logs.read, job.job_id, after, PAGE_CHUNKS, where
+        pages = (
+            logs.read_by_time(job.job_id, where)
+            if tail is None
+            # The last lines to arrive, in time order.
+            else in_time_order(logs.pages(job.job_id, cursor, where))
         )
-        if lines:
-            yield [fmt(job.job_id, line) for line in lines]
-        if more:
-            continue
-        if not follow or draining:
-            return
-        # Checked after a read that reached the end: a job seen finished here has every
-        # line in the store, so one more read drains it.
-        draining = await run_in_threadpool(finished)
-        if not draining:
-            await asyncio.sleep(FOLLOW_POLL_S)
+        async for page in iterate_in_threadpool(_formatted(job.job_id, pages, fmt)):
+            yield page
+    else:
+        draining = False
+        while True:
+            pages = logs.pages(job.job_id, cursor, where)
+            async for page in iterate_in_threadpool(_formatted(job.job_id, pages, fmt)):
+                yield page
+            if not follow or draining:
+                break
+            # Checked after a read that reached the end: a job seen finished here has every
+            # line in the store, so one more read drains it.
+            draining = await run_in_threadpool(finished)
+            if not draining:
+                await asyncio.sleep(FOLLOW_POLL_S)
+    if where.batch_id is None and where.source in (None, SERVER_SOURCE):
+        dropped = await run_in_threadpool(logs.dropped_line, job.job_id)
+        if dropped is not None:
+            yield [fmt(job.job_id, dropped)]
+
+
+def _formatted(
+    job_id: str, pages: Iterator[list[LogLine]], fmt: Callable[[str, LogLine], str]
+) -> Iterator[list[str]]:
+    for page in pages:
+        yield [fmt(job_id, line) for line in page]

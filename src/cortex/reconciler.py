@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import threading
 import time
 
@@ -28,7 +29,6 @@ log = logging.getLogger("cortex.server")
 # lines they still hold (up to 30 s); they are only signalled if still there after this.
 _NATURAL_EXIT_GRACE_S = 40.0
 _NATURAL_END = (JobStatus.SUCCEEDED, JobStatus.COMPLETED_WITH_FAILURES)
-_PRUNE_EVERY_S = 60.0
 _BEFORE_INIT = (WorkerState.PENDING, WorkerState.INITIALIZING)
 
 
@@ -60,9 +60,11 @@ class Reconciler:
         # Workers whose raw output is stored: an exit seen again after a store error does not
         # store it twice.
         self._output_stored: set[str] = set()
-        self._next_prune = 0.0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="cortex-reconciler", daemon=True)
+        # Pruning has a thread of its own: deleting a big job and giving its space back can
+        # take seconds, which must not delay a tick (timeouts, worker exits).
+        self._pruner = threading.Thread(target=self._prune_loop, name="cortex-pruner", daemon=True)
         service.wake = self._wake.set
 
     def start(self) -> None:
@@ -71,11 +73,13 @@ class Reconciler:
         self.membership.renew()
         self.recover()
         self._thread.start()
+        self._pruner.start()
 
     def close(self) -> None:
         self._stopped.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        self._pruner.join(timeout=10)
         try:
             self.membership.resign()
         except Exception:  # the store may be the reason for the shutdown
@@ -204,8 +208,20 @@ class Reconciler:
             if owner.status in _NATURAL_END and now - ended_at < _NATURAL_EXIT_GRACE_S:
                 continue
             self._stop_async(job_id)
-        if now >= self._next_prune:
-            self._next_prune = now + _PRUNE_EVERY_S
+
+    def _prune_loop(self) -> None:
+        while not self._stopped.wait(self.settings.prune_s):
+            try:
+                self.prune()
+            except Exception:  # one bad pass must not end pruning
+                log.exception("pruning failed")
+
+    def prune(self) -> None:
+        """Delete what is past its retention, and give the space back: rows of the store (by
+        the leader: they are everyone's), then this replica's own files."""
+        now = time.time()
+        store = self.service.store
+        if self.membership.is_leader:
             pruned = self.service.logs.prune(
                 now - self.settings.log_retention_s, self.settings.log_max_lines_per_job
             )
@@ -213,11 +229,30 @@ class Reconciler:
                 log.info("pruned %d log chunks past the retention settings", pruned)
             # An ended job's succeeded batches are never read again: their payloads (often
             # most of the store) go; failed ones stay for retry_failed.
-            freed = self.service.store.prune_payloads()
+            freed = store.prune_payloads()
             if freed:
                 log.info("deleted the payloads of %d succeeded batches of ended jobs", freed)
-            # Environments used by no API version and no running job, over the budget.
-            self.service.prune_environments()
+            gone = store.prune_jobs(now - self.settings.job_retention_s)
+            if gone:
+                log.info("deleted %d jobs past CORTEX_JOB_RETENTION_S", len(gone))
+        self._prune_outputs()
+        removed = self.service.prune_projects()
+        if removed:
+            log.info("removed %d unpacked projects that nothing uses", len(removed))
+        # Environments used by no API version and no running job, over the budget.
+        self.service.prune_environments()
+        freed = store.vacuum()
+        if freed:
+            log.info("gave %d MiB back to the file system", freed >> 20)
+
+    def _prune_outputs(self) -> None:
+        """The output files of workers (`<data>/logs/<job id>/`) of jobs that are gone."""
+        root = self.settings.data_dir.resolve() / "logs"
+        if not root.is_dir():
+            return
+        for folder in root.iterdir():
+            if self.service.store.get_job(folder.name) is None:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _on_exit(self, ended: WorkerExit) -> None:
         """Record a worker's exit: its end in the store (once: the first end of a worker wins),

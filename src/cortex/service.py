@@ -52,7 +52,7 @@ class Service:
         self.settings = settings
         self.store = store
         self.launcher = launcher
-        self.logs = LogStore(store)
+        self.logs = LogStore(store, settings.log_max_bytes)
         # The workers this replica starts are its own to watch (see `cortex.replicas`).
         self.replica_id = replica_id
         self._specs: dict[str, dict[str, Any]] = {}
@@ -71,6 +71,7 @@ class Service:
         # A version's environment (key, extra requirements) and .env, read once from its
         # (immutable) project.
         self._env_definitions: dict[str, tuple[str | None, tuple[str, ...]]] = {}
+        self.projects = project.Projects(settings.data_dir / "projects", settings.max_project_bytes)
         self._dotenvs: dict[str, dict[str, str]] = {}
         self.models = modelcache.ModelCache(
             settings.data_dir / "models", settings.resolved_data_roots, settings.data_urls
@@ -88,7 +89,7 @@ class Service:
         A version whose environment is not built is the API's pending version until it is:
         the version that served goes on serving new jobs only if the build fails."""
         api = spec.parse_api_spec(spec_data)
-        names = project.archive_names(archive)
+        names = project.archive_names(archive, self.settings.max_project_bytes)
         if api.predictor.path not in names:
             raise errors.InvalidSpec(
                 f"api {api.name!r}: predictor.path: {api.predictor.path} is not in the project "
@@ -101,19 +102,20 @@ class Service:
             )
         spec_json = api.to_json()
         spec_id = spec.digest(spec.canonical_json(spec_json), archive)[:32]
-        project_dir = (self.settings.data_dir / "projects" / spec_id).resolve()
-        unpacked = project_dir.is_dir()
-        project.extract(archive, project_dir)
-        try:
-            environments.check_project(project_dir)
-        except errors.CortexError:
-            if not unpacked:  # a refused deploy leaves nothing behind
-                shutil.rmtree(project_dir, ignore_errors=True)
-            raise
-        key, extra = self.env_definition(spec_id, api)
-        status = self.environments.status(key)
-        cached = status.state in (environments.READY, environments.NONE)
-        result = self.store.put_api(api.name, spec_id, spec_json, archive, pending=not cached)
+        # Unpacked and not yet stored: a prune of unused folders must leave it alone.
+        with self.projects.deploying(spec_id) as project_dir:
+            unpacked = project_dir.is_dir()
+            self.projects.extract(spec_id, archive)
+            try:
+                environments.check_project(project_dir)
+            except errors.CortexError:
+                if not unpacked:  # a refused deploy leaves nothing behind
+                    shutil.rmtree(project_dir, ignore_errors=True)
+                raise
+            key, extra = self.env_definition(spec_id, api)
+            status = self.environments.status(key)
+            cached = status.state in (environments.READY, environments.NONE)
+            result = self.store.put_api(api.name, spec_id, spec_json, archive, pending=not cached)
         if not cached:
             assert key is not None
             status = self.environments.build(
@@ -214,6 +216,7 @@ class Service:
                 self.launcher.stop_job(job_id, self.settings.worker_grace_s)
         self.store.delete_api(name)
         log.info("deleted api %s", name)
+        self.prune_projects()  # its code, at once: it may be big
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -567,11 +570,27 @@ class Service:
     # -- launching --------------------------------------------------------------------------
 
     def project_dir(self, spec_id: str) -> Path:
-        dest = (self.settings.data_dir / "projects" / spec_id).resolve()
+        dest = self.projects.path(spec_id)
         if dest.is_dir():
             return dest
         _, archive = self.store.get_spec(spec_id)
-        return project.extract(archive, dest)
+        return self.projects.extract(spec_id, archive)
+
+    def prune_projects(self) -> list[str]:
+        """Remove the unpacked projects of versions that nothing uses any more: no API serves
+        or builds them, no in-progress job runs them, and no environment build reads them (a
+        build is shared by every version with the same environment files, and reads the
+        folder of the version that started it, which a later deploy may have replaced)."""
+
+        def in_use() -> set[str]:
+            building = {
+                spec_id
+                for spec_id, (key, _) in list(self._env_definitions.items())
+                if key is not None and self.environments.status(key).state == environments.BUILDING
+            }
+            return self.store.spec_ids_in_use() | building
+
+        return self.projects.prune(in_use)
 
     def _dotenv(self, spec_id: str, project_dir: Path) -> dict[str, str]:
         if spec_id not in self._dotenvs:
@@ -587,7 +606,7 @@ class Service:
     def ingest_output(self, job_id: str, worker_id: str, max_bytes: int = 256 << 10) -> int:
         """Store what a worker wrote outside the log capture (an import error before Python
         was up, a segfault, a C library writing to its file descriptors): read once, when it
-        exits, keeping the last `max_bytes`."""
+        exits, keeping the last `max_bytes`; the file goes then (its lines are in the store)."""
         path = self.worker_output_path(job_id, worker_id)
         try:
             with open(path, "rb") as raw:
@@ -602,7 +621,17 @@ class Service:
         if size > max_bytes and lines:
             lines[0] = f"[... {size - max_bytes} earlier bytes not kept]"
         now = time.time()
-        self.logs.append(job_id, worker_id, [[now, "output", None, None, line] for line in lines])
+        # Not budgeted: at most `max_bytes` a worker, and often why the job failed.
+        self.logs.append(
+            job_id,
+            worker_id,
+            [[now, "output", None, None, line] for line in lines],
+            budgeted=False,
+        )
+        # (The job's folder stays for its other workers; the reconciler removes it once the
+        # job is gone from the store.)
+        with contextlib.suppress(OSError):
+            path.unlink()
         return len(lines)
 
     def launch_workers(self, job: Job, count: int) -> None:
@@ -773,8 +802,11 @@ class Service:
         dropped: int = 0,
         seq: int | None = None,
     ) -> int:
-        """Store a worker's log shipment (once, however often it is sent)."""
-        return self.store.ship_logs(job.job_id, worker_id, lines, dropped, seq)
+        """Store a worker's log shipment (once, however often it is sent), within the job's
+        log budget."""
+        return self.store.ship_logs(
+            job.job_id, worker_id, lines, dropped, seq, self.settings.log_max_bytes
+        )
 
     def finish_hook(
         self,

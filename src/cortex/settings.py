@@ -36,6 +36,8 @@ class Settings:
     # derived from host and port.
     public_url: str = ""
     max_body_bytes: int = 10 << 20
+    # What a deploy's project may unpack to (its archive is at most 256 MiB).
+    max_project_bytes: int = 1 << 30
     # A leased batch whose worker stops heartbeating becomes leasable again after `lease_s`.
     lease_s: float = 30.0
     heartbeat_s: float = 5.0
@@ -55,6 +57,14 @@ class Settings:
     # oldest go first).
     log_retention_s: float = 7 * 86400.0
     log_max_lines_per_job: int = 2_000_000
+    # Per job, the bytes of log stored (before compression) before later lines are dropped;
+    # the count of dropped lines is in the log.
+    log_max_bytes: int = 128 << 20
+    # Ended jobs are deleted (their batches, payloads, workers and logs with them) this long
+    # after they end.
+    job_retention_s: float = 30 * 86400.0
+    # How often what is past its retention is deleted, and the space it held given back.
+    prune_s: float = 60.0
     # With a token set, every public endpoint but /healthz requires `Authorization: Bearer`.
     auth_token: str = ""
     # Local file datasets are read only under these folders; empty means the folder the

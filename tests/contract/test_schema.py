@@ -15,6 +15,7 @@ from alembic.runtime.migration import MigrationContext
 
 from cortex import errors
 from cortex.store import Store, schema, tables
+from cortex.store.logs import LogStore
 from postgres import Databases
 
 
@@ -168,5 +169,34 @@ def test_batches_written_before_0005_keep_their_payloads_both_ways(new_url: Any)
             command.downgrade(schema.config(conn), "0004")
             payload = conn.execute(sa.text("SELECT payload FROM batches")).scalar_one()
         assert payload == "[1, 2, 3]"
+    finally:
+        store.close()
+
+
+def test_log_chunks_written_before_0009_are_compressed_and_counted_both_ways(
+    new_url: Any,
+) -> None:
+    """0009 compresses the chunks already stored and counts them against their job's budget;
+    a downgrade gives them back as text."""
+    store = Store(new_url())
+    lines = '[[1.5, "stdout", null, "b1", "one\\ntwo"]]'
+    try:
+        with store.engine.begin() as conn:
+            command.upgrade(schema.config(conn), "0008")
+            conn.execute(
+                sa.text(
+                    "INSERT INTO log_chunks (job_id, source, first_ts, last_ts, line_count, lines)"
+                    " VALUES ('job1', 'job1-0', 1.5, 1.5, 2, :lines)"
+                ),
+                {"lines": lines},
+            )
+        schema.upgrade(store)
+        logs = LogStore(store)
+        read = [(line.message, line.batch_id) for line in logs.lines("job1")]
+        assert read == [("one", "b1"), ("two", "b1")]
+        assert logs.totals("job1").stored_bytes == len(lines)
+        with store.engine.begin() as conn:
+            command.downgrade(schema.config(conn), "0008")
+            assert conn.execute(sa.text("SELECT lines FROM log_chunks")).scalar_one() == lines
     finally:
         store.close()

@@ -7,11 +7,12 @@ import io
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cortex import errors
-from cortex.project import archive_names, build_archive, extract, iter_files
+from cortex.project import Projects, archive_names, build_archive, extract, iter_files
 
 
 def write(path: Path, text: str = "x") -> Path:
@@ -401,3 +402,71 @@ class TestExtract:
         assert not (parent / "escaped.txt").exists()
         assert not (tmp_path / "escaped.txt").exists()
         assert not (parent / "a").exists()
+
+
+def zeros_archive(size: int, name: str = "zeros.bin") -> bytes:
+    """A gzipped tar holding one file of `size` zero bytes, written in slices: a few MB for a
+    gigabyte."""
+    buffer = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w|") as tar,
+    ):
+        info = tarfile.TarInfo(name)
+        info.size = size
+
+        class Zeros(io.RawIOBase):
+            left = size
+
+            def readinto(self, view: Any) -> int:
+                count = min(len(view), self.left)
+                view[:count] = bytes(count)
+                self.left -= count
+                return count
+
+        tar.addfile(info, Zeros())
+    return buffer.getvalue()
+
+
+class TestUnpackedSize:
+    def test_an_archive_that_unpacks_past_the_limit_is_refused_from_its_headers(self) -> None:
+        archive = zeros_archive(300 << 20)
+        assert len(archive) < 1 << 20  # 300 kB of archive
+        with pytest.raises(errors.InvalidSpec, match=r"unpacks to more than 104857600 bytes"):
+            archive_names(archive, max_unpacked_bytes=100 << 20)
+        assert archive_names(archive, max_unpacked_bytes=400 << 20) == {"zeros.bin"}
+
+    def test_every_entry_counts_as_a_block_at_least(self) -> None:
+        archive = hand_made_archive(*(file_member(f"f{i}", b"") for i in range(300)))
+        with pytest.raises(errors.InvalidSpec, match="unpacks to more than"):
+            archive_names(archive, max_unpacked_bytes=1 << 20)  # 300 x 4 KiB
+
+    def test_extracting_stops_at_the_limit_and_leaves_nothing(self, tmp_path: Path) -> None:
+        with pytest.raises(errors.InvalidSpec, match="unpacks to more than"):
+            extract(zeros_archive(50 << 20), tmp_path / "cache" / "a", max_unpacked_bytes=1 << 20)
+        assert list((tmp_path / "cache").iterdir()) == []
+
+
+class TestProjects:
+    def test_folders_nothing_uses_are_removed_and_unpacked_again_when_needed(
+        self, tmp_path: Path, project: Path
+    ) -> None:
+        projects = Projects(tmp_path / "projects")
+        archive = build_archive(project)
+        for spec_id in ("v1", "v2", "v3"):
+            projects.extract(spec_id, archive)
+        (tmp_path / "projects" / ".unpack-crashed").mkdir()  # a fresh one: maybe in progress
+
+        assert sorted(projects.prune(lambda: {"v2"})) == ["v1", "v3"]
+        left = sorted(p.name for p in (tmp_path / "projects").iterdir())
+        assert left == [".unpack-crashed", "v2"]
+        assert (projects.extract("v1", archive) / "predictor.py").is_file()
+
+    def test_a_version_being_deployed_is_kept(self, tmp_path: Path, project: Path) -> None:
+        projects = Projects(tmp_path / "projects")
+        with projects.deploying("v1") as folder:
+            projects.extract("v1", build_archive(project))
+            assert projects.prune(set) == []
+            assert folder.is_dir()
+        assert projects.prune(set) == ["v1"]
+        assert not folder.exists()

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from cortex import errors, launchers, replicas
 from cortex.api import logs, metrics, public, ui, worker
-from cortex.api.auth import BearerAuth
+from cortex.api.auth import Gate
 from cortex.reconciler import Reconciler
 from cortex.service import Service
 from cortex.settings import Settings
@@ -85,9 +85,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "request.not_found", 405: "request.method_not_allowed"}.get(
-            err.status_code, "request.invalid"
-        )
+        kind = {
+            404: "request.not_found",
+            405: "request.method_not_allowed",
+            413: errors.BodyTooLarge.kind,  # a body cut off while it streamed in (`api.auth`)
+        }.get(err.status_code, "request.invalid")
         return JSONResponse(
             {"kind": kind, "message": str(err.detail)},
             status_code=err.status_code,
@@ -117,8 +119,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(metrics.router)  # before public: `ui` and `metrics` are not APIs
     app.include_router(ui.router)
     app.include_router(public.router)
-    if settings.auth_token:
-        app.add_middleware(BearerAuth, token=settings.auth_token, open_paths=ui.PUBLIC_PATHS)
+    # Authentication, then the body's size, before any route reads a byte of the body.
+    app.add_middleware(Gate, settings=settings, open_paths=ui.PUBLIC_PATHS)
     # Outermost (added last), so that a request refused for its token is timed too.
     app.add_middleware(metrics.RequestTimer, histogram=app.state.metrics.request_duration)
     return app

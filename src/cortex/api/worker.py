@@ -13,11 +13,11 @@ from typing import Annotated, Any, Literal
 
 import orjson
 import pydantic
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from cortex import errors
-from cortex.api import deps
+from cortex.api import auth, deps
 from cortex.api.body import read_body
 from cortex.api.metrics import MetricsDep
 from cortex.jobs import WorkerState
@@ -29,14 +29,13 @@ router = APIRouter(prefix="/worker/v1/jobs/{job_id}", include_in_schema=False)
 ServiceDep = Annotated[Service, Depends(deps.service)]
 
 
-async def _job(
-    job_id: str, service: ServiceDep, authorization: Annotated[str | None, Header()] = None
-) -> Job:
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
+async def _job(request: Request) -> Job:
+    """The job whose token the request carries: checked by the gate (`api.auth`) before the
+    body was read, which a dependency here would come after."""
+    job: Job | None = request.scope.get(auth.WORKER_JOB)
+    if job is None:
         raise errors.Unauthorized("a worker token is required (Authorization: Bearer <token>)")
-    # Every worker request reads its job: inline on SQLite, not one more thread hand-off.
-    return await deps.read(service, lambda: service.authorize_worker(job_id, token))
+    return job
 
 
 JobDep = Annotated[Job, Depends(_job)]
@@ -142,9 +141,16 @@ _MAX_LINE_CHARS = 4 << 20
 @router.post("/logs")
 async def logs(request: Request, job: JobDep, service: ServiceDep) -> dict[str, int]:
     """Lines a worker captured: `{worker_id, seq, lines: [[ts, stream, level, batch_id,
-    message]], dropped}`. Thousands of lines a request: checked cheaply, stored as one chunk,
-    once however often the same shipment (`seq`) is sent."""
+    message]], dropped}`. Thousands of lines a request: checked cheaply, stored in chunks
+    within the job's log budget, once however often the same shipment (`seq`) is sent.
+    Parsing and storing run in the thread pool: a worker printing as fast as it can must not
+    hold the event loop that answers everyone else."""
     raw = await read_body(request, service.settings.max_body_bytes)
+    stored = await run_in_threadpool(_store_lines, service, job, raw)
+    return {"stored": stored}
+
+
+def _store_lines(service: Service, job: Job, raw: bytes) -> int:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
@@ -175,8 +181,7 @@ async def logs(request: Request, job: JobDep, service: ServiceDep) -> dict[str, 
     dropped = body.get("dropped") or 0
     if not isinstance(dropped, int):
         dropped = 0
-    stored = await run_in_threadpool(service.ship_logs, job, worker_id, lines, dropped, seq)
-    return {"stored": stored}
+    return service.ship_logs(job, worker_id, lines, dropped, seq)
 
 
 _LINE_SHAPE = "lines: each line is [ts, stream, level, batch_id, message]"

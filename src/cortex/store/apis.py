@@ -159,6 +159,7 @@ class ApiStore(engine.BaseStore):
             conn.execute(t.workers.delete().where(t.workers.c.job_id.in_(job_ids)))
             conn.execute(t.worker_replies.delete().where(t.worker_replies.c.job_id.in_(job_ids)))
             conn.execute(t.log_chunks.delete().where(t.log_chunks.c.job_id.in_(job_ids)))
+            conn.execute(t.log_totals.delete().where(t.log_totals.c.job_id.in_(job_ids)))
             conn.execute(t.jobs.delete().where(t.jobs.c.api_name == name))
             conn.execute(t.api_specs.delete().where(t.api_specs.c.api_name == name))
             conn.execute(t.apis.delete().where(t.apis.c.name == name))

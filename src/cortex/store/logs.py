@@ -1,27 +1,57 @@
-"""Job logs in the store, as chunks of lines: append a chunk, read chunks by id, prune.
+"""Job logs in the store, as compressed chunks of lines: append within the job's budget, read
+in bounded pages, prune.
 
-A chunk is what one worker shipped in one request (or one server line). Filters by worker
-use the chunk's source and time filters skip whole chunks; the rest is decided line by line
-after decoding, so reading a huge log streams chunk by chunk and never holds it whole.
+A chunk is what one worker shipped in one request (split past `CHUNK_BYTES`), or one server
+line. Filters by worker use the chunk's source and time filters skip whole chunks; the rest is
+decided line by line while decoding. Reading holds one chunk's decoded JSON and one page of
+lines at a time, whatever the size of the log or of its chunks (a single entry may hold
+millions of lines), and never keeps a database transaction open between pages.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
+import json
 import time
+import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
+from cortex.store import engine
 from cortex.store import tables as t
-from cortex.store.sql import Store
+
+if TYPE_CHECKING:  # `sql` puts `protocol` together, which writes log shipments with this module
+    from cortex.store.sql import Store
 
 SERVER_SOURCE = "server"
 # [ts, stream, level, batch_id, message]
 RawLine = Sequence[Any]
+# Per job, the bytes of log (JSON before compression) stored before later lines are dropped.
+DEFAULT_MAX_BYTES = 128 << 20
+# zlib's fastest level: logs still shrink about 5 times, and a 1 MiB chunk costs ~20 ms.
+_ZLIB_LEVEL = 1
+# What one chunk holds (JSON before compression): a request of a worker is split into chunks
+# of about this size, so that a reader holds one at a time.
+CHUNK_BYTES = 1 << 20
+# A page: what a reader formats and sends at once.
+PAGE_LINES = 5000
+_PAGE_CHARS = 1 << 20
+# Chunks fetched per read transaction: at most this many, and this much JSON once unpacked.
+_FETCH_CHUNKS = 64
+_FETCH_BYTES = 4 << 20
+# Lines an ordered read holds at most to put them in time order.
+MAX_HELD_LINES = 100_000
+# Chunks deleted per transaction when pruning.
+_PRUNE_CHUNKS = 64
+# A message is split into lines a slice at a time, so that one entry of millions of short
+# lines never becomes one list of millions of strings.
+_SPLIT_CHARS = 256 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,53 +76,131 @@ class LogFilter:
             return False
         return self.batch_id is None or line.batch_id == self.batch_id
 
+    @property
+    def by_line(self) -> bool:
+        """Whether lines are filtered one by one (not only whole chunks)."""
+        return self.since_ts is not None or self.batch_id is not None
+
+
+@dataclasses.dataclass
+class Cursor:
+    """Where a reader is: past chunk `after`, and `skip` lines (those the filter keeps) into
+    the first chunk it reads next. `pages` moves it as each chunk is read to its end."""
+
+    after: int = 0
+    skip: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Totals:
+    stored_bytes: int = 0
+    dropped_lines: int = 0
+    dropped_bytes: int = 0
+
 
 class LogStore:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.store = store
+        self.max_bytes = max_bytes
 
-    def append(self, job_id: str, source: str, lines: Sequence[RawLine]) -> None:
+    # -- writing ----------------------------------------------------------------------------
+
+    def append(
+        self, job_id: str, source: str, lines: Sequence[RawLine], *, budgeted: bool = True
+    ) -> int:
+        """Store lines as chunks of about `CHUNK_BYTES`; returns how many entries were stored.
+
+        With `budgeted`, what would take the job's log past `max_bytes` is dropped, whole
+        lines from the end, and counted (see `write`). The server's own lines and a dead
+        worker's last output are not budgeted: they are few, bounded, and say why a job
+        ended."""
         if not lines:
-            return
-        stamps = [line[0] for line in lines]
-        row = {
-            "job_id": job_id,
-            "source": source,
-            "first_ts": min(stamps),
-            "last_ts": max(stamps),
-            "line_count": sum(line[4].count("\n") + 1 for line in lines),
-            "lines": orjson.dumps(lines).decode(),
-        }
+            return 0
+        max_bytes = self.max_bytes if budgeted else None
+        shipment = prepare(self.store, job_id, lines, max_bytes)
         with self.store._write() as conn:
-            conn.execute(t.log_chunks.insert(), row)
+            return write(conn, job_id, source, shipment, max_bytes)
 
     def server_line(self, job_id: str, message: str, level: str = "INFO") -> None:
-        self.append(job_id, SERVER_SOURCE, [[time.time(), "server", level, None, message]])
-
-    def read(
-        self, job_id: str, after_chunk: int, max_chunks: int, where: LogFilter = LogFilter()
-    ) -> tuple[list[LogLine], int, bool]:
-        """Lines of up to `max_chunks` chunks after `after_chunk`, oldest first.
-
-        Returns (lines, the last chunk id read, whether more chunks may follow)."""
-        query = (
-            _chunks(job_id, where)
-            .where(t.log_chunks.c.id > after_chunk)
-            .order_by(t.log_chunks.c.id)
-            .limit(max_chunks)
+        self.append(
+            job_id, SERVER_SOURCE, [[time.time(), "server", level, None, message]], budgeted=False
         )
+
+    def totals(self, job_id: str) -> Totals:
         with self.store._read() as conn:
-            rows = conn.execute(query).all()
-        lines = [line for row in rows for line in _decode(row) if where.keep(line)]
-        last = rows[-1].id if rows else after_chunk
-        return lines, last, len(rows) == max_chunks
+            row = conn.execute(
+                sa.select(
+                    t.log_totals.c.stored_bytes,
+                    t.log_totals.c.dropped_lines,
+                    t.log_totals.c.dropped_bytes,
+                ).where(t.log_totals.c.job_id == job_id)
+            ).first()
+        return Totals() if row is None else Totals(*row)
+
+    def dropped_line(self, job_id: str) -> LogLine | None:
+        """A line that says how many lines the job's budget dropped, for the end of a read
+        (with the newest chunk's id); None if none were."""
+        totals = self.totals(job_id)
+        if not totals.dropped_lines:
+            return None
+        with self.store._read() as conn:
+            newest = conn.execute(
+                sa.select(sa.func.max(t.log_chunks.c.id)).where(t.log_chunks.c.job_id == job_id)
+            ).scalar()
+        return LogLine(
+            newest or 0,
+            time.time(),
+            SERVER_SOURCE,
+            "server",
+            "WARNING",
+            None,
+            f"cortex: {totals.dropped_lines} log lines ({totals.dropped_bytes} bytes of text) were "
+            f"dropped: this job's log reached its budget of {self.max_bytes} bytes "
+            "(CORTEX_LOG_MAX_BYTES)",
+        )
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def pages(
+        self, job_id: str, cursor: Cursor, where: LogFilter = LogFilter()
+    ) -> Iterator[list[LogLine]]:
+        """The lines after `cursor`, oldest first, in pages of at most `PAGE_LINES` lines
+        (and about a MiB of text), up to the last chunk stored when each fetch ran. `cursor`
+        moves past each chunk once it is read whole, so the next call goes on from there."""
+        page: list[LogLine] = []
+        chars = 0
+        while True:
+            chunks = self._fetch(job_id, cursor.after, where)
+            if not chunks:
+                break
+            for chunk_id, source, packed in chunks:
+                skip, cursor.skip = cursor.skip, 0
+                for line in _decode(chunk_id, source, packed):
+                    if not where.keep(line):
+                        continue
+                    if skip:
+                        skip -= 1
+                        continue
+                    page.append(line)
+                    chars += len(line.message)
+                    if len(page) >= PAGE_LINES or chars >= _PAGE_CHARS:
+                        yield page
+                        page, chars = [], 0
+                cursor.after = chunk_id
+        if page:
+            yield page
+
+    def lines(self, job_id: str, where: LogFilter = LogFilter()) -> Iterator[LogLine]:
+        """Every line of a job's log, oldest first (a convenience over `pages`)."""
+        for page in self.pages(job_id, Cursor(), where):
+            yield from page
 
     def read_by_time(
         self,
         job_id: str,
         where: LogFilter = LogFilter(),
-        page_chunks: int = 8,
-        max_held_lines: int = 100_000,
+        max_held_lines: int = MAX_HELD_LINES,
+        page_lines: int = PAGE_LINES,
     ) -> Iterator[list[LogLine]]:
         """Every line in time order (ties in arrival order), a page at a time.
 
@@ -100,76 +208,143 @@ class LogStore:
         They are read by their first line's time: no chunk still unread holds a line earlier
         than the next one's `first_ts`, so every held line before it is final. What is held
         is the lines of chunks that overlap in time (workers ship every 100 ms); past
-        `max_held_lines` (a worker that could not ship for a long time) the earliest held
-        lines go out anyway, so memory stays bounded and order is then best effort."""
+        `max_held_lines` (a worker that could not ship for a long time, or one entry of
+        millions of lines) the earliest held lines go out anyway, so memory stays bounded and
+        order is then best effort."""
         held: list[tuple[float, int, int, LogLine]] = []
+        page: list[LogLine] = []
         after: tuple[float, int] | None = None
-        c = t.log_chunks.c
         while True:
-            query = _chunks(job_id, where).add_columns(c.first_ts)
-            if after is not None:
-                query = query.where(
-                    sa.or_(c.first_ts > after[0], sa.and_(c.first_ts == after[0], c.id > after[1]))
-                )
-            with self.store._read() as conn:
-                rows = conn.execute(query.order_by(c.first_ts, c.id).limit(page_chunks)).all()
-            page: list[LogLine] = []
-            for row in rows:
-                while held and (held[0][0] < row.first_ts or len(held) > max_held_lines):
+            chunks = self._fetch_by_time(job_id, after, where)
+            for chunk_id, source, first_ts, packed in chunks:
+                while held and held[0][0] < first_ts:
                     page.append(heapq.heappop(held)[3])
-                for i, line in enumerate(_decode(row)):
-                    if where.keep(line):
-                        heapq.heappush(held, (line.ts, line.chunk_id, i, line))
-            if len(rows) < page_chunks:
-                page.extend(heapq.heappop(held)[3] for _ in range(len(held)))
+                    if len(page) >= page_lines:
+                        yield page
+                        page = []
+                for i, line in enumerate(_decode(chunk_id, source, packed)):
+                    if not where.keep(line):
+                        continue
+                    heapq.heappush(held, (line.ts, chunk_id, i, line))
+                    if len(held) > max_held_lines:
+                        page.append(heapq.heappop(held)[3])
+                        if len(page) >= page_lines:
+                            yield page
+                            page = []
+                after = (first_ts, chunk_id)
+            if not chunks:
+                break
+        while held:
+            page.append(heapq.heappop(held)[3])
+            if len(page) >= page_lines:
                 yield page
-                return
-            after = (rows[-1].first_ts, rows[-1].id)
-            if page:
-                yield page
+                page = []
+        if page:
+            yield page
 
-    def tail(
-        self, job_id: str, count: int, where: LogFilter = LogFilter()
-    ) -> tuple[list[LogLine], int]:
-        """The last `count` lines, oldest first, and the newest chunk id: a walk back from the
-        end of the index, whatever the size of the log."""
-        collected: list[LogLine] = []
-        newest = 0
+    def _fetch_by_time(
+        self, job_id: str, after: tuple[float, int] | None, where: LogFilter
+    ) -> list[Any]:
+        """The next chunks by (first line's time, id) after `after`, as `_fetch` bounds them."""
+        c = t.log_chunks.c
+        query = _chunks(job_id, where, c.id, c.raw_bytes)
+        if after is not None:
+            query = query.where(
+                sa.or_(c.first_ts > after[0], sa.and_(c.first_ts == after[0], c.id > after[1]))
+            )
+        with self.store._read() as conn:
+            sizes = conn.execute(query.order_by(c.first_ts, c.id).limit(_FETCH_CHUNKS)).all()
+            ids = [chunk_id for chunk_id, _ in _within_fetch(sizes)]
+            if not ids:
+                return []
+            rows = conn.execute(
+                sa.select(c.id, c.source, c.first_ts, c.packed).where(c.id.in_(ids))
+            ).all()
+        order = {chunk_id: n for n, chunk_id in enumerate(ids)}
+        return sorted(rows, key=lambda row: order[row.id])
+
+    def tail_cursor(self, job_id: str, count: int, where: LogFilter = LogFilter()) -> Cursor:
+        """Where to read from for the last `count` lines: a walk back from the end of the
+        index, by each chunk's line count, decoding chunks only when lines are filtered one
+        by one, so the tail of a log of millions of lines reads only its last chunks."""
         before: int | None = None
-        while len(collected) < count:
-            query = _chunks(job_id, where).order_by(t.log_chunks.c.id.desc()).limit(16)
+        need = count
+        while True:
+            query = _chunks(job_id, where, t.log_chunks.c.id, t.log_chunks.c.line_count)
             if before is not None:
                 query = query.where(t.log_chunks.c.id < before)
             with self.store._read() as conn:
-                rows = conn.execute(query).all()
+                rows = conn.execute(query.order_by(t.log_chunks.c.id.desc()).limit(256)).all()
             if not rows:
-                break
-            newest = newest or rows[0].id
-            for row in rows:
-                lines = [line for line in _decode(row) if where.keep(line)]
-                collected[:0] = lines
-                if len(collected) >= count:
-                    break
+                return Cursor()  # fewer lines than asked for: all of them
+            if count == 0:
+                return Cursor(after=rows[0].id)
+            for chunk_id, line_count in rows:
+                if where.by_line:
+                    line_count = sum(1 for _ in self._chunk_lines(chunk_id, where))
+                if line_count >= need:
+                    return Cursor(after=chunk_id - 1, skip=line_count - need)
+                need -= line_count
             before = rows[-1].id
-        return collected[-count:] if count else [], newest
 
-    def prune(self, ended_before_ts: float, max_lines_per_job: int) -> int:
+    def _fetch(self, job_id: str, after: int, where: LogFilter) -> Sequence[Any]:
+        """The next chunks after `after`: as many as fit in `_FETCH_BYTES` once unpacked (at
+        least one), in one short read transaction."""
+        with self.store._read() as conn:
+            sizes = conn.execute(
+                _chunks(job_id, where, t.log_chunks.c.id, t.log_chunks.c.raw_bytes)
+                .where(t.log_chunks.c.id > after)
+                .order_by(t.log_chunks.c.id)
+                .limit(_FETCH_CHUNKS)
+            ).all()
+            if not sizes:
+                return []
+            last = _within_fetch(sizes)[-1][0]
+            columns = (t.log_chunks.c.id, t.log_chunks.c.source, t.log_chunks.c.packed)
+            return conn.execute(
+                _chunks(job_id, where, *columns)
+                .where(t.log_chunks.c.id > after, t.log_chunks.c.id <= last)
+                .order_by(t.log_chunks.c.id)
+            ).all()
+
+    def _chunk_lines(self, chunk_id: int, where: LogFilter) -> Iterator[LogLine]:
+        with self.store._read() as conn:
+            row = conn.execute(
+                sa.select(t.log_chunks.c.source, t.log_chunks.c.packed).where(
+                    t.log_chunks.c.id == chunk_id
+                )
+            ).one()
+        return (line for line in _decode(chunk_id, row.source, row.packed) if where.keep(line))
+
+    # -- pruning ----------------------------------------------------------------------------
+
+    def prune(
+        self, ended_before_ts: float, max_lines_per_job: int, max_transactions: int = 200
+    ) -> int:
         """Delete the logs of jobs that ended before `ended_before_ts`, and the oldest chunks
-        of any job over `max_lines_per_job`. Returns how many chunks went."""
-        deleted = 0
+        of any job over `max_lines_per_job`, `_PRUNE_CHUNKS` chunks a transaction (chunks are
+        up to a MiB each: a job's whole log at once would hold the write lock for seconds).
+        Stops after `max_transactions`. Returns how many chunks went."""
+        old_jobs = sa.select(t.jobs.c.job_id).where(t.jobs.c.end_time < ended_before_ts)
+        deleted, left = self._delete_chunks(t.log_chunks.c.job_id.in_(old_jobs), max_transactions)
         with self.store._write() as conn:
-            old_jobs = sa.select(t.jobs.c.job_id).where(t.jobs.c.end_time < ended_before_ts)
-            deleted += conn.execute(
-                t.log_chunks.delete().where(t.log_chunks.c.job_id.in_(old_jobs))
-            ).rowcount
+            # Only once their chunks are all gone: a budget must not start over under a log.
+            conn.execute(
+                t.log_totals.delete().where(
+                    t.log_totals.c.job_id.in_(old_jobs),
+                    t.log_totals.c.job_id.not_in(sa.select(t.log_chunks.c.job_id).distinct()),
+                )
+            )
+        with self.store._read() as conn:
             big = conn.execute(
                 sa.select(t.log_chunks.c.job_id)
                 .group_by(t.log_chunks.c.job_id)
                 .having(sa.func.sum(t.log_chunks.c.line_count) > max_lines_per_job)
             ).all()
-            for (job_id,) in big:
-                kept = 0
-                cutoff = None
+        for (job_id,) in big:
+            kept = 0
+            cutoff = None
+            with self.store._read() as conn:
                 for chunk_id, line_count in conn.execute(
                     sa.select(t.log_chunks.c.id, t.log_chunks.c.line_count)
                     .where(t.log_chunks.c.job_id == job_id)
@@ -179,19 +354,106 @@ class LogStore:
                     if kept > max_lines_per_job:
                         cutoff = chunk_id
                         break
-                if cutoff is not None:
-                    deleted += conn.execute(
-                        t.log_chunks.delete().where(
-                            t.log_chunks.c.job_id == job_id, t.log_chunks.c.id <= cutoff
-                        )
-                    ).rowcount
+            if cutoff is not None and left > 0:
+                where = sa.and_(t.log_chunks.c.job_id == job_id, t.log_chunks.c.id <= cutoff)
+                count, left = self._delete_chunks(where, left)
+                deleted += count
         return deleted
 
+    def _delete_chunks(self, where: sa.ColumnElement[bool], transactions: int) -> tuple[int, int]:
+        """Delete the chunks `where` says, a few a transaction; returns (how many went, the
+        transactions left)."""
+        deleted = 0
+        while transactions > 0:
+            transactions -= 1
+            with self.store._write() as conn:
+                ids = sa.select(t.log_chunks.c.id).where(where).limit(_PRUNE_CHUNKS)
+                count = conn.execute(
+                    t.log_chunks.delete().where(t.log_chunks.c.id.in_(ids))
+                ).rowcount
+            deleted += count
+            if count < _PRUNE_CHUNKS:
+                break
+        return deleted, transactions
 
-def _chunks(job_id: str, where: LogFilter) -> sa.Select[Any]:
-    query = sa.select(t.log_chunks.c.id, t.log_chunks.c.source, t.log_chunks.c.lines).where(
-        t.log_chunks.c.job_id == job_id
+
+# -- writing, inside a caller's transaction ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shipment:
+    """Lines to store and what of them fits the job's budget, encoded and compressed before
+    the write transaction (which every lease waits for on SQLite)."""
+
+    lines: Sequence[RawLine]
+    kept: Sequence[RawLine]
+    chunks: list[_Packed]
+
+
+def prepare(
+    store: engine.BaseStore, job_id: str, lines: Sequence[RawLine], max_bytes: int | None
+) -> Shipment:
+    """Fit `lines` to what is left of the job's budget (None: no budget) and pack them. A job
+    past its budget costs a read and a count, not an encoding."""
+    room = None
+    if max_bytes is not None:
+        with store._read() as conn:
+            room = max_bytes - _stored_bytes(conn, job_id)
+    kept, chunks = _within(lines, room)
+    return Shipment(lines, kept, chunks)
+
+
+def write(
+    conn: Connection, job_id: str, source: str, shipment: Shipment, max_bytes: int | None
+) -> int:
+    """Store a prepared shipment in the caller's transaction; returns the entries stored.
+
+    The job's totals row is locked (FOR UPDATE) first, so two appends to one job decide on the
+    budget one after the other; one that meets another at the budget's edge fits its lines
+    again. What does not fit is dropped and counted in `log_totals` (lines, and bytes of text);
+    the first drop stores a line that says so."""
+    lines, kept, chunks = shipment.lines, shipment.kept, shipment.chunks
+    totals = _lock_totals(conn, job_id)
+    if max_bytes is not None and sum(chunk.raw_bytes for chunk in chunks) > (
+        max_bytes - totals.stored_bytes
+    ):
+        kept, chunks = _within(lines, max_bytes - totals.stored_bytes)
+    stored = 0
+    for chunk in chunks:
+        _insert_chunk(conn, job_id, source, chunk)
+        stored += chunk.raw_bytes
+    dropped_lines, dropped_bytes = 0, 0
+    if kept is not lines:
+        dropped_lines = _line_count(lines) - _line_count(kept)
+        dropped_bytes = _text_bytes(lines) - _text_bytes(kept)
+    if dropped_lines and totals.dropped_lines == 0:
+        (notice,) = _pack([_budget_notice(max_bytes or 0)])
+        _insert_chunk(conn, job_id, SERVER_SOURCE, notice)
+        stored += notice.raw_bytes
+    conn.execute(
+        t.log_totals.update()
+        .where(t.log_totals.c.job_id == job_id)
+        .values(
+            stored_bytes=t.log_totals.c.stored_bytes + stored,
+            dropped_lines=t.log_totals.c.dropped_lines + dropped_lines,
+            dropped_bytes=t.log_totals.c.dropped_bytes + dropped_bytes,
+        )
     )
+    return len(kept)
+
+
+def _stored_bytes(conn: Connection, job_id: str) -> int:
+    row = conn.execute(
+        sa.select(t.log_totals.c.stored_bytes).where(t.log_totals.c.job_id == job_id)
+    ).scalar()
+    return int(row or 0)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _chunks(job_id: str, where: LogFilter, *columns: Any) -> sa.Select[Any]:
+    query = sa.select(*columns).where(t.log_chunks.c.job_id == job_id)
     if where.source is not None:
         query = query.where(t.log_chunks.c.source == where.source)
     if where.since_ts is not None:
@@ -199,10 +461,178 @@ def _chunks(job_id: str, where: LogFilter) -> sa.Select[Any]:
     return query
 
 
-def _decode(row: Any) -> list[LogLine]:
-    """The lines of a chunk; an entry may hold several lines that share its fields."""
+def _within_fetch(sizes: Sequence[Any]) -> list[tuple[int, int]]:
+    """The first of (chunk id, raw bytes) that fit in `_FETCH_BYTES` together (at least one)."""
+    kept: list[tuple[int, int]] = []
+    total = 0
+    for chunk_id, raw_bytes in sizes:
+        if kept and total + raw_bytes > _FETCH_BYTES:
+            break
+        kept.append((chunk_id, raw_bytes))
+        total += raw_bytes
+    return kept
+
+
+def in_time_order(
+    pages: Iterator[list[LogLine]], max_held_lines: int = MAX_HELD_LINES
+) -> Iterator[list[LogLine]]:
+    """Pages of lines read in arrival order, put in time order (ties in arrival order) within
+    a window of `max_held_lines`: exact for a tail of up to that many lines, best effort past
+    it, and never holding more."""
+    held: list[tuple[float, int, LogLine]] = []
+    arrival = itertools.count()
+    for page in pages:
+        out: list[LogLine] = []
+        for line in page:
+            heapq.heappush(held, (line.ts, next(arrival), line))
+            if len(held) > max_held_lines:
+                out.append(heapq.heappop(held)[2])
+        if out:
+            yield out
+    while held:
+        yield [heapq.heappop(held)[2] for _ in range(min(len(held), PAGE_LINES))]
+
+
+def _decode(chunk_id: int, source: str, packed: bytes) -> Iterator[LogLine]:
+    """The lines of a chunk, one at a time; an entry may hold many lines that share its
+    fields."""
+    raw = zlib.decompress(packed)
+    # orjson reserves about 15 times its input while it parses: right for chunks of about
+    # CHUNK_BYTES, not for the rare one that is bigger because one entry is (4 MiB at most),
+    # which the standard library parses in twice its size.
+    entries = orjson.loads(raw) if len(raw) <= 2 * CHUNK_BYTES else json.loads(raw)
+    for ts, stream, level, batch_id, text in entries:
+        for message in _split(text):
+            yield LogLine(chunk_id, ts, source, stream, level, batch_id, message)
+
+
+def _split(text: str) -> Iterator[str]:
+    """`text.split("\\n")`, a slice of about `_SPLIT_CHARS` at a time."""
+    start = 0
+    while len(text) - start > _SPLIT_CHARS:
+        end = text.rfind("\n", start, start + _SPLIT_CHARS)
+        if end < 0:
+            end = text.find("\n", start + _SPLIT_CHARS)
+            if end < 0:
+                break
+        yield from text[start:end].split("\n")
+        start = end + 1
+    yield from text[start:].split("\n")
+
+
+def _line_count(lines: Sequence[RawLine]) -> int:
+    return sum(line[4].count("\n") + 1 for line in lines)
+
+
+def _text_bytes(lines: Sequence[RawLine]) -> int:
+    """The characters of the lines' text: what a count of dropped bytes means to a reader."""
+    return sum(len(line[4]) for line in lines)
+
+
+def _within(lines: Sequence[RawLine], room: int | None) -> tuple[Sequence[RawLine], list[_Packed]]:
+    """The lines that fit in `room` bytes of JSON (None: all of them), packed as chunks."""
+    if room is not None and room <= 2:  # not even the brackets
+        return [], []
+    chunks = _pack(lines)
+    if room is None or sum(chunk.raw_bytes for chunk in chunks) <= room:
+        return lines, chunks
+    kept = _fit(lines, room)
+    return kept, _pack(kept)
+
+
+def _fit(lines: Sequence[RawLine], room: int) -> list[RawLine]:
+    """The first lines of `lines` whose JSON takes at most about `room` bytes, cut at a line
+    break inside an entry if need be."""
+    kept: list[RawLine] = []
+    used = 2  # the brackets
+    for line in lines:
+        size = len(orjson.dumps(line)) + 1  # and a comma
+        if used + size <= room:
+            kept.append(line)
+            used += size
+            continue
+        # Whole lines of this entry, as many as fit: a prefix that fits by characters, then
+        # shorter ones while escapes (a line break is two bytes of JSON) make it too long.
+        text: str = line[4]
+        limit = room - used - len(orjson.dumps([*line[:4], ""])) - 1
+        while limit > 0:
+            cut = text.rfind("\n", 0, limit)
+            if cut < 0:
+                break
+            part = [*line[:4], text[:cut]]
+            excess = used + len(orjson.dumps(part)) + 1 - room
+            if excess <= 0:
+                kept.append(part)
+                break
+            limit = cut - excess  # each character is at least a byte
+        break
+    return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packed:
+    lines: Sequence[RawLine]
+    packed: bytes
+    raw_bytes: int
+
+
+def _pack(lines: Sequence[RawLine]) -> list[_Packed]:
+    """Lines as chunks of about `CHUNK_BYTES` of JSON each (an entry bigger than that is a
+    chunk of its own), compressed: a reader decodes one chunk at a time, so this bounds its
+    memory, whatever a worker sends in one request."""
+    groups: list[list[RawLine]] = [[]]
+    size = 0
+    for line in lines:
+        estimate = len(line[4]) + 64  # the message, and the fields around it
+        if groups[-1] and size + estimate > CHUNK_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(line)
+        size += estimate
+    packed = []
+    for group in groups:
+        if group:
+            raw = orjson.dumps(group)
+            packed.append(_Packed(group, zlib.compress(raw, _ZLIB_LEVEL), len(raw)))
+    return packed
+
+
+def _budget_notice(max_bytes: int) -> RawLine:
     return [
-        LogLine(row.id, ts, row.source, stream, level, batch_id, message)
-        for ts, stream, level, batch_id, text in orjson.loads(row.lines)
-        for message in text.split("\n")
+        time.time(),
+        "server",
+        "WARNING",
+        None,
+        f"cortex: this job's log reached its budget of {max_bytes} bytes "
+        "(CORTEX_LOG_MAX_BYTES): later lines are dropped, and counted at the end of the log",
     ]
+
+
+def _lock_totals(conn: Connection, job_id: str) -> Totals:
+    """The job's totals row, created if need be and locked (FOR UPDATE) for this append: two
+    appends to one job decide on the budget one after the other."""
+    conn.execute(engine.insert_ignore(conn, t.log_totals).values(job_id=job_id))
+    row = conn.execute(
+        sa.select(
+            t.log_totals.c.stored_bytes, t.log_totals.c.dropped_lines, t.log_totals.c.dropped_bytes
+        )
+        .where(t.log_totals.c.job_id == job_id)
+        .with_for_update()
+    ).one()
+    return Totals(*row)
+
+
+def _insert_chunk(conn: Connection, job_id: str, source: str, chunk: _Packed) -> None:
+    stamps = [line[0] for line in chunk.lines]
+    conn.execute(
+        t.log_chunks.insert(),
+        {
+            "job_id": job_id,
+            "source": source,
+            "first_ts": min(stamps),
+            "last_ts": max(stamps),
+            "line_count": _line_count(chunk.lines),
+            "packed": chunk.packed,
+            "raw_bytes": chunk.raw_bytes,
+        },
+    )

@@ -18,13 +18,12 @@ import json
 import time
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cortex import errors
 from cortex.jobs import JobStatus, WorkerState
-from cortex.store import engine, jobrows, workerrows
+from cortex.store import engine, jobrows, logs, workerrows
 from cortex.store import tables as t
 
 LOOP = "loop"
@@ -83,10 +82,12 @@ class ProtocolStore(engine.BaseStore):
         lines: list[list[Any]],
         dropped: int = 0,
         seq: int | None = None,
+        max_bytes: int = logs.DEFAULT_MAX_BYTES,
     ) -> int:
-        """Store the lines of one shipment as one chunk, with a warning line if the worker
-        says it dropped some; a shipment sent again (same `seq`) is not stored twice. Returns
-        how many entries the shipment stored."""
+        """Store the lines of one shipment (in chunks, within the job's log budget of
+        `max_bytes`: see `logs.write`), with a warning line if the worker says it dropped
+        some; a shipment sent again (same `seq`) is not stored twice. Returns how many
+        entries the shipment stored."""
         if dropped > 0:
             lines = [
                 *lines,
@@ -99,16 +100,18 @@ class ProtocolStore(engine.BaseStore):
                     "they could be shipped, or the server was unreachable",
                 ],
             ]
+        # Encoded and compressed before the write lock; a copy of a shipment pays that for
+        # nothing, which is rare.
+        shipment = logs.prepare(self, job_id, lines, max_bytes)
         with self._write() as conn:
             if seq is not None:
                 kept = claim(conn, job_id, worker_id, LOGS, seq, "logs")
                 if kept is not None:
                     return int(kept["stored"])
-            if lines:
-                conn.execute(t.log_chunks.insert(), _chunk(job_id, worker_id, lines))
+            stored = logs.write(conn, job_id, worker_id, shipment, max_bytes) if lines else 0
             if seq is not None:
-                record(conn, worker_id, LOGS, seq, {"op": "logs", "stored": len(lines)})
-            return len(lines)
+                record(conn, worker_id, LOGS, seq, {"op": "logs", "stored": stored})
+            return stored
 
     def worker_finished(self, worker_id: str) -> bool:
         """Whether the last answer the worker got ended its work: it was told that nothing is
@@ -183,17 +186,3 @@ def record(
         .where(t.worker_replies.c.worker_id == worker_id, t.worker_replies.c.channel == channel)
         .values(seq=seq, reply=json.dumps(reply, separators=(",", ":")), final=final)
     )
-
-
-def _chunk(job_id: str, source: str, lines: list[list[Any]]) -> dict[str, Any]:
-    """A `log_chunks` row, as `LogStore.append` writes it: inserted here so that the chunk and
-    the shipment's answer are one transaction."""
-    stamps = [line[0] for line in lines]
-    return {
-        "job_id": job_id,
-        "source": source,
-        "first_ts": min(stamps),
-        "last_ts": max(stamps),
-        "line_count": sum(line[4].count("\n") + 1 for line in lines),
-        "lines": orjson.dumps(lines).decode(),
-    }

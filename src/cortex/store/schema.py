@@ -52,7 +52,8 @@ def current(connection: sa.Connection) -> str | None:
 
 
 def upgrade(store: sql.Store) -> Migration:
-    """Apply every migration the store lacks, in one transaction."""
+    """Apply every migration the store lacks, in one transaction; then put a SQLite store made
+    before incremental vacuum into that mode (VACUUM runs outside any transaction)."""
     with _connection(store, begin=True) as conn:
         if conn.dialect.name == "postgresql":
             # DDL is transactional here; the lock makes a second runner wait, then find
@@ -64,7 +65,8 @@ def upgrade(store: sql.Store) -> Migration:
             command.stamp(config(conn), INITIAL)
             before = INITIAL
         command.upgrade(config(conn), "head")
-        return Migration(before, head())
+    store.use_incremental_vacuum()
+    return Migration(before, head())
 
 
 def check(store: sql.Store) -> None:

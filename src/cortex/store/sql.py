@@ -5,7 +5,8 @@ helpers that run inside its transactions: `engine` (the engine, its transactions
 settings), `apis` (deploys), `submissions` (creating jobs, enqueuing their batches), `jobrows`
 (reading, locking and listing jobs, their status transitions), `workerrows`, `queue` (leases,
 results, expiry, completion), `protocol` (the worker requests' numbers and kept answers, state
-reports, log shipments) and `batchrows` (payloads, failed batches, pruning).
+reports, log shipments), `batchrows` (payloads, failed batches, pruning) and `retention`
+(deleting ended jobs).
 
 State transitions are written once; the dialects differ only where they must. On SQLite
 every write transaction runs under one process-wide lock, because SQLite has one writer anyway
@@ -28,7 +29,16 @@ that correct (SQLite ignores the row locks and gets the same order from its one 
 
 from __future__ import annotations
 
-from cortex.store import apis, batchrows, jobrows, protocol, queue, submissions, workerrows
+from cortex.store import (
+    apis,
+    batchrows,
+    jobrows,
+    protocol,
+    queue,
+    retention,
+    submissions,
+    workerrows,
+)
 from cortex.store.engine import display_url, engine_url, insert_ignore
 from cortex.store.jobrows import JobProgress
 from cortex.store.workerrows import worker_record
@@ -52,5 +62,6 @@ class Store(
     queue.QueueStore,
     protocol.ProtocolStore,
     batchrows.BatchStore,
+    retention.RetentionStore,
 ):
     """Every piece of state: APIs, jobs, the batch queue and workers."""

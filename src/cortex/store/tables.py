@@ -120,8 +120,8 @@ batch_payloads = sa.Table(
 
 # What a job's workers printed or logged, and the server's lines about the job, stored in the
 # chunks workers ship them in (thousands of lines a row): appending stays cheap at 100,000 lines
-# a second, and reading walks chunks by id. `lines` is a JSON array of
-# [ts, stream, level, batch_id, message].
+# a second, and reading walks chunks by id. `packed` is a JSON array of
+# [ts, stream, level, batch_id, message], compressed with zlib (logs shrink about 5 times).
 log_chunks = sa.Table(
     "log_chunks",
     metadata,
@@ -132,10 +132,24 @@ log_chunks = sa.Table(
     sa.Column("first_ts", sa.Float, nullable=False),
     sa.Column("last_ts", sa.Float, nullable=False),
     sa.Column("line_count", sa.Integer, nullable=False),
-    sa.Column("lines", sa.Text, nullable=False),
+    sa.Column("packed", sa.LargeBinary, nullable=False),
+    # The size of the JSON before compression: what the job's log budget counts, and what a
+    # reader holds in memory to decode the chunk.
+    sa.Column("raw_bytes", sa.Integer, nullable=False),
     sa.Index("ix_log_chunks_job_id", "job_id", "id"),
     # An ended job's log is read in time order: chunks by their first line's time.
     sa.Index("ix_log_chunks_job_first_ts", "job_id", "first_ts", "id"),
+)
+
+# Per job, what its log stored and what it dropped past its budget (`CORTEX_LOG_MAX_BYTES`):
+# appends count here rather than on the job's row, which every lease locks.
+log_totals = sa.Table(
+    "log_totals",
+    metadata,
+    sa.Column("job_id", sa.String(32), primary_key=True),
+    sa.Column("stored_bytes", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("dropped_lines", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("dropped_bytes", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 workers = sa.Table(
