@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import threading
 import time
+from collections.abc import Callable
 
+from cortex import pruning
 from cortex.jobs import JobStatus, WorkerState
 from cortex.launchers import WorkerExit
 from cortex.replicas import Membership
@@ -49,6 +50,7 @@ class _Death:
 class Reconciler:
     def __init__(self, service: Service, membership: Membership) -> None:
         self.service = service
+        self.lifecycle = service.lifecycle
         self.settings = service.settings
         self.membership = membership
         self.cluster: Cluster = membership.cluster
@@ -61,11 +63,22 @@ class Reconciler:
         # store it twice.
         self._output_stored: set[str] = set()
         self._lock = threading.Lock()
+        self._leader = False  # as of this tick's renewal
+        # The tick's tasks, in order: exits are recorded before the deaths they cause are
+        # acted on, and the store-wide work (the leader's) may add deaths too.
+        self._tasks: list[tuple[str, Callable[[], None]]] = [
+            ("exits", self._record_exits),
+            ("store_wide", self._store_wide),
+            ("deaths", self._act_on_deaths),
+            ("enqueuing", self._resume_enqueuing),
+            ("stop_ended", self._stop_ended),
+            ("checkpoint", self.service.store.checkpoint),
+        ]
         self._thread = threading.Thread(target=self._run, name="cortex-reconciler", daemon=True)
         # Pruning has a thread of its own: deleting a big job and giving its space back can
         # take seconds, which must not delay a tick (timeouts, worker exits).
-        self._pruner = threading.Thread(target=self._prune_loop, name="cortex-pruner", daemon=True)
-        service.wake = self._wake.set
+        self._pruner = pruning.Pruner(service, membership, self._stopped)
+        self.lifecycle.on_wake(self._wake.set)
 
     def start(self) -> None:
         # Registered before recovering, so that no leader takes this replica's workers for
@@ -79,7 +92,7 @@ class Reconciler:
         self._stopped.set()
         self._wake.set()
         self._thread.join(timeout=10)
-        self._pruner.join(timeout=10)
+        self._pruner.join(10)
         try:
             self.membership.resign()
         except Exception:  # the store may be the reason for the shutdown
@@ -95,14 +108,14 @@ class Reconciler:
                 log.exception("reconcile tick failed")
 
     def tick(self) -> None:
-        leader = self.membership.renew()
-        self._record_exits()
-        if leader:
-            self._store_wide()
-        self._act_on_deaths()
-        self._resume_enqueuing(leader)
-        self._stop_ended()
-        self.service.store.checkpoint()
+        """Renew this replica's registration (and learn whether it leads), then run each task
+        in order: one that fails is logged by name, and the others still run."""
+        self._leader = self.membership.renew()
+        for name, task in self._tasks:
+            try:
+                task()
+            except Exception:
+                log.exception("reconcile task %s failed", name)
 
     def _record_exits(self) -> None:
         """Record each exit the launcher hands over, and acknowledge it once recorded: an exit
@@ -134,7 +147,7 @@ class Reconciler:
                 continue
             del self._deaths[worker_id]
 
-    def _resume_enqueuing(self, leader: bool) -> None:
+    def _resume_enqueuing(self) -> None:
         """Never leave a job enqueuing with nobody enqueuing it: this replica resumes its own
         (after a restart its threads are gone), and the leader takes over those of replicas
         that are gone. The owner is checked in every write, so two never write one job."""
@@ -145,31 +158,33 @@ class Reconciler:
         live: set[str] | None = None
         for job in unfinished:
             if job.enqueue_owner == me:
-                self.service.start_enqueuing(job.job_id)
+                self.service.submissions.start_enqueuing(job.job_id)
                 continue
-            if not leader:
+            if not self._leader:
                 continue
             if live is None:
                 live = set(self.cluster.live_replicas(self.membership.lease_s))
             if job.enqueue_owner in live:
                 continue
             if self.service.store.take_enqueue(job.job_id, job.enqueue_owner, me):
-                self.service.job_event(
+                self.lifecycle.job_event(
                     job.job_id,
                     f"server replica {job.enqueue_owner} that was enqueuing this job is gone; "
                     f"replica {me} resumes it",
                     "WARNING",
                 )
-                self.service.start_enqueuing(job.job_id)
+                self.service.submissions.start_enqueuing(job.job_id)
 
     def _store_wide(self) -> None:
         """The leader's work: what no single replica's processes tell it."""
+        if not self._leader:
+            return
         store = self.service.store
         store.expire_leases()
         now = time.time()
         for job in store.in_progress_jobs():
             if job.timeout_s is not None and now >= job.start_time + job.timeout_s:
-                self.service._end(
+                self.lifecycle.end_job(
                     job.job_id,
                     JobStatus.TIMED_OUT,
                     "batchapi.timed_out",
@@ -209,51 +224,6 @@ class Reconciler:
                 continue
             self._stop_async(job_id)
 
-    def _prune_loop(self) -> None:
-        while not self._stopped.wait(self.settings.prune_s):
-            try:
-                self.prune()
-            except Exception:  # one bad pass must not end pruning
-                log.exception("pruning failed")
-
-    def prune(self) -> None:
-        """Delete what is past its retention, and give the space back: rows of the store (by
-        the leader: they are everyone's), then this replica's own files."""
-        now = time.time()
-        store = self.service.store
-        if self.membership.is_leader:
-            pruned = self.service.logs.prune(
-                now - self.settings.log_retention_s, self.settings.log_max_lines_per_job
-            )
-            if pruned:
-                log.info("pruned %d log chunks past the retention settings", pruned)
-            # An ended job's succeeded batches are never read again: their payloads (often
-            # most of the store) go; failed ones stay for retry_failed.
-            freed = store.prune_payloads()
-            if freed:
-                log.info("deleted the payloads of %d succeeded batches of ended jobs", freed)
-            gone = store.prune_jobs(now - self.settings.job_retention_s)
-            if gone:
-                log.info("deleted %d jobs past CORTEX_JOB_RETENTION_S", len(gone))
-        self._prune_outputs()
-        removed = self.service.prune_projects()
-        if removed:
-            log.info("removed %d unpacked projects that nothing uses", len(removed))
-        # Environments used by no API version and no running job, over the budget.
-        self.service.prune_environments()
-        freed = store.vacuum()
-        if freed:
-            log.info("gave %d MiB back to the file system", freed >> 20)
-
-    def _prune_outputs(self) -> None:
-        """The output files of workers (`<data>/logs/<job id>/`) of jobs that are gone."""
-        root = self.settings.data_dir.resolve() / "logs"
-        if not root.is_dir():
-            return
-        for folder in root.iterdir():
-            if self.service.store.get_job(folder.name) is None:
-                shutil.rmtree(folder, ignore_errors=True)
-
     def _on_exit(self, ended: WorkerExit) -> None:
         """Record a worker's exit: its end in the store (once: the first end of a worker wins),
         and, for a worker that died with work left, a `_Death` to act on."""
@@ -261,7 +231,7 @@ class Reconciler:
         worker_id = ended.worker_id
         if worker_id not in self._output_stored:
             # First, so that a follower who sees the worker ended has every line it wrote.
-            self.service.ingest_output(ended.job_id, worker_id)
+            self.service.launching.ingest_output(ended.job_id, worker_id)
             self._output_stored.add(worker_id)
         # A worker told that its work was over ended cleanly, whatever its exit says: an
         # adopted process's code cannot be known, and one that dies on its way out (while
@@ -303,7 +273,7 @@ class Reconciler:
         reason = death.reason
         if job.completion_state == "claimed" and job.completion_worker == death.worker_id:
             # The hook may have half run; running it again could repeat its side effects.
-            self.service._end(
+            self.lifecycle.end_job(
                 job.job_id,
                 JobStatus.WORKER_OOM if death.oom else JobStatus.WORKER_ERROR,
                 "batchapi.hook_worker_died",
@@ -313,11 +283,11 @@ class Reconciler:
         kind = "worker_oom" if death.oom else "worker_died"
         store.release_worker_leases(job.job_id, death.worker_id, kind, reason)
         if death.oom:
-            self.service._end(job.job_id, JobStatus.WORKER_OOM, "batchapi.worker_oom", reason)
+            self.lifecycle.end_job(job.job_id, JobStatus.WORKER_OOM, "batchapi.worker_oom", reason)
             return
         if death.before_init:
             # It died before its predictor was loaded: another worker would most likely too.
-            self.service._end(
+            self.lifecycle.end_job(
                 job.job_id,
                 JobStatus.WORKER_ERROR,
                 "batchapi.worker_exited",
@@ -330,7 +300,7 @@ class Reconciler:
         budget = max(3, job.workers * job.max_attempts)
         if not death.counted:
             if not store.count_restart(job.job_id, budget):
-                self.service._end(
+                self.lifecycle.end_job(
                     job.job_id,
                     JobStatus.WORKER_ERROR,
                     "batchapi.worker_exited",
@@ -338,8 +308,8 @@ class Reconciler:
                 )
                 return
             death.counted = True
-        self.service.job_event(job.job_id, f"{reason}; starting a replacement", "WARNING")
-        self.service.launch_workers(job, 1)
+        self.lifecycle.job_event(job.job_id, f"{reason}; starting a replacement", "WARNING")
+        self.service.launching.launch_workers(job, 1)
 
     def _stop_async(self, job_id: str) -> None:
         with self._lock:
@@ -397,7 +367,7 @@ class Reconciler:
                 w.worker_id for w in alive
             }:
                 # As when a hook's worker dies under a running server: no second run.
-                self.service._end(
+                self.lifecycle.end_job(
                     job.job_id,
                     JobStatus.WORKER_ERROR,
                     "batchapi.hook_worker_died",
@@ -405,7 +375,7 @@ class Reconciler:
                 )
                 continue
             if not alive and job.status is JobStatus.RUNNING:
-                self.service.job_event(
+                self.lifecycle.job_event(
                     job.job_id, "no live workers after a restart; starting new ones"
                 )
-                self.service.launch_workers(job, job.workers)
+                self.service.launching.launch_workers(job, job.workers)

@@ -109,7 +109,7 @@ def test_deleted_rows_give_their_space_back_to_the_file_system(tmp_path: Path) -
     store.checkpoint()
     full = path.stat().st_size
     assert full > 90e6
-    with store._write() as conn:
+    with store.write() as conn:
         conn.execute(t.batch_payloads.delete())
 
     freed = store.vacuum()

@@ -315,7 +315,7 @@ def test_delete_api_erases_its_history(store: Store) -> None:
 
 def test_a_database_error_is_told_without_its_sql(store: Store) -> None:
     """A job's error says what the database said, not the statement and its parameters."""
-    with pytest.raises(sa.exc.IntegrityError) as raised, store._write() as conn:
+    with pytest.raises(sa.exc.IntegrityError) as raised, store.write() as conn:
         conn.execute(sa.text("CREATE TEMPORARY TABLE t (k INTEGER PRIMARY KEY)"))
         conn.execute(sa.text("INSERT INTO t (k) VALUES (:k)"), [{"k": 1}, {"k": 1}])
     reason = engine.error_reason(raised.value)

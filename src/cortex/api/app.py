@@ -48,7 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         reconciler = Reconciler(service, membership)
         reconciler.start()
-        service.resume_builds()
+        service.deploys.resume_builds()
         app.state.service = service
         app.state.membership = membership
         log.info("cortex server ready at %s", settings.resolved_public_url)

@@ -112,7 +112,7 @@ async def _worker_job(scope: Scope, job_id: str, given: bytes) -> Any:
         raise errors.Unauthorized("a worker token is required (Authorization: Bearer <token>)")
     service = scope["app"].state.service
     # Every worker request reads its job: inline on SQLite, like the status route.
-    return await deps.read(service, lambda: service.authorize_worker(job_id, token))
+    return await deps.read(service, lambda: service.workers.authorize_worker(job_id, token))
 
 
 def _too_large(limit: int) -> errors.BodyTooLarge:

@@ -36,6 +36,6 @@ async def read(service: Service, fn: Callable[[], T]) -> T:
     pool's two hand-offs cost more than that on a busy server. On PostgreSQL (a network round
     trip) it goes to the thread pool like any other store call.
     """
-    if service.store.is_sqlite:
+    if service.reads_inline:
         return fn()
     return await run_in_threadpool(fn)

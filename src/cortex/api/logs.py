@@ -65,12 +65,12 @@ def _open(
     """Check the job and the options (any error is raised here, before a byte is sent), then
     the job's formatted lines, a page at a time: one place for the HTTP and websocket routes."""
     if job_id is None:
-        service.get_api(api_name)
+        service.lifecycle.get_api(api_name)
         raise errors.InvalidRequest(
             "job id is required to stream logs of a batch api: /<api>/logs?jobID=<id>",
             kind="endpoints.logs_job_id_required",
         )
-    job = service.get_job(api_name, job_id)
+    job = service.lifecycle.get_job(api_name, job_id)
     where = LogFilter(
         since_ts=logs.parse_since(options.since) if options.since else None,
         source=logs.worker_source(job_id, options.worker) if options.worker else None,
@@ -78,12 +78,12 @@ def _open(
     )
 
     def finished() -> bool:
-        current = service.store.get_job(job_id)
+        current = service.lifecycle.find_job(job_id)
         if current is None:
             return True  # deleted with its API, and its log with it: nothing more will come
         if not current.status.terminal:
             return False
-        return not any(w.state.alive for w in service.store.list_workers(job_id))
+        return not any(w.state.alive for w in service.lifecycle.workers(job_id))
 
     return logs.stream_lines(
         service.logs,

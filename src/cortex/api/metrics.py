@@ -109,7 +109,7 @@ class StoreCollector(Collector):
         yield leader
         up = GaugeMetricFamily("cortex_store_up", "1 if this scrape could read the store")
         try:
-            snap = stats.snapshot(service.store)
+            snap = service.lifecycle.snapshot()
         except sa.exc.SQLAlchemyError as err:
             # The process's own series are still worth a scrape when the database is away.
             log.warning("metrics: cannot read the store: %s", err.__class__.__name__)

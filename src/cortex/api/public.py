@@ -41,7 +41,7 @@ _JOBS_PER_API = 10
 
 
 def status_json(service: Service, job: Job, base_url: str) -> dict[str, Any]:
-    progress = service.store.job_progress(job.job_id)
+    progress = service.lifecycle.job_progress(job.job_id)
     if progress is None:  # deleted since it was listed
         raise errors.JobNotFound(job.api_name, job.job_id)
     return _status_json(service, progress, base_url)
@@ -49,7 +49,7 @@ def status_json(service: Service, job: Job, base_url: str) -> dict[str, Any]:
 
 def _status_json(service: Service, progress: JobProgress, base_url: str) -> dict[str, Any]:
     job, batch_counts, worker_counts = progress
-    api_spec = service.api_spec_for(job)
+    api_spec = service.lifecycle.api_spec_for(job)
     return {
         "job_status": views.job_status_json(
             job, api_spec, batch_counts=batch_counts, worker_counts=worker_counts
@@ -63,9 +63,9 @@ async def _job_status(service: Service, api_name: str, job_id: str, base_url: st
     """The status route's work: read inline on SQLite (see `deps.read`), one connection."""
 
     def read() -> dict[str, Any]:
-        progress = service.store.job_progress(job_id)
+        progress = service.lifecycle.job_progress(job_id)
         if progress is None or progress[0].api_name != api_name:
-            service.get_job(api_name, job_id)  # raises the error to report
+            service.lifecycle.get_job(api_name, job_id)  # raises the error to report
             raise errors.JobNotFound(api_name, job_id)  # (deleted in between)
         return _status_json(service, progress, base_url)
 
@@ -73,12 +73,12 @@ async def _job_status(service: Service, api_name: str, job_id: str, base_url: st
 
 
 def _api_summary(service: Service, name: str, base_url: str, limit: int) -> dict[str, Any]:
-    api = service.get_api(name)
-    jobs = service.list_jobs(name, limit)
+    api = service.lifecycle.get_api(name)
+    jobs = service.lifecycle.list_jobs(name, limit)
     return {
         **views.api_json(api, base_url),
         # Additive: the environment of the latest deploy (building, ready, failed, none).
-        "environment": service.api_environment(api),
+        "environment": service.deploys.api_environment(api),
         "job_statuses": [status_json(service, job, base_url)["job_status"] for job in jobs],
     }
 
@@ -102,7 +102,7 @@ async def deploy(
     archive = await project.read(MAX_ARCHIVE_BYTES + 1)
     if len(archive) > MAX_ARCHIVE_BYTES:
         raise errors.BodyTooLarge(f"the project archive is over {MAX_ARCHIVE_BYTES} bytes")
-    result, name, environment = await run_in_threadpool(service.deploy, spec_data, archive)
+    result, name, environment = await run_in_threadpool(service.deploys.deploy, spec_data, archive)
     message = {
         "created": f"created {name} (BatchAPI)",
         "updated": f"updated {name} (BatchAPI)",
@@ -114,7 +114,9 @@ async def deploy(
 @router.get("/get")
 def get_all(service: ServiceDep, base_url: BaseUrl) -> dict[str, Any]:
     return {
-        "batch_apis": [_api_summary(service, api.name, base_url, 1) for api in service.list_apis()]
+        "batch_apis": [
+            _api_summary(service, api.name, base_url, 1) for api in service.deploys.list_apis()
+        ]
     }
 
 
@@ -133,17 +135,17 @@ def get_environment(
 ) -> dict[str, Any]:
     """The environment of the API's latest deploy, with its build log from `since` on (0: the
     start; then the `next` of the previous answer): `lines`, whole lines, and `next`."""
-    environment = service.api_environment(service.get_api(api_name))
+    environment = service.deploys.api_environment(service.lifecycle.get_api(api_name))
     lines: list[str] = []
     next_line = since
     if environment["key"] is not None:
-        lines, next_line = service.environments.log_lines(environment["key"], since)
+        lines, next_line = service.deploys.build_log(environment["key"], since)
     return {**environment, "lines": lines, "next": next_line}
 
 
 @router.delete("/delete/{api_name}")
 def delete_api(api_name: str, service: ServiceDep) -> dict[str, str]:
-    service.delete_api(api_name)
+    service.deploys.delete_api(api_name)
     return {"message": f"deleting {api_name}"}
 
 
@@ -264,9 +266,9 @@ async def submit(
     dry_run: Annotated[bool, Query(alias="dryRun")] = False,
 ) -> dict[str, Any] | PlainTextResponse | StreamingResponse:
     data = await read_json(request, service.settings.max_body_bytes)
-    result = await run_in_threadpool(service.submit, api_name, data, dry_run)
+    result = await run_in_threadpool(service.submissions.submit, api_name, data, dry_run)
     if isinstance(result, Job):
-        return views.job_spec_json(result, service.api_spec_for(result))
+        return views.job_spec_json(result, service.lifecycle.api_spec_for(result))
     # Validation (and the first match) is done: stream the rest of the listing as it comes.
     return StreamingResponse(_dry_run_lines(result), media_type="text/plain; charset=utf-8")
 
@@ -314,7 +316,7 @@ async def get_job_or_list(
         return await _job_status(service, api_name, job_id, base_url)
 
     def listing() -> dict[str, Any]:
-        jobs = service.list_jobs(api_name, limit)
+        jobs = service.lifecycle.list_jobs(api_name, limit)
         return {
             "api_name": api_name,
             "job_statuses": [status_json(service, job, base_url)["job_status"] for job in jobs],
@@ -336,13 +338,13 @@ def stop_job_query(
 ) -> dict[str, str]:
     if job_id is None:
         raise errors.InvalidRequest("jobID: required (DELETE /<api>?jobID=<job id>)")
-    service.stop_job(api_name, job_id)
+    service.lifecycle.stop_job(api_name, job_id)
     return {"message": f"stopped job {job_id}"}
 
 
 @router.delete("/{api_name}/{job_id}")
 def stop_job(api_name: str, job_id: str, service: ServiceDep) -> dict[str, str]:
-    service.stop_job(api_name, job_id)
+    service.lifecycle.stop_job(api_name, job_id)
     return {"message": f"stopped job {job_id}"}
 
 
@@ -354,16 +356,16 @@ def failed_batches(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> dict[str, Any]:
     """The batches that used all their attempts, with the last error and traceback."""
-    job = service.get_job(api_name, job_id)
-    return {"job_id": job.job_id, "failed_batches": service.store.failed_batches(job_id, limit)}
+    job = service.lifecycle.get_job(api_name, job_id)
+    return {"job_id": job.job_id, "failed_batches": service.lifecycle.failed_batches(job_id, limit)}
 
 
 @router.get("/{api_name}/{job_id}/workers")
 def job_workers(api_name: str, job_id: str, service: ServiceDep) -> dict[str, Any]:
     """The job's workers, replacements included, oldest first: state, pid, exit code, the error
     that ended one, the replica that started it and when it was last heard from."""
-    job = service.get_job(api_name, job_id)
-    workers = service.store.list_workers(job.job_id)
+    job = service.lifecycle.get_job(api_name, job_id)
+    workers = service.lifecycle.workers(job.job_id)
     return {"job_id": job.job_id, "workers": [views.worker_json(w) for w in workers]}
 
 
@@ -376,5 +378,5 @@ def retry_failed(
     api_name: str, job_id: str, service: ServiceDep, body: RetryBody | None = None
 ) -> dict[str, Any]:
     """Re-run only the failed batches of a finished job, as a new job (`retry_of` links them)."""
-    job = service.retry_failed(api_name, job_id, body.workers if body else None)
-    return views.job_spec_json(job, service.api_spec_for(job))
+    job = service.submissions.retry_failed(api_name, job_id, body.workers if body else None)
+    return views.job_spec_json(job, service.lifecycle.api_spec_for(job))

@@ -88,13 +88,13 @@ def _own_worker(job: Job, worker_id: str) -> None:
 
 @router.get("/spec")
 def spec(job: JobDep, service: ServiceDep) -> dict[str, Any]:
-    return service.worker_spec(job)
+    return service.workers.worker_spec(job)
 
 
 @router.post("/state")
 def state(body: StateBody, job: JobDep, service: ServiceDep) -> dict[str, bool]:
     _own_worker(job, body.worker_id)
-    service.worker_state(
+    service.workers.worker_state(
         job,
         body.worker_id,
         WorkerState(body.state),
@@ -113,7 +113,7 @@ def lease(body: LeaseBody, job: JobDep, service: ServiceDep, metrics: MetricsDep
     results = [
         BatchResult(r.batch_id, r.ok, r.duration_s, r.error, r.traceback) for r in body.results
     ]
-    leased = service.lease(job, body.worker_id, results, body.max_batches, body.seq)
+    leased = service.workers.lease(job, body.worker_id, results, body.max_batches, body.seq)
     metrics.observe_results(job.api_name, results)
     # Payloads are stored as JSON text: splice their bytes in rather than parse and re-encode.
     parts = [b'{"batches":[']
@@ -130,7 +130,7 @@ _BOOL = {True: b"true", False: b"false"}
 @router.post("/heartbeat")
 def heartbeat(body: WorkerBody, job: JobDep, service: ServiceDep) -> dict[str, bool]:
     _own_worker(job, body.worker_id)
-    return {"ok": service.heartbeat(job, body.worker_id)}
+    return {"ok": service.workers.heartbeat(job, body.worker_id)}
 
 
 _STREAMS = frozenset({"stdout", "stderr", "log"})
@@ -181,7 +181,7 @@ def _store_lines(service: Service, job: Job, raw: bytes) -> int:
     dropped = body.get("dropped") or 0
     if not isinstance(dropped, int):
         dropped = 0
-    return service.ship_logs(job, worker_id, lines, dropped, seq)
+    return service.workers.ship_logs(job, worker_id, lines, dropped, seq)
 
 
 _LINE_SHAPE = "lines: each line is [ts, stream, level, batch_id, message]"
@@ -190,5 +190,5 @@ _LINE_SHAPE = "lines: each line is [ts, stream, level, batch_id, message]"
 @router.post("/hook")
 def hook(body: HookBody, job: JobDep, service: ServiceDep) -> dict[str, str]:
     _own_worker(job, body.worker_id)
-    status = service.finish_hook(job, body.worker_id, body.error, body.traceback, body.seq)
+    status = service.workers.finish_hook(job, body.worker_id, body.error, body.traceback, body.seq)
     return {"status": status.value}

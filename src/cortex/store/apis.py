@@ -36,7 +36,7 @@ class ApiStore(engine.BaseStore):
         one. An API deployed for the first time serves its only version at once, built or not.
         """
         now = time.time()
-        with self._write() as conn:
+        with self.write() as conn:
             # The API's row orders the deploys, deletes and job submissions of one API.
             row = lock(conn, name)
             if row is None:
@@ -74,7 +74,7 @@ class ApiStore(engine.BaseStore):
         (`error`; the version that served goes on serving). False if a later deploy or a
         delete replaced it meanwhile."""
         now = time.time()
-        with self._write() as conn:
+        with self.write() as conn:
             row = lock(conn, name)
             if row is None or row.pending_spec_id != spec_id:
                 return False
@@ -91,7 +91,7 @@ class ApiStore(engine.BaseStore):
     def spec_ids_in_use(self) -> set[str]:
         """The versions that serve, are being built, or run an in-progress job."""
         in_progress = [s.value for s in JobStatus if s.in_progress]
-        with self._read() as conn:
+        with self.read() as conn:
             ids = set(conn.execute(sa.select(t.apis.c.spec_id)).scalars())
             ids |= set(
                 conn.execute(
@@ -106,7 +106,7 @@ class ApiStore(engine.BaseStore):
         return ids
 
     def get_api(self, name: str) -> ApiRecord | None:
-        with self._read() as conn:
+        with self.read() as conn:
             row = conn.execute(
                 sa.select(t.apis, t.api_specs.c.spec_json)
                 .join(t.api_specs, t.api_specs.c.spec_id == t.apis.c.spec_id)
@@ -115,7 +115,7 @@ class ApiStore(engine.BaseStore):
         return None if row is None else _api_record(row)
 
     def list_apis(self) -> list[ApiRecord]:
-        with self._read() as conn:
+        with self.read() as conn:
             rows = conn.execute(
                 sa.select(t.apis, t.api_specs.c.spec_json)
                 .join(t.api_specs, t.api_specs.c.spec_id == t.apis.c.spec_id)
@@ -125,7 +125,7 @@ class ApiStore(engine.BaseStore):
 
     def get_spec_json(self, spec_id: str) -> dict[str, Any]:
         """An API version's spec, without its archive."""
-        with self._read() as conn:
+        with self.read() as conn:
             row = conn.execute(
                 sa.select(t.api_specs.c.spec_json).where(t.api_specs.c.spec_id == spec_id)
             ).one()
@@ -133,7 +133,7 @@ class ApiStore(engine.BaseStore):
         return result
 
     def get_spec(self, spec_id: str) -> tuple[dict[str, Any], bytes]:
-        with self._read() as conn:
+        with self.read() as conn:
             row = conn.execute(
                 sa.select(t.api_specs.c.spec_json, t.api_specs.c.archive).where(
                     t.api_specs.c.spec_id == spec_id
@@ -143,7 +143,7 @@ class ApiStore(engine.BaseStore):
 
     def delete_api(self, name: str) -> None:
         """Erase an API and its job history (its jobs must have been stopped)."""
-        with self._write() as conn:
+        with self.write() as conn:
             if lock(conn, name) is None:
                 return
             # Lock its jobs first (job rows before batch rows, as every writer does).

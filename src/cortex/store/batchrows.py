@@ -38,7 +38,7 @@ class BatchStore(engine.BaseStore):
                 )
                 .limit(chunk)
             )
-            with self._write() as conn:
+            with self.write() as conn:
                 count = conn.execute(
                     t.batch_payloads.delete().where(
                         sa.tuple_(t.batch_payloads.c.job_id, t.batch_payloads.c.seq).in_(done)
@@ -53,7 +53,7 @@ class BatchStore(engine.BaseStore):
         """The payloads of a job's failed batches, in order, read in pages."""
         last = -1
         while True:
-            with self._read() as conn:
+            with self.read() as conn:
                 rows = conn.execute(
                     sa.select(t.batches.c.seq, t.batch_payloads.c.payload)
                     .join(t.batch_payloads, _payload_of_batch)
@@ -72,7 +72,7 @@ class BatchStore(engine.BaseStore):
             last = rows[-1].seq
 
     def failed_batches(self, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        with self._read() as conn:
+        with self.read() as conn:
             rows = conn.execute(
                 sa.select(
                     t.batches.c.batch_id,

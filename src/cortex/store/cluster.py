@@ -29,7 +29,7 @@ class Cluster:
     def register(self, replica_id: str, url: str) -> None:
         """Say that this replica is up (insert its row, or renew it)."""
         now = time.time()
-        with self._store._write() as conn:
+        with self._store.write() as conn:
             renewed = conn.execute(
                 t.replicas.update()
                 .where(t.replicas.c.replica_id == replica_id)
@@ -52,7 +52,7 @@ class Cluster:
         """
         now = time.time()
         lease = t.leadership.c
-        with self._store._write() as conn:
+        with self._store.write() as conn:
             taken = conn.execute(
                 t.leadership.update()
                 .where(
@@ -76,7 +76,7 @@ class Cluster:
 
     def resign(self, replica_id: str, name: str = RECONCILER) -> None:
         """Give the lease up now (a clean shutdown), so another replica need not wait."""
-        with self._store._write() as conn:
+        with self._store.write() as conn:
             conn.execute(
                 t.leadership.update()
                 .where(t.leadership.c.name == name, t.leadership.c.replica_id == replica_id)
@@ -85,7 +85,7 @@ class Cluster:
 
     def leader(self, name: str = RECONCILER) -> str | None:
         """The replica that holds the lease now, if any."""
-        with self._store._read() as conn:
+        with self._store.read() as conn:
             row = conn.execute(
                 sa.select(t.leadership.c.replica_id).where(
                     t.leadership.c.name == name, t.leadership.c.expires_at >= time.time()
@@ -94,7 +94,7 @@ class Cluster:
         return None if row is None else str(row.replica_id)
 
     def live_replicas(self, ttl_s: float) -> list[str]:
-        with self._store._read() as conn:
+        with self._store.read() as conn:
             rows = conn.execute(
                 sa.select(t.replicas.c.replica_id)
                 .where(t.replicas.c.seen_at >= time.time() - ttl_s)
@@ -107,7 +107,7 @@ class Cluster:
         been heard from for `seen_ttl_s`: their replica died (or never started them)."""
         now = time.time()
         w, r = t.workers.c, t.replicas.c
-        with self._store._read() as conn:
+        with self._store.read() as conn:
             rows = conn.execute(
                 sa.select(t.workers)
                 .outerjoin(t.replicas, r.replica_id == w.replica_id)
@@ -124,7 +124,7 @@ class Cluster:
         """Mark a worker `unknown` if it is still thought alive; True if this call did it, so
         that of two replicas that find it lost at once only one replaces it."""
         now = time.time()
-        with self._store._write() as conn:
+        with self._store.write() as conn:
             lost = conn.execute(
                 t.workers.update()
                 .where(t.workers.c.worker_id == worker_id, t.workers.c.state.in_(_ALIVE))

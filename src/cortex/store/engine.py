@@ -184,7 +184,9 @@ class BaseStore:
             return True
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def write(self) -> Iterator[Connection]:
+        """A write transaction, committed when the block ends (rolled back if it raises);
+        nested writes on one thread share the outer transaction's lock."""
         with self._write_lock:
             depth = getattr(self._depth, "value", 0)
             self._depth.value = depth + 1
@@ -219,7 +221,8 @@ class BaseStore:
             self._truncate_after = time.monotonic() + _TRUNCATE_RETRY_S
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def read(self) -> Iterator[Connection]:
+        """A connection for reads (on SQLite, readers never wait for writers)."""
         with self.engine.connect() as conn:
             yield conn
 

@@ -24,14 +24,14 @@ class JobStore(engine.BaseStore):
     """`Store`'s job reads, listings, progress counts and status changes."""
 
     def get_job(self, job_id: str) -> Job | None:
-        with self._read() as conn:
+        with self.read() as conn:
             row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
         return None if row is None else Job.from_row(row)
 
     def list_jobs(self, api_name: str, limit: int = 100) -> list[Job]:
         """In-progress jobs first, then the newest others, at most `limit` in all."""
         in_progress = [s.value for s in JobStatus if s.in_progress]
-        with self._read() as conn:
+        with self.read() as conn:
             rows = conn.execute(
                 sa.select(t.jobs)
                 .where(t.jobs.c.api_name == api_name)
@@ -42,14 +42,14 @@ class JobStore(engine.BaseStore):
 
     def in_progress_jobs(self) -> list[Job]:
         in_progress = [s.value for s in JobStatus if s.in_progress]
-        with self._read() as conn:
+        with self.read() as conn:
             rows = conn.execute(sa.select(t.jobs).where(t.jobs.c.status.in_(in_progress))).all()
         return [Job.from_row(row) for row in rows]
 
     def job_progress(self, job_id: str) -> JobProgress | None:
         """A job with its batch counts and, while it runs, its worker counts: what a status
         request shows, read on one connection (None if there is no such job)."""
-        with self._read() as conn:
+        with self.read() as conn:
             row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
             if row is None:
                 return None
@@ -68,7 +68,7 @@ class JobStore(engine.BaseStore):
         return self._state_counts(t.batches, [s.value for s in BatchState], job_id)
 
     def _state_counts(self, table: sa.Table, states: list[str], job_id: str) -> dict[str, int]:
-        with self._read() as conn:
+        with self.read() as conn:
             return state_counts(conn, table, states, job_id)
 
     def set_status(
@@ -82,11 +82,11 @@ class JobStore(engine.BaseStore):
     ) -> bool:
         """Move a job to `new` if the state machine allows it; False if it does not (for
         example the job already ended: the first terminal status wins)."""
-        with self._write() as conn:
+        with self.write() as conn:
             return transition(conn, job_id, new, error_kind, error_message, error_traceback)
 
     def set_has_hook(self, job_id: str, has_hook: bool) -> None:
-        with self._write() as conn:
+        with self.write() as conn:
             conn.execute(
                 t.jobs.update()
                 .where(t.jobs.c.job_id == job_id, t.jobs.c.has_hook.is_(None))
@@ -95,7 +95,7 @@ class JobStore(engine.BaseStore):
 
     def count_restart(self, job_id: str, limit: int) -> bool:
         """Take one worker restart from the job's budget; False when it is spent."""
-        with self._write() as conn:
+        with self.write() as conn:
             updated = conn.execute(
                 t.jobs.update()
                 .where(t.jobs.c.job_id == job_id, t.jobs.c.worker_restarts < limit)

@@ -118,7 +118,7 @@ class LogStore:
             return 0
         max_bytes = self.max_bytes if budgeted else None
         shipment = prepare(self.store, job_id, lines, max_bytes)
-        with self.store._write() as conn:
+        with self.store.write() as conn:
             return write(conn, job_id, source, shipment, max_bytes)
 
     def server_line(self, job_id: str, message: str, level: str = "INFO") -> None:
@@ -127,7 +127,7 @@ class LogStore:
         )
 
     def totals(self, job_id: str) -> Totals:
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             row = conn.execute(
                 sa.select(
                     t.log_totals.c.stored_bytes,
@@ -143,7 +143,7 @@ class LogStore:
         totals = self.totals(job_id)
         if not totals.dropped_lines:
             return None
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             newest = conn.execute(
                 sa.select(sa.func.max(t.log_chunks.c.id)).where(t.log_chunks.c.job_id == job_id)
             ).scalar()
@@ -252,7 +252,7 @@ class LogStore:
             query = query.where(
                 sa.or_(c.first_ts > after[0], sa.and_(c.first_ts == after[0], c.id > after[1]))
             )
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             sizes = conn.execute(query.order_by(c.first_ts, c.id).limit(_FETCH_CHUNKS)).all()
             ids = [chunk_id for chunk_id, _ in _within_fetch(sizes)]
             if not ids:
@@ -273,7 +273,7 @@ class LogStore:
             query = _chunks(job_id, where, t.log_chunks.c.id, t.log_chunks.c.line_count)
             if before is not None:
                 query = query.where(t.log_chunks.c.id < before)
-            with self.store._read() as conn:
+            with self.store.read() as conn:
                 rows = conn.execute(query.order_by(t.log_chunks.c.id.desc()).limit(256)).all()
             if not rows:
                 return Cursor()  # fewer lines than asked for: all of them
@@ -290,7 +290,7 @@ class LogStore:
     def _fetch(self, job_id: str, after: int, where: LogFilter) -> Sequence[Any]:
         """The next chunks after `after`: as many as fit in `_FETCH_BYTES` once unpacked (at
         least one), in one short read transaction."""
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             sizes = conn.execute(
                 _chunks(job_id, where, t.log_chunks.c.id, t.log_chunks.c.raw_bytes)
                 .where(t.log_chunks.c.id > after)
@@ -308,7 +308,7 @@ class LogStore:
             ).all()
 
     def _chunk_lines(self, chunk_id: int, where: LogFilter) -> Iterator[LogLine]:
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             row = conn.execute(
                 sa.select(t.log_chunks.c.source, t.log_chunks.c.packed).where(
                     t.log_chunks.c.id == chunk_id
@@ -327,7 +327,7 @@ class LogStore:
         Stops after `max_transactions`. Returns how many chunks went."""
         old_jobs = sa.select(t.jobs.c.job_id).where(t.jobs.c.end_time < ended_before_ts)
         deleted, left = self._delete_chunks(t.log_chunks.c.job_id.in_(old_jobs), max_transactions)
-        with self.store._write() as conn:
+        with self.store.write() as conn:
             # Only once their chunks are all gone: a budget must not start over under a log.
             conn.execute(
                 t.log_totals.delete().where(
@@ -335,7 +335,7 @@ class LogStore:
                     t.log_totals.c.job_id.not_in(sa.select(t.log_chunks.c.job_id).distinct()),
                 )
             )
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             big = conn.execute(
                 sa.select(t.log_chunks.c.job_id)
                 .group_by(t.log_chunks.c.job_id)
@@ -344,7 +344,7 @@ class LogStore:
         for (job_id,) in big:
             kept = 0
             cutoff = None
-            with self.store._read() as conn:
+            with self.store.read() as conn:
                 for chunk_id, line_count in conn.execute(
                     sa.select(t.log_chunks.c.id, t.log_chunks.c.line_count)
                     .where(t.log_chunks.c.job_id == job_id)
@@ -366,7 +366,7 @@ class LogStore:
         deleted = 0
         while transactions > 0:
             transactions -= 1
-            with self.store._write() as conn:
+            with self.store.write() as conn:
                 ids = sa.select(t.log_chunks.c.id).where(where).limit(_PRUNE_CHUNKS)
                 count = conn.execute(
                     t.log_chunks.delete().where(t.log_chunks.c.id.in_(ids))
@@ -397,7 +397,7 @@ def prepare(
     past its budget costs a read and a count, not an encoding."""
     room = None
     if max_bytes is not None:
-        with store._read() as conn:
+        with store.read() as conn:
             room = max_bytes - _stored_bytes(conn, job_id)
     kept, chunks = _within(lines, room)
     return Shipment(lines, kept, chunks)

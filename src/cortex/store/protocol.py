@@ -52,7 +52,7 @@ class ProtocolStore(engine.BaseStore):
         worker), the job learns whether the predictor has a hook, and a worker that failed to
         load the predictor ends the job (`status_worker_error`: its siblings would most likely
         fail the same way). Returns the reason if this report ended the job."""
-        with self._write() as conn:
+        with self.write() as conn:
             # The job row first (the lock order): a failure changes the job's status.
             job = jobrows.lock(conn, job_id)
             if seq is not None and claim(conn, job_id, worker_id, LOOP, seq, "state") is not None:
@@ -103,7 +103,7 @@ class ProtocolStore(engine.BaseStore):
         # Encoded and compressed before the write lock; a copy of a shipment pays that for
         # nothing, which is rare.
         shipment = logs.prepare(self, job_id, lines, max_bytes)
-        with self._write() as conn:
+        with self.write() as conn:
             if seq is not None:
                 kept = claim(conn, job_id, worker_id, LOGS, seq, "logs")
                 if kept is not None:
@@ -117,7 +117,7 @@ class ProtocolStore(engine.BaseStore):
         """Whether the last answer the worker got ended its work: it was told that nothing is
         left to lease, or its report of the hook was taken. Its exit is then a clean one,
         even where the exit code cannot be known (a worker adopted after a restart)."""
-        with self._read() as conn:
+        with self.read() as conn:
             final = conn.execute(
                 sa.select(t.worker_replies.c.final).where(
                     t.worker_replies.c.worker_id == worker_id,

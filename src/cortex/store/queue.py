@@ -42,7 +42,7 @@ class QueueStore(engine.BaseStore):
         hook claim is told again rather than lost.
         """
         now = time.time()
-        with self._write() as conn:
+        with self.write() as conn:
             # Results may end the job's last batch, so a report takes the job row exclusively;
             # a bare lease only needs the status to hold still (see `sql`'s docstring).
             job = jobrows.lock(conn, job_id, key_share=not results)
@@ -72,7 +72,7 @@ class QueueStore(engine.BaseStore):
         # so two workers ending the last two batches at once cannot both miss it. The first
         # transaction kept no answer, so `seq` is still this request's to answer (unless a copy
         # of it answered meanwhile: then that answer is this one's too).
-        with self._write() as conn:
+        with self.write() as conn:
             job = jobrows.lock(conn, job_id)
             if seq is not None:
                 kept = protocol.claim(conn, job_id, worker_id, protocol.LOOP, seq, "lease")
@@ -84,7 +84,7 @@ class QueueStore(engine.BaseStore):
         """Extend every lease the worker holds and note that it was seen; False if the job
         has ended."""
         now = time.time()
-        with self._write() as conn:
+        with self.write() as conn:
             job = jobrows.get(conn, job_id)
             if job.status.terminal:
                 return False
@@ -116,7 +116,7 @@ class QueueStore(engine.BaseStore):
     ) -> HookResult:
         """The claimed worker ran on_job_complete; write the final status now. A report sent
         again (same `seq`) gets the status the first one got, and ends nothing."""
-        with self._write() as conn:
+        with self.write() as conn:
             job = jobrows.lock(conn, job_id)
             if seq is not None:
                 kept = protocol.claim(conn, job_id, worker_id, protocol.LOOP, seq, "hook")
@@ -136,13 +136,13 @@ class QueueStore(engine.BaseStore):
             t.batches.c.state == BatchState.LEASED.value,
             t.batches.c.lease_expires_at < now,
         )
-        with self._read() as conn:
+        with self.read() as conn:
             job_ids: list[str] = list(
                 conn.execute(sa.select(t.batches.c.job_id).where(*expired).distinct()).scalars()
             )
         ended = 0
         for job_id in job_ids:  # one transaction per job: its row first, then its batches
-            with self._write() as conn:
+            with self.write() as conn:
                 if jobrows.lock(conn, job_id, missing_ok=True) is None:
                     continue
                 rows = conn.execute(
@@ -162,7 +162,7 @@ class QueueStore(engine.BaseStore):
         self, job_id: str, worker_id: str, kind: str = "worker_died", reason: str = ""
     ) -> int:
         """A worker is known dead: end the attempts it held now rather than at lease expiry."""
-        with self._write() as conn:
+        with self.write() as conn:
             if jobrows.lock(conn, job_id, missing_ok=True) is None:
                 return 0
             rows = conn.execute(
@@ -179,7 +179,7 @@ class QueueStore(engine.BaseStore):
 
     def extend_worker_leases(self, job_id: str, worker_id: str, lease_s: float) -> None:
         """Renew a worker's leases without checking the job (used when adopting workers)."""
-        with self._write() as conn:
+        with self.write() as conn:
             conn.execute(
                 t.batches.update()
                 .where(

@@ -32,7 +32,7 @@ class RetentionStore(engine.BaseStore):
         of their APIs that nothing refers to any more. A job's rows go a chunk per
         transaction, its own row last (until then it reads as the ended job it is). Stops
         after `max_transactions`; returns the ids of the jobs that are gone."""
-        with self._read() as conn:
+        with self.read() as conn:
             old = [
                 (row.job_id, row.api_name)
                 for row in conn.execute(
@@ -47,14 +47,14 @@ class RetentionStore(engine.BaseStore):
         for job_id, _ in old:
             while left > 0:
                 left -= 1
-                with self._write() as conn:
+                with self.write() as conn:
                     if _prune_step(conn, job_id):
                         gone.append(job_id)
                         break
             if left <= 0:
                 break
         for api_name in sorted({api for job_id, api in old if job_id in gone}):
-            with self._write() as conn:
+            with self.write() as conn:
                 _drop_unused_versions(conn, api_name)
         return gone
 

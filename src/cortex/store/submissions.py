@@ -43,7 +43,7 @@ class SubmissionStore(engine.BaseStore):
         are there for the leader to find (see `cluster.lost_workers`).
         """
         now = time.time()
-        with self._write() as conn:
+        with self.write() as conn:
             _insert_job(
                 conn,
                 now,
@@ -95,7 +95,7 @@ class SubmissionStore(engine.BaseStore):
         """Store a job whose dataset (a file dataset, or an item list being written by the
         request) `replica_id` enqueues from now on (`append_batches`, then `finish_enqueue`).
         It has no batches and no workers yet."""
-        with self._write() as conn:
+        with self.write() as conn:
             _insert_job(
                 conn,
                 time.time(),
@@ -117,7 +117,7 @@ class SubmissionStore(engine.BaseStore):
         """Write the next batches of an enqueuing job and move its resume cursor by `items`,
         in one transaction; None (and nothing written) if the job is no longer enqueuing or
         another replica's enqueuer took it over."""
-        with self._write() as conn:
+        with self.write() as conn:
             job = jobrows.lock(conn, job_id, missing_ok=True)
             if job is None or not _enqueuing_by(job, owner):
                 return None
@@ -139,7 +139,7 @@ class SubmissionStore(engine.BaseStore):
     def finish_enqueue(self, job_id: str, owner: str, empty_message: str) -> Job | None:
         """Every batch is written: the job runs (or, with none, failed while enqueuing);
         None if the job is no longer this owner's to finish."""
-        with self._write() as conn:
+        with self.write() as conn:
             job = jobrows.lock(conn, job_id, missing_ok=True)
             if job is None or not _enqueuing_by(job, owner):
                 return None
@@ -161,7 +161,7 @@ class SubmissionStore(engine.BaseStore):
 
     def unfinished_enqueues(self) -> list[Job]:
         """Jobs whose file dataset is still being enqueued (or should be)."""
-        with self._read() as conn:
+        with self.read() as conn:
             rows = conn.execute(
                 sa.select(t.jobs).where(
                     t.jobs.c.status == JobStatus.ENQUEUING.value,
@@ -173,7 +173,7 @@ class SubmissionStore(engine.BaseStore):
 
     def take_enqueue(self, job_id: str, old_owner: str | None, new_owner: str) -> bool:
         """Take over the enqueuing of a job from a replica that is gone (compare-and-set)."""
-        with self._write() as conn:
+        with self.write() as conn:
             updated = conn.execute(
                 t.jobs.update()
                 .where(

@@ -26,7 +26,7 @@ class StoreQueue(queue.WorkerQueue):
     """One worker's requests, acted on by `store` in this process.
 
     `info` is what the worker API's spec read answers (the server builds it from the job and
-    its API: see `Service.worker_spec`); `lease_s` and `max_lease_batches` are the server's
+    its API: see `WorkerApi.worker_spec`); `lease_s` and `max_lease_batches` are the server's
     settings of those names.
     """
 

@@ -24,7 +24,7 @@ class WorkerStore(engine.BaseStore):
         The job row is locked while the next numbers are taken, so two replicas adding
         workers to one job at once get distinct ids.
         """
-        with self._write() as conn:
+        with self.write() as conn:
             jobrows.lock(conn, job_id)
             existing = conn.execute(
                 sa.select(sa.func.count())
@@ -44,7 +44,7 @@ class WorkerStore(engine.BaseStore):
     ) -> bool:
         """Record a worker's new state if the state table allows the move (see
         `jobs.can_move`: an ended worker stays ended); whether it did."""
-        with self._write() as conn:
+        with self.write() as conn:
             return move(
                 conn, worker_id, state, pid=pid, exit_code=exit_code, error_message=error_message
             )
@@ -65,7 +65,7 @@ class WorkerStore(engine.BaseStore):
         death is handled once.
         """
         assert state.ended
-        with self._write() as conn:
+        with self.write() as conn:
             row = conn.execute(
                 sa.select(t.workers).where(t.workers.c.worker_id == worker_id).with_for_update()
             ).first()
@@ -75,14 +75,14 @@ class WorkerStore(engine.BaseStore):
             return worker_record(row)
 
     def get_worker(self, worker_id: str) -> WorkerRecord | None:
-        with self._read() as conn:
+        with self.read() as conn:
             row = conn.execute(
                 sa.select(t.workers).where(t.workers.c.worker_id == worker_id)
             ).first()
         return None if row is None else worker_record(row)
 
     def list_workers(self, job_id: str) -> list[WorkerRecord]:
-        with self._read() as conn:
+        with self.read() as conn:
             rows = conn.execute(
                 sa.select(t.workers)
                 .where(t.workers.c.job_id == job_id)

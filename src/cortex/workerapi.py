@@ -1,0 +1,132 @@
+"""The worker API's work: a worker's token, its spec, its state reports, leases, heartbeats,
+log shipments and its hook report (the HTTP routes are `cortex.api.worker`)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from cortex import errors, launch, spec, views
+from cortex.jobs import JobStatus, WorkerState
+from cortex.lifecycle import Lifecycle
+from cortex.settings import Settings
+from cortex.store import Job, LeaseResult, Store
+from cortex.store.records import BatchResult
+
+
+class WorkerApi:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        lifecycle: Lifecycle,
+        preparation: launch.Preparation,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.lifecycle = lifecycle
+        self.preparation = preparation
+
+    def authorize_worker(self, job_id: str, token: str) -> Job:
+        """The job a worker token belongs to; the token is compared in constant time."""
+        job = self.store.get_job(job_id)
+        if job is None:
+            # Same answer as a wrong token: a worker token reveals nothing about other jobs.
+            raise errors.Forbidden("this token is not valid for that job")
+        if not hmac.compare_digest(job.worker_token.encode(), token.encode()):
+            raise errors.Forbidden("this token is not valid for that job")
+        return job
+
+    def worker_spec(self, job: Job) -> dict[str, Any]:
+        api_spec = self.lifecycle.api_spec_for(job)
+        parsed = spec.APISpec.model_validate(api_spec)
+        ready = self.preparation.ready(job.spec_id, parsed)
+        return {
+            "job_spec": views.job_spec_json(job, api_spec),
+            "api_spec": api_spec,
+            # The models to load: where the server fetched them, or in the project folder.
+            "models": ready.models
+            if ready is not None
+            else [m.model_dump() for m in parsed.predictor.model_list()],
+            "config": spec.deep_merge(api_spec["predictor"]["config"], job.config),
+            "heartbeat_s": self.settings.heartbeat_s,
+            "lease_s": self.settings.lease_s,
+        }
+
+    def worker_state(
+        self,
+        job: Job,
+        worker_id: str,
+        state: WorkerState,
+        *,
+        seq: int | None = None,
+        pid: int | None = None,
+        has_hook: bool | None = None,
+        error: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        reason = self.store.report_state(
+            job.job_id,
+            worker_id,
+            state,
+            seq=seq,
+            pid=pid,
+            has_hook=has_hook,
+            error=error,
+            traceback=traceback,
+        )
+        if reason is not None:  # this report failed the job
+            self.lifecycle.ended(job.job_id, JobStatus.WORKER_ERROR, reason)
+
+    def lease(
+        self,
+        job: Job,
+        worker_id: str,
+        results: list[BatchResult],
+        max_batches: int,
+        seq: int | None = None,
+    ) -> LeaseResult:
+        # (No per-lease log line: at thousands of leases a second it would drown the log.)
+        max_batches = max(0, min(max_batches, self.settings.max_lease_batches))
+        result = self.store.lease(
+            job.job_id, worker_id, results, max_batches, self.settings.lease_s, seq
+        )
+        if result.final_status is not None:
+            self.lifecycle.ended(job.job_id, result.final_status, None)
+        elif result.done:
+            self.lifecycle.wake()
+        return result
+
+    def heartbeat(self, job: Job, worker_id: str) -> bool:
+        return self.store.heartbeat(job.job_id, worker_id, self.settings.lease_s)
+
+    def ship_logs(
+        self,
+        job: Job,
+        worker_id: str,
+        lines: list[list[Any]],
+        dropped: int = 0,
+        seq: int | None = None,
+    ) -> int:
+        """Store a worker's log shipment (once, however often it is sent), within the job's
+        log budget."""
+        return self.store.ship_logs(
+            job.job_id, worker_id, lines, dropped, seq, self.settings.log_max_bytes
+        )
+
+    def finish_hook(
+        self,
+        job: Job,
+        worker_id: str,
+        error: str | None,
+        traceback: str | None,
+        seq: int | None = None,
+    ) -> JobStatus:
+        result = self.store.finish_hook(job.job_id, worker_id, error, traceback, seq)
+        if result.taken:  # said once, not again for a copy of the report
+            outcome = "finished" if error is None else f"failed: {error}"
+            self.lifecycle.job_event(job.job_id, f"on_job_complete {outcome} (worker {worker_id})")
+        if result.ended:
+            message = None if error is None else f"on_job_complete: {error}"
+            self.lifecycle.ended(job.job_id, result.status, message)
+        return result.status
