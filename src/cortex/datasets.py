@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
-from cortex import errors, exactjson, globs, spec
+from cortex import errors, exactjson, globs, locations, spec
+from cortex.locations import SCHEMES, Location, parse_location
 
 # How much of a file is read at once. Lines are cut from each chunk; the rest of a line waits
 # for the next chunk, so a value split across chunks (or a UTF-8 character: it never holds a
@@ -30,13 +29,9 @@ READ_CHUNK_BYTES = 8 << 20
 # end: a 2 GB file without newlines must not be read into memory.
 MAX_LINE_BYTES = 32 << 20
 _LISTING_PAGE = 1000
-_LOCAL = "file"
-_HTTP = ("http", "https")
-# The schemes a dataset may use. fsspec knows many more (ftp://, sftp://, smb://, hdfs://,
-# memory://...), but each is a way to make the server connect somewhere or read something it
-# was never meant to: anything else is refused at submission.
-_OBJECT_STORES = ("s3", "gs", "gcs")
-SCHEMES = (_LOCAL, *_HTTP, *_OBJECT_STORES)
+_LOCAL = locations.LOCAL
+_HTTP = locations.HTTP
+__all__ = ["SCHEMES", "Location", "parse_location"]  # where they were defined before
 
 
 class DatasetError(errors.CortexError):
@@ -55,53 +50,6 @@ class PathNotAllowed(DatasetError):
     kind = "batchapi.path_not_allowed"
 
 
-@dataclass(frozen=True)
-class Location:
-    """One prefix of a submission: `scheme` is "file" for a local path; `prefix` is the text
-    items start with (as the user wrote it); `path` is what the filesystem is given."""
-
-    scheme: str
-    prefix: str
-    path: str
-
-    @property
-    def key(self) -> str:
-        """The same place whatever way it was written (`/x` and `file:///x` are one)."""
-        return f"file://{self.path}" if self.scheme == _LOCAL else self.prefix
-
-
-def parse_location(url: str) -> Location:
-    """Split one of `s3_paths`; InvalidSubmission if it is not a path this server reads."""
-    if url.startswith("/"):
-        return Location(_LOCAL, url, url)
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
-        raise _invalid_path(
-            url, "must be a URL (s3://, gs://, https://, file://) or an absolute path"
-        )
-    if scheme not in SCHEMES:
-        raise _invalid_path(
-            url,
-            f"{scheme}:// is not read by this server: use s3://, gs://, http(s)://, file:// or "
-            "an absolute path",
-        )
-    if scheme == _LOCAL:
-        if not rest.startswith("/"):
-            raise _invalid_path(url, "a file:// URL must hold an absolute path (file:///data/x)")
-        return Location(_LOCAL, url, rest)
-    if scheme in _HTTP:
-        if not rest or rest.startswith("/"):
-            raise _invalid_path(url, "must name a host")
-        return Location(scheme, url, url)
-    bucket = rest.split("/", 1)[0]
-    if not bucket:
-        raise errors.InvalidSubmission(
-            f"{url}: must be a valid {scheme}://bucket/key path", kind="batchapi.invalid_s3_path"
-        )
-    return Location(scheme, url, rest)
-
-
 def check_remote(paths: Iterable[str], allowed: tuple[str, ...]) -> None:
     """Refuse a remote location (s3://, gs://, http(s)://) outside the `allowed` URL prefixes
     (`CORTEX_DATA_URLS`); with none set, every remote location may be read (the server's
@@ -115,10 +63,6 @@ def check_remote(paths: Iterable[str], allowed: tuple[str, ...]) -> None:
                 f"{path}: this server reads remote datasets only under "
                 f"{', '.join(allowed)} (CORTEX_DATA_URLS)"
             )
-
-
-def _invalid_path(url: str, why: str) -> errors.InvalidSubmission:
-    return errors.InvalidSubmission(f"{url}: {why}", kind="batchapi.invalid_path")
 
 
 def distinct_locations(paths: Iterable[str]) -> list[Location]:

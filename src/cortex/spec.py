@@ -19,7 +19,7 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from cortex import errors, exactjson
+from cortex import errors, exactjson, globs, locations
 
 MAX_NAME_LENGTH = 42
 MAX_ITEM_BYTES = 262144  # one item's raw JSON (spec §4: 256 KiB)
@@ -591,8 +591,6 @@ def parse_submission(data: Any) -> Submission:
 
 def _check_file_dataset(kind: str, dataset: FileDataset) -> None:
     """Step 5 of the spec's order, short of listing: prefixes given, globs compile."""
-    from cortex import datasets, globs  # datasets imports this module
-
     if not dataset.paths:
         raise _invalid("batchapi.empty_s3_paths", f"{kind}.s3_paths: must not be empty")
     for name in ("includes", "excludes"):
@@ -604,7 +602,7 @@ def _check_file_dataset(kind: str, dataset: FileDataset) -> None:
         reason = _unicode_error(path)
         if reason is not None or "\0" in path:
             raise _invalid("batchapi.invalid_path", f"{kind}.s3_paths: {path!r} is not valid")
-        datasets.parse_location(path)
+        locations.parse_location(path)
 
 
 def item_batches(items: list[Any], batch_size: int) -> Iterator[str]:
