@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cortex import environments, errors, project, spec
+from cortex import envfiles, environments, errors, project, spec
 from cortex.jobs import JobStatus
 from cortex.launchers import Launcher
 from cortex.lifecycle import Lifecycle
@@ -64,7 +64,7 @@ class Deploys:
             unpacked = project_dir.is_dir()
             self.projects.extract(spec_id, archive)
             try:
-                environments.check_project(project_dir)
+                envfiles.check_project(project_dir)
             except errors.CortexError:
                 if not unpacked:  # a refused deploy leaves nothing behind
                     shutil.rmtree(project_dir, ignore_errors=True)
@@ -124,10 +124,8 @@ class Deploys:
             if api is None:
                 api = spec.APISpec.model_validate(self.store.get_spec_json(spec_id))
             project_dir = self.project_dir(spec_id)
-            extra = environments.runtime_requirements(
-                api.predictor.type, api.compute.gpu, project_dir
-            )
-            self._env_definitions[spec_id] = (environments.key_for(project_dir, extra), extra)
+            extra = envfiles.runtime_requirements(api.predictor.type, api.compute.gpu, project_dir)
+            self._env_definitions[spec_id] = (envfiles.key_for(project_dir, extra), extra)
         return self._env_definitions[spec_id]
 
     def env_key(self, spec_id: str) -> str | None:
@@ -203,7 +201,7 @@ class Deploys:
 
     def dotenv(self, spec_id: str, project_dir: Path) -> dict[str, str]:
         if spec_id not in self._dotenvs:
-            path = project_dir / environments.DOTENV
+            path = project_dir / envfiles.DOTENV
             text = path.read_text(errors="replace") if path.is_file() else ""
-            self._dotenvs[spec_id] = environments.read_dotenv(text)
+            self._dotenvs[spec_id] = envfiles.read_dotenv(text)
         return self._dotenvs[spec_id]

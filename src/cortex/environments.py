@@ -5,19 +5,19 @@ A project folder that holds `requirements.txt`, `dependencies.sh` or `conda-pack
 its workers in an environment of its own, isolated from the server's packages and from every
 other API; a project with none of them runs in the server's own interpreter, as before.
 
-- **Key.** A digest of those three files, the Python version and this package's version. Two
-  API versions with the same files share one environment, so a redeploy of unchanged
-  requirements is a cache hit (no installer runs).
-- **Build.** In `<data>/envs/<key>/`: `uv venv` (or `python -m venv` where uv is missing),
-  then `dependencies.sh` with the environment activated, then `conda-packages.txt` (conda or
-  micromamba), then `uv pip install -r requirements.txt` (or pip), with download caches under
-  `<data>/cache/`. The installer's output goes to `<data>/envs/<key>.log`. A marker file,
-  written last, makes the environment ready: nothing half-built is ever used. A build holds a
-  file lock, so two servers on one data folder never build one key twice at once.
-- **Worker runtime.** `cortex.worker` needs only the standard library: its modules are copied
-  to `<data>/envs/runtime-<digest>/` and put first on a worker's `PYTHONPATH`, so a worker runs
-  in an environment that holds only the user's packages, pins of pydantic or anything else of
-  the server's included.
+- **Key** (`cortex.envfiles`). A digest of those three files, the model runtime the server
+  adds, the Python version and this package's version. Two API versions with the same files
+  share one environment, so a redeploy of unchanged requirements is a cache hit.
+- **Build** (steps in `cortex.envbuild`). In `<data>/envs/<key>/`: `uv venv` (or `python -m
+  venv` where uv is missing; or conda for `conda-packages.txt`), then `dependencies.sh` with
+  the environment activated, then `uv pip install -r requirements.txt` (or pip), with download
+  caches under `<data>/cache/`. The installer's output goes to `<data>/envs/<key>.log`. A
+  marker file, written last, makes the environment ready: nothing half-built is ever used. A
+  build holds a file lock, so two servers on one data folder never build one key twice at once.
+- **Worker runtime** (`cortex.envfiles.runtime_dir`). `cortex.worker` needs only the standard
+  library: its modules are copied to `<data>/envs/runtime-<digest>/` and put first on a
+  worker's `PYTHONPATH`, so a worker runs in an environment that holds only the user's
+  packages, pins of pydantic or anything else of the server's included.
 - **Removal.** Environments used by no API version and no in-progress job are removed, least
   recently used first, while the folder is over its budget (`CORTEX_ENV_CACHE_BYTES`).
 """
@@ -27,55 +27,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
-import io
 import json
 import logging
 import os
-import platform
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import dotenv.parser
 
 import cortex
-from cortex import errors, project
+from cortex import envbuild, envfiles
+
+# What defines an environment lives in `cortex.envfiles`; these names were always read here.
 
 log = logging.getLogger("cortex.server")
 
-REQUIREMENTS = "requirements.txt"
-DEPENDENCIES = "dependencies.sh"
-CONDA_PACKAGES = "conda-packages.txt"
-# The files that define an environment, in the order a build uses them.
-ENV_FILES = (DEPENDENCIES, CONDA_PACKAGES, REQUIREMENTS)
-DOTENV = ".env"
-# A process's environment and arguments share about 2 MiB on Linux (ARG_MAX): a `.env` must
-# leave room for the rest.
-MAX_DOTENV_BYTES = 256 << 10
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
 # Written last into a built environment: its presence is what "ready" means.
 _MARKER = "cortex-env.json"
-# The worker's modules, relative to the `cortex` package: standard library only.
-_RUNTIME_MODULES = (
-    "__init__.py",
-    "predictor.py",
-    "worker/__init__.py",
-    "worker/__main__.py",
-    "worker/logship.py",
-    "worker/models.py",
-    "worker/queue.py",
-    "worker/runtime.py",
-)
 # A build's log: what one read of it returns, and the most kept (a script printing without
 # end must not fill the disk; the last lines still make the error message).
 _LOG_READ_BYTES = 256 << 10
@@ -93,10 +62,6 @@ MISSING = "missing"  # not built on this machine (yet, or any more)
 NONE = "none"  # the project needs no environment: the server's interpreter runs it
 
 
-class BuildError(Exception):
-    """A step of a build failed; the message is what the installer (or script) said."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Status:
     key: str | None
@@ -107,154 +72,6 @@ class Status:
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
-
-
-def python_tag() -> str:
-    """The interpreter environments are built for: part of every key."""
-    version = ".".join(str(part) for part in sys.version_info[:3])
-    return f"{sys.implementation.name}-{version}-{platform.machine()}"
-
-
-# The model runtime each predictor type needs, installed unless requirements.txt names one:
-# (the package without GPUs, with GPUs, the names that count as naming it).
-_RUNTIMES = {
-    "onnx": ("onnxruntime", "onnxruntime-gpu", ("onnxruntime",)),
-    "tensorflow": (
-        "tensorflow-cpu",
-        "tensorflow",
-        ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tf-nightly", "tensorflow-intel"),
-    ),
-}
-
-
-def requirement_names(text: str) -> set[str]:
-    """The distribution names a requirements file asks for, normalised (PEP 503)."""
-    names = set()
-    for line in text.splitlines():
-        line = line.split(" #", 1)[0].strip()
-        if not line or line.startswith(("#", "-")):
-            continue
-        match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
-        if match:
-            names.add(re.sub(r"[-_.]+", "-", match.group(0)).lower())
-    return names
-
-
-def runtime_requirements(predictor_type: str, gpu: int, project_dir: Path) -> tuple[str, ...]:
-    """What the server adds to an API's environment for its predictor type: ONNX Runtime or
-    TensorFlow (their GPU builds with `compute.gpu`), unless requirements.txt names them."""
-    if predictor_type not in _RUNTIMES:
-        return ()
-    cpu_package, gpu_package, names = _RUNTIMES[predictor_type]
-    path = project_dir / REQUIREMENTS
-    asked = requirement_names(path.read_text(errors="replace")) if path.is_file() else set()
-    if asked & set(names):
-        return ()
-    return (gpu_package if gpu else cpu_package,)
-
-
-def key_for(project_dir: Path, extra: tuple[str, ...] = ()) -> str | None:
-    """The environment a project needs, named by the content of what defines it and the
-    `extra` requirements the server adds (a model runtime); None if there is nothing to
-    install (the server's interpreter runs it)."""
-    digest = hashlib.sha256(f"cortex-env-1\0{cortex.__version__}\0{python_tag()}\0".encode())
-    digest.update(("extra\0" + "\0".join(extra) + "\0").encode())
-    found = bool(extra)
-    for name in ENV_FILES:
-        path = project_dir / name
-        if path.is_file():
-            found = True
-            digest.update(f"{name}\0{path.stat().st_size}\0".encode())
-            digest.update(path.read_bytes())
-        else:
-            digest.update(f"{name}\0-\0".encode())
-    return digest.hexdigest()[:24] if found else None
-
-
-def conda_tool() -> str | None:
-    """The conda-compatible installer on PATH, if any."""
-    for name in ("micromamba", "mamba", "conda"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def read_dotenv(text: str, source: str = DOTENV) -> dict[str, str]:
-    """A `.env` file's variables, as python-dotenv reads them (`NAME=value`, `export NAME=...`,
-    `#` comments, single- or double-quoted values; no `${VAR}` expansion). A line that does not
-    parse, or a name starting with CORTEX_ (the server's own), is refused with its line."""
-    values: dict[str, str] = {}
-    for binding in dotenv.parser.parse_stream(io.StringIO(text)):
-        # A binding's text starts with the blank lines before it: its line is after them.
-        original = binding.original.string
-        skipped = original[: len(original) - len(original.lstrip())]
-        line = binding.original.line + skipped.count("\n")
-        if binding.error:
-            shown = binding.original.string.strip()[:80]
-            raise errors.InvalidSpec(f"{source}: line {line}: cannot be read: {shown!r}")
-        if binding.key is None:
-            continue  # a blank line or a comment
-        if not _ENV_NAME.fullmatch(binding.key):
-            raise errors.InvalidSpec(
-                f"{source}: line {line}: {binding.key[:80]!r} is not a valid environment "
-                "variable name (letters, digits and _, not starting with a digit)"
-            )
-        if binding.key.upper().startswith("CORTEX_"):
-            raise errors.InvalidSpec(
-                f"{source}: line {line}: {binding.key}: names starting with CORTEX_ are "
-                "reserved for the server"
-            )
-        if "\0" in (binding.value or ""):
-            raise errors.InvalidSpec(f"{source}: line {line}: a value may not hold a null")
-        values[binding.key] = binding.value or ""
-    return values
-
-
-def check_project(project_dir: Path) -> None:
-    """What a deploy refuses before it builds anything: a `.env` that does not read or is too
-    big to be a process's environment, and `conda-packages.txt` on a server without conda."""
-    dotenv_path = project_dir / DOTENV
-    if dotenv_path.is_file():
-        size = dotenv_path.stat().st_size
-        if size > MAX_DOTENV_BYTES:
-            raise errors.InvalidSpec(
-                f"{DOTENV}: {size} bytes is more than a worker's environment can hold "
-                f"(at most {MAX_DOTENV_BYTES}); put large values in files of the project"
-            )
-        read_dotenv(dotenv_path.read_text(errors="replace"))
-    if (project_dir / CONDA_PACKAGES).is_file() and conda_tool() is None:
-        raise errors.InvalidSpec(
-            f"{CONDA_PACKAGES}: this server cannot install conda packages: neither micromamba, "
-            "mamba nor conda is on its PATH (install one, or list the packages in "
-            f"{REQUIREMENTS})"
-        )
-
-
-def runtime_dir(root: Path) -> Path:
-    """A folder holding only the worker's modules (as the package `cortex`), to put first on a
-    worker's path in any environment. Named by their content; written once."""
-    package = Path(cortex.__file__).parent
-    digest = hashlib.sha256()
-    for name in _RUNTIME_MODULES:
-        digest.update(name.encode() + b"\0" + (package / name).read_bytes())
-
-    def copy(tmp: Path) -> None:
-        for name in _RUNTIME_MODULES:
-            target = tmp / "cortex" / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(package / name, target)
-
-    return project.publish(root / f"runtime-{digest.hexdigest()[:16]}", copy)
-
-
-def _uv() -> str | None:
-    try:
-        import uv
-
-        return str(uv.find_uv_bin())
-    except (ImportError, FileNotFoundError):
-        return shutil.which("uv")
 
 
 class Environments:
@@ -274,7 +91,7 @@ class Environments:
         self.budget_bytes = budget_bytes
         self.build_timeout_s = build_timeout_s
         # "uv" or "pip"; empty: uv where it is installed, else pip.
-        self.installer = installer or ("uv" if _uv() else "pip")
+        self.installer = installer or ("uv" if envbuild.uv_path() else "pip")
         self._lock = threading.Lock()
         self._builds: dict[str, threading.Event] = {}
         self._slots = threading.BoundedSemaphore(_PARALLEL_BUILDS)
@@ -428,8 +245,11 @@ class Environments:
             shutil.rmtree(env_dir, ignore_errors=True)  # what a crashed build left
             with open(self.root / f"{key}.log", "w") as out:
                 try:
-                    self._run_steps(env_dir, project_dir, extra, out)
-                except BuildError as err:
+                    settings = envbuild.Settings(
+                        self.installer, self.cache_dir, self.build_timeout_s
+                    )
+                    envbuild.run_steps(settings, env_dir, project_dir, extra, out)
+                except envbuild.BuildError as err:
                     shutil.rmtree(env_dir, ignore_errors=True)
                     duration = time.monotonic() - started
                     out.write(f"==> the build failed after {duration:.1f} s\n")
@@ -445,7 +265,7 @@ class Environments:
                 env_dir / _MARKER,
                 {
                     "key": key,
-                    "python": python_tag(),
+                    "python": envfiles.python_tag(),
                     "installer": self.installer,
                     "cortex": cortex.__version__,
                     "duration_s": duration,
@@ -456,118 +276,6 @@ class Environments:
                 },
             )
             log.info("environment %s built in %.1f s", key, duration)
-
-    def _run_steps(
-        self, env_dir: Path, project_dir: Path, extra: tuple[str, ...], out: io.TextIOBase
-    ) -> None:
-        uv = _uv() if self.installer == "uv" else None
-        if self.installer == "uv" and uv is None:
-            raise BuildError("the installer uv is not installed on this server")
-        tool = conda_tool() if (project_dir / CONDA_PACKAGES).is_file() else None
-        if (project_dir / CONDA_PACKAGES).is_file() and tool is None:
-            raise BuildError(f"{CONDA_PACKAGES}: neither micromamba, mamba nor conda is on PATH")
-        env = self._step_env(env_dir)
-        python = str(env_dir / "bin" / "python")
-        base = getattr(sys, "_base_executable", sys.executable)
-        version = ".".join(str(part) for part in sys.version_info[:2])
-        if tool is not None:
-            out.write(f"==> creating the environment with {Path(tool).name} ({CONDA_PACKAGES})\n")
-            self._step(
-                [
-                    tool, "create", "-y", "-p", str(env_dir), f"python={version}",
-                    "--file", CONDA_PACKAGES,
-                ],
-                project_dir, env, out, "creating the environment",
-            )  # fmt: skip
-        elif uv is not None:
-            out.write(f"==> creating the environment (uv venv, Python {version})\n")
-            self._step(
-                [uv, "venv", "--seed", "--no-config", "--python", base, str(env_dir)],
-                project_dir, env, out, "creating the environment",
-            )  # fmt: skip
-        else:
-            out.write(f"==> creating the environment (python -m venv, Python {version})\n")
-            self._step(
-                [base, "-m", "venv", str(env_dir)], project_dir, env, out,
-                "creating the environment",
-            )  # fmt: skip
-        if (project_dir / DEPENDENCIES).is_file():
-            out.write(f"==> running {DEPENDENCIES}\n")
-            self._step(["bash", DEPENDENCIES], project_dir, env, out, DEPENDENCIES)
-        has_requirements = (project_dir / REQUIREMENTS).is_file()
-        if has_requirements or extra:
-            # One resolution for both: the runtime must agree with the user's pins.
-            what = " and ".join([*([REQUIREMENTS] if has_requirements else []), *extra])
-            if uv is not None:
-                out.write(f"==> installing {what} (uv pip install)\n")
-                command = [uv, "pip", "install", "--no-config", "--python", python]
-            else:
-                out.write(f"==> installing {what} (pip install)\n")
-                command = [python, "-m", "pip", "install", "--disable-pip-version-check"]
-            args = [*(["-r", REQUIREMENTS] if has_requirements else []), *extra]
-            self._step([*command, *args], project_dir, env, out, what)
-
-    def _step_env(self, env_dir: Path) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "CONDA_PREFIX")
-            and not k.startswith("CORTEX_")
-        }
-        env.update(
-            VIRTUAL_ENV=str(env_dir),
-            PATH=f"{env_dir / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}",
-            UV_CACHE_DIR=str(self.cache_dir / "uv"),
-            PIP_CACHE_DIR=str(self.cache_dir / "pip"),
-            # Never download an interpreter: environments use the server's Python.
-            UV_PYTHON_DOWNLOADS="never",
-            PYTHONNOUSERSITE="1",
-            PYTHONUNBUFFERED="1",
-        )
-        return env
-
-    def _step(
-        self, command: list[str], cwd: Path, env: dict[str, str], out: io.TextIOBase, what: str
-    ) -> None:
-        """Run one step, its output into the build log; a failure raises its last lines."""
-        tail: deque[str] = deque(maxlen=_ERROR_LINES)
-        deadline = time.monotonic() + self.build_timeout_s
-        try:
-            proc = subprocess.Popen(
-                command,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        except OSError as err:
-            raise BuildError(f"{what}: cannot run {command[0]}: {err}") from None
-        timer = threading.Timer(max(0.0, deadline - time.monotonic()), _kill_group, (proc.pid,))
-        timer.daemon = True
-        timer.start()
-        try:
-            assert proc.stdout is not None
-            with proc.stdout:
-                for raw in _lines(proc.stdout):
-                    line = raw.decode(errors="replace").rstrip()
-                    if out.tell() < _LOG_MAX_BYTES:
-                        out.write(line + "\n")
-                        if out.tell() >= _LOG_MAX_BYTES:
-                            out.write(f"[the log stops here: over {_LOG_MAX_BYTES} bytes]\n")
-                        out.flush()
-                    if line.strip():
-                        tail.append(line)
-            code = proc.wait()
-        finally:
-            timer.cancel()
-            _kill_group(proc.pid)  # nothing a step started outlives it
-        if code != 0:
-            said = "\n".join(tail)[-_ERROR_CHARS:]
-            if time.monotonic() >= deadline:
-                raise BuildError(f"{what}: stopped after {self.build_timeout_s:g} s\n{said}")
-            raise BuildError(f"{what} failed (exit code {code}):\n{said}".rstrip())
 
     # -- removing -----------------------------------------------------------------------------
 
@@ -617,25 +325,6 @@ class Environments:
             for suffix in (".log", ".failed.json"):
                 (self.root / f"{key}{suffix}").unlink(missing_ok=True)
         log.info("removed the unused environment %s (over the cache budget)", key)
-
-
-def _lines(stream: Any) -> Iterator[bytes]:
-    # uv and pip redraw progress with carriage returns: each redraw is a line of its own.
-    pending = b""
-    while True:
-        chunk = stream.read1(65536)
-        if not chunk:
-            break
-        pending += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        *complete, pending = pending.split(b"\n")
-        yield from complete
-    if pending:
-        yield pending
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 def _tree_bytes(path: Path) -> int:

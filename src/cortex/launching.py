@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from cortex import environments, launch, modelcache, spec
+from cortex import envfiles, launch, modelcache, spec
 from cortex.deploys import Deploys
 from cortex.jobs import JobStatus, WorkerState
 from cortex.launchers import Launcher, WorkerLaunch
@@ -103,9 +103,7 @@ class Launching:
             python_path.insert(0, str(project_dir / api_spec.predictor.python_path))
         # The project's .env, then the API's predictor.env, which wins.
         user_env = {**self.deploys.dotenv(job.spec_id, project_dir), **api_spec.predictor.env}
-        runtime = (
-            None if env_dir is None else environments.runtime_dir(self.deploys.environments.root)
-        )
+        runtime = None if env_dir is None else envfiles.runtime_dir(self.deploys.environments.root)
         for worker_id in worker_ids:
             env = {
                 **user_env,

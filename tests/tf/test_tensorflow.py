@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cortex import environments
+from cortex import envfiles, environments
 from helpers import start_server, stop_server, wait_for_status
 
 pytestmark = pytest.mark.skipif(
@@ -90,9 +90,9 @@ def test_a_savedmodel_runs_by_its_signature(tmp_path: Path) -> None:
     model_dir = tmp_path / "model"
     # The environment every API here needs: no requirements.txt, tensorflow-cpu added.
     probe = _project(tmp_path, "probe", {"model_path": "m/"}, {})
-    extra = environments.runtime_requirements("tensorflow", 0, probe)
+    extra = envfiles.runtime_requirements("tensorflow", 0, probe)
     assert extra == ("tensorflow-cpu",)
-    key = environments.key_for(probe, extra)
+    key = envfiles.key_for(probe, extra)
     assert key is not None
     envs = environments.Environments(data / "envs", data / "cache")
     envs.build(key, probe, extra=extra)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex import environments, errors
+from cortex import envfiles, environments, errors
 
 
 def write(path: Path, text: str = "") -> Path:
@@ -24,28 +24,28 @@ class TestKey:
     def test_no_environment_files_no_environment(self, tmp_path: Path) -> None:
         write(tmp_path / "predictor.py")
         write(tmp_path / ".env", "A=1\n")
-        assert environments.key_for(tmp_path) is None
+        assert envfiles.key_for(tmp_path) is None
 
     def test_the_key_follows_the_content_of_each_file(self, tmp_path: Path) -> None:
         write(tmp_path / "requirements.txt", "humanize==4.9.0\n")
-        first = environments.key_for(tmp_path)
+        first = envfiles.key_for(tmp_path)
         write(tmp_path / "predictor.py", "changed code does not change the environment")
-        assert environments.key_for(tmp_path) == first
+        assert envfiles.key_for(tmp_path) == first
         write(tmp_path / "requirements.txt", "humanize==4.10.0\n")
-        second = environments.key_for(tmp_path)
+        second = envfiles.key_for(tmp_path)
         write(tmp_path / "dependencies.sh", "echo hi\n")
-        third = environments.key_for(tmp_path)
+        third = envfiles.key_for(tmp_path)
         assert len({first, second, third}) == 3
 
     def test_the_same_files_elsewhere_give_the_same_key(self, tmp_path: Path) -> None:
         for folder in ("a", "b"):
             write(tmp_path / folder / "requirements.txt", "tabulate\n")
-        assert environments.key_for(tmp_path / "a") == environments.key_for(tmp_path / "b")
+        assert envfiles.key_for(tmp_path / "a") == envfiles.key_for(tmp_path / "b")
 
     def test_a_file_moved_between_roles_changes_the_key(self, tmp_path: Path) -> None:
         write(tmp_path / "a" / "requirements.txt", "x\n")
         write(tmp_path / "b" / "conda-packages.txt", "x\n")
-        assert environments.key_for(tmp_path / "a") != environments.key_for(tmp_path / "b")
+        assert envfiles.key_for(tmp_path / "a") != envfiles.key_for(tmp_path / "b")
 
 
 class TestDotenv:
@@ -60,7 +60,7 @@ class TestDotenv:
             "E=value # comment\n"
             "F=\n"
         )
-        assert environments.read_dotenv(text) == {
+        assert envfiles.read_dotenv(text) == {
             "A": "1",
             "B": "two",
             "C": "single # kept",
@@ -70,7 +70,7 @@ class TestDotenv:
         }
 
     def test_no_expansion_of_the_servers_variables(self) -> None:
-        assert environments.read_dotenv("HOME_COPY=${HOME}\n") == {"HOME_COPY": "${HOME}"}
+        assert envfiles.read_dotenv("HOME_COPY=${HOME}\n") == {"HOME_COPY": "${HOME}"}
 
     @pytest.mark.parametrize(
         ("text", "line"),
@@ -81,26 +81,26 @@ class TestDotenv:
     )
     def test_cortex_names_are_refused_with_their_line(self, text: str, line: int) -> None:
         with pytest.raises(errors.InvalidSpec, match=f"line {line}: .*reserved"):
-            environments.read_dotenv(text)
+            envfiles.read_dotenv(text)
 
     def test_a_name_no_process_environment_takes_is_refused(self) -> None:
         with pytest.raises(errors.InvalidSpec, match="line 2: 'A-B' is not a valid"):
-            environments.read_dotenv("OK=1\nA-B=2\n")
+            envfiles.read_dotenv("OK=1\nA-B=2\n")
 
     def test_a_dotenv_too_big_for_an_environment_is_refused(self, tmp_path: Path) -> None:
-        write(tmp_path / ".env", "A=" + "x" * environments.MAX_DOTENV_BYTES + "\n")
+        write(tmp_path / ".env", "A=" + "x" * envfiles.MAX_DOTENV_BYTES + "\n")
         with pytest.raises(errors.InvalidSpec, match="more than a worker's environment"):
-            environments.check_project(tmp_path)
+            envfiles.check_project(tmp_path)
 
     def test_a_line_that_does_not_parse_is_named(self) -> None:
         with pytest.raises(errors.InvalidSpec, match="line 2: cannot be read"):
-            environments.read_dotenv("A=1\nthis is not a binding\n")
+            envfiles.read_dotenv("A=1\nthis is not a binding\n")
 
 
 def test_the_worker_runtime_needs_only_the_standard_library(tmp_path: Path) -> None:
     """The runtime folder alone, in an interpreter without site-packages: every module the
     worker imports is the standard library's or its own."""
-    runtime = environments.runtime_dir(tmp_path)
+    runtime = envfiles.runtime_dir(tmp_path)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
         "import cortex.worker.runtime, cortex.predictor;"
@@ -118,7 +118,7 @@ def test_the_worker_runtime_needs_only_the_standard_library(tmp_path: Path) -> N
     )
     assert done.stdout.split() == ["cortex"], done.stdout
     # Named by content: the same folder again, and nothing else of the package in it.
-    assert environments.runtime_dir(tmp_path) == runtime
+    assert envfiles.runtime_dir(tmp_path) == runtime
     shipped = {p.relative_to(runtime).as_posix() for p in runtime.rglob("*.py")}
     assert "cortex/service.py" not in shipped and "cortex/worker/runtime.py" in shipped
 
@@ -128,7 +128,7 @@ def test_a_build_that_needs_only_dependencies_sh(tmp_path: Path) -> None:
     its output is the build's log; a second build of the key is a cache hit."""
     project = tmp_path / "project"
     write(project / "dependencies.sh", 'echo "in $VIRTUAL_ENV"\ntouch "$VIRTUAL_ENV/made"\n')
-    key = environments.key_for(project)
+    key = envfiles.key_for(project)
     assert key is not None
     envs = environments.Environments(tmp_path / "envs", tmp_path / "cache")
     assert envs.build(key, project).state == environments.BUILDING
@@ -161,7 +161,7 @@ def test_the_log_is_read_in_whole_lines_from_an_offset(tmp_path: Path) -> None:
 def test_a_failed_build_leaves_no_environment_and_says_why(tmp_path: Path) -> None:
     project = tmp_path / "project"
     write(project / "dependencies.sh", "echo 'about to fail'\nexit 7\n")
-    key = environments.key_for(project)
+    key = envfiles.key_for(project)
     assert key is not None
     envs = environments.Environments(tmp_path / "envs", tmp_path / "cache")
     envs.build(key, project)

@@ -55,7 +55,7 @@ from typing import Any
 
 import psutil
 
-from cortex import environments, errors, spec
+from cortex import envfiles, environments, errors, spec
 from cortex.launchers.base import WorkerExit, WorkerLaunch
 
 try:
@@ -226,7 +226,7 @@ class WorkerActor:
             raise _NotStarted(1)
         with contextlib.suppress(OSError):
             envs.prune(_in_use(envs.root))
-        return envs.path(key), environments.runtime_dir(envs.root)
+        return envs.path(key), envfiles.runtime_dir(envs.root)
 
     def _watch(self, popen: subprocess.Popen[bytes]) -> None:
         from cortex.launchers.local import tree_rss_bytes
