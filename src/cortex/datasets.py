@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from cortex import errors, exactjson, globs, locations, spec
+from cortex import errors, exactjson, globs, jobspec, locations, spec
 from cortex.locations import SCHEMES, Location, parse_location
 
 # How much of a file is read at once. Lines are cut from each chunk; the rest of a line waits
@@ -234,7 +234,7 @@ def list_location(loc: Location, roots: tuple[Path, ...]) -> Iterator[str]:
         raise StorageError(f"cannot list {loc.prefix}: {_storage_reason(err)}") from None
 
 
-def list_files(dataset: spec.FileDataset, roots: tuple[Path, ...]) -> Generator[str, None, None]:
+def list_files(dataset: jobspec.FileDataset, roots: tuple[Path, ...]) -> Generator[str, None, None]:
     """The dataset's files, each once, in prefix order (and name order within a prefix)."""
     includes = globs.Globs(dataset.includes)
     excludes = globs.Globs(dataset.excludes)
@@ -371,7 +371,7 @@ def read_values(url: str, roots: tuple[Path, ...]) -> Iterator[bytes]:
 
 def items(
     kind: str,
-    dataset: spec.FileDataset,
+    dataset: jobspec.FileDataset,
     roots: tuple[Path, ...],
     on_file: Any = None,
 ) -> Iterator[bytes]:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from cortex import datasets, spec
+from cortex import datasets, jobspec
 from cortex.store import Job, Store
 
 # A chunk is written when it holds this many batches, this many bytes, or has waited this
@@ -26,9 +26,9 @@ FLUSH_S = 0.5
 NO_DATA = "unable to enqueue batches because no data was found; check the files with dryRun=true"
 
 
-def file_dataset(job: Job) -> tuple[str, spec.FileDataset]:
+def file_dataset(job: Job) -> tuple[str, jobspec.FileDataset]:
     assert job.dataset is not None
-    return job.dataset["kind"], spec.FileDataset.model_validate(job.dataset)
+    return job.dataset["kind"], jobspec.FileDataset.model_validate(job.dataset)
 
 
 def run(

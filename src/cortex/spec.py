@@ -13,13 +13,13 @@ import json
 import math
 import posixpath
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import pydantic
 import yaml
 
-from cortex import errors, exactjson, globs, locations
+from cortex import errors
 
 MAX_NAME_LENGTH = 42
 MAX_ITEM_BYTES = 262144  # one item's raw JSON (spec §4: 256 KiB)
@@ -375,7 +375,7 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-def _unicode_error(value: Any) -> str | None:
+def unicode_error(value: Any) -> str | None:
     """Why `value` cannot be written as UTF-8 JSON (a lone surrogate from a `\\ud800` escape),
     or None if it can."""
     try:
@@ -385,7 +385,7 @@ def _unicode_error(value: Any) -> str | None:
     return None
 
 
-def _format_error(err: pydantic.ValidationError, prefix: str) -> str:
+def format_error(err: pydantic.ValidationError, prefix: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(part) for part in first["loc"])
     msg = first["msg"]
@@ -411,8 +411,8 @@ def parse_api_spec(data: Any, where: str = "") -> APISpec:
     try:
         api = APISpec.model_validate(data)
     except pydantic.ValidationError as err:
-        raise errors.InvalidSpec(_format_error(err, prefix)) from None
-    reason = _unicode_error(api.to_json())
+        raise errors.InvalidSpec(format_error(err, prefix)) from None
+    reason = unicode_error(api.to_json())
     if reason is not None:
         raise errors.InvalidSpec(f"{prefix}holds text that is not valid unicode ({reason})")
     return api
@@ -458,176 +458,3 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> d
         else:
             merged[key] = copy.deepcopy(value)
     return merged
-
-
-# ---------------------------------------------------------------------------------------------
-# Job submissions (spec §4.1)
-
-DATASET_KEYS = ("item_list", "file_path_lister", "delimited_files")
-
-
-class ItemList(pydantic.BaseModel):
-    items: list[Any]
-    batch_size: int
-
-
-class FileDataset(pydantic.BaseModel):
-    """`file_path_lister` or `delimited_files`: prefixes to list, globs to filter by. `paths`
-    is accepted for `s3_paths` (the prefixes need not be on S3)."""
-
-    paths: list[str] = pydantic.Field(validation_alias=pydantic.AliasChoices("s3_paths", "paths"))
-    includes: list[str] = pydantic.Field(default_factory=list)
-    excludes: list[str] = pydantic.Field(default_factory=list)
-    batch_size: int
-
-    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
-
-    @pydantic.field_validator("includes", "excludes", mode="before")
-    @classmethod
-    def _null_list(cls, value: Any) -> Any:
-        return [] if value is None else value
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "s3_paths": self.paths,
-            "includes": self.includes,
-            "excludes": self.excludes,
-            "batch_size": self.batch_size,
-        }
-
-
-class Submission(pydantic.BaseModel):
-    """A validated job submission. Unknown keys are ignored, as in the spec."""
-
-    workers: int = 0
-    config: dict[str, Any] | None = None
-    item_list: ItemList | None = None
-    file_path_lister: FileDataset | None = None
-    delimited_files: FileDataset | None = None
-    timeout: int | None = None
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-
-    model_config = pydantic.ConfigDict(extra="ignore")
-
-    @property
-    def dataset_kind(self) -> str:
-        return next(key for key in DATASET_KEYS if getattr(self, key) is not None)
-
-    @property
-    def file_dataset(self) -> FileDataset | None:
-        return self.file_path_lister or self.delimited_files
-
-
-def _invalid(kind: str, message: str) -> errors.InvalidSubmission:
-    return errors.InvalidSubmission(message, kind=kind)
-
-
-def parse_submission(data: Any) -> Submission:
-    """Validate a submission in the spec's order, with the spec's error kinds."""
-    if not isinstance(data, dict):
-        raise errors.InvalidRequest("the request body must be a JSON object")
-    # Items are checked as their batches are written (orjson refuses what it cannot write);
-    # walking a million of them here in Python would cost more than the rest of the request.
-    item_list = data.get("item_list")
-    rest = {k: v for k, v in data.items() if k != "item_list"}
-    if isinstance(item_list, dict):
-        rest["item_list"] = {k: v for k, v in item_list.items() if k != "items"}
-    if json_depth(rest) > MAX_JSON_DEPTH:
-        raise errors.InvalidRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
-    present = [key for key in DATASET_KEYS if data.get(key) is not None]
-    if not present:
-        raise _invalid(
-            "batchapi.specify_exactly_one_key",
-            "specify exactly one of the following keys: item_list, file_path_lister, or "
-            "delimited_files",
-        )
-    if len(present) > 1:
-        raise _invalid(
-            "batchapi.conflicting_fields",
-            f"please specify exactly one of the following keys: {', '.join(present)}",
-        )
-    kind = present[0]
-    section = data[kind]
-    if isinstance(section, dict) and "s3_paths" in section and "paths" in section:
-        raise _invalid("batchapi.conflicting_fields", f"{kind}: give s3_paths or paths, not both")
-    try:
-        sub = Submission.model_validate(data, strict=False)
-    except pydantic.ValidationError as err:
-        raise errors.InvalidRequest(_format_error(err, "")) from None
-    raw = {name: data.get(name) for name in ("workers", "timeout", "max_attempts")}
-    if isinstance(data[kind], dict):
-        raw[f"{kind}.batch_size"] = data[kind].get("batch_size")
-    for name, value in raw.items():
-        if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
-            raise errors.InvalidRequest(f"{name}: must be an integer")
-    if sub.item_list is not None and not sub.item_list.items:
-        raise _invalid("batchapi.empty_item_list", "item_list.items: must not be empty")
-    batch_size = sub.item_list.batch_size if sub.item_list else sub.file_dataset.batch_size  # type: ignore[union-attr]
-    if batch_size < 1:
-        raise _invalid("batchapi.invalid_batch_size", f"{kind}.batch_size: must be at least 1")
-    if batch_size > MAX_BATCH_SIZE:
-        raise _invalid(
-            "batchapi.invalid_batch_size", f"{kind}.batch_size: must be at most {MAX_BATCH_SIZE}"
-        )
-    if sub.workers < 1:
-        raise _invalid("batchapi.invalid_workers", "workers: must be at least 1")
-    if sub.timeout is not None and sub.timeout < 1:
-        raise _invalid("batchapi.invalid_timeout", "timeout: must be at least 1 second")
-    if sub.timeout is not None and sub.timeout > MAX_INT32:
-        raise _invalid("batchapi.invalid_timeout", f"timeout: must be at most {MAX_INT32} seconds")
-    if sub.max_attempts < 1:
-        raise _invalid("batchapi.invalid_max_attempts", "max_attempts: must be at least 1")
-    if sub.max_attempts > MAX_INT32:
-        raise _invalid(
-            "batchapi.invalid_max_attempts", f"max_attempts: must be at most {MAX_INT32}"
-        )
-    reason = _unicode_error(sub.config)
-    if reason is not None:
-        raise errors.InvalidRequest(f"config: holds text that is not valid unicode ({reason})")
-    if sub.file_dataset is not None:
-        _check_file_dataset(kind, sub.file_dataset)
-    return sub
-
-
-def _check_file_dataset(kind: str, dataset: FileDataset) -> None:
-    """Step 5 of the spec's order, short of listing: prefixes given, globs compile."""
-    if not dataset.paths:
-        raise _invalid("batchapi.empty_s3_paths", f"{kind}.s3_paths: must not be empty")
-    for name in ("includes", "excludes"):
-        try:
-            globs.Globs(getattr(dataset, name))
-        except globs.GlobError as err:
-            raise _invalid("batchapi.invalid_glob", f"{kind}.{name}: {err}") from None
-    for path in dataset.paths:
-        reason = _unicode_error(path)
-        if reason is not None or "\0" in path:
-            raise _invalid("batchapi.invalid_path", f"{kind}.s3_paths: {path!r} is not valid")
-        locations.parse_location(path)
-
-
-def item_batches(items: list[Any], batch_size: int) -> Iterator[str]:
-    """The JSON payload of each batch, in order, checking the spec's per-item size limit.
-
-    An item can only be over the limit if its batch is, so items are measured one by one only
-    in batches whose JSON is larger than the limit: the common case serialises once.
-    """
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        try:
-            encoded = exactjson.dumps(chunk)
-        except TypeError as err:
-            raise _invalid(
-                "batchapi.invalid_item",
-                f"item_list.items: an item in batch {start // batch_size} cannot be stored as "
-                f"JSON ({err}: lone surrogates and nesting deeper than 254 levels are refused)",
-            ) from None
-        if len(encoded) > MAX_ITEM_BYTES:
-            for offset, item in enumerate(chunk):
-                size = len(exactjson.dumps(item))
-                if size > MAX_ITEM_BYTES:
-                    raise _invalid(
-                        "batchapi.item_size_exceeds_limit",
-                        f"item {start + offset} has size {size} bytes which exceeds the limit "
-                        f"({MAX_ITEM_BYTES} bytes)",
-                    )
-        yield encoded.decode()

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from cortex import datasets, enqueuer, errors, spec
+from cortex import datasets, enqueuer, errors, jobspec, spec
 from cortex.jobs import JobStatus, new_job_id, new_worker_id
 from cortex.launchers import Launcher
 from cortex.launching import Launching
@@ -53,7 +53,7 @@ class Submissions:
     def submit(self, api_name: str, data: Any, dry_run: bool = False) -> Job | Iterator[str]:
         """Validate a submission and create its job; with `dry_run`, create nothing and
         return the files it matches (none for an item list), listed as they are read."""
-        submission = spec.parse_submission(data)
+        submission = jobspec.parse_submission(data)
         self._check_workers(submission.workers)
         job_id = new_job_id()
         # An unknown API is reported before the items are checked.
@@ -63,7 +63,7 @@ class Submissions:
             return self._submit_items(job_id, api_name, submission, dry_run)
 
     def _submit_items(
-        self, job_id: str, api_name: str, submission: spec.Submission, dry_run: bool
+        self, job_id: str, api_name: str, submission: jobspec.Submission, dry_run: bool
     ) -> Job | Iterator[str]:
         """An item list: every batch is built (and every item checked) first, then the job is
         stored and its workers started, and the batches are written while the workers boot,
@@ -75,7 +75,7 @@ class Submissions:
         last chunk, the reconciler fails the job (`_enqueue`) instead of resuming it."""
         assert submission.item_list is not None
         item_list = submission.item_list
-        payloads = list(spec.item_batches(item_list.items, item_list.batch_size))
+        payloads = list(jobspec.item_batches(item_list.items, item_list.batch_size))
         if dry_run:
             return iter(())
         # This thread is the job's enqueuer from before its row exists: the reconciler, which
@@ -96,7 +96,7 @@ class Submissions:
                 self._enqueuers.pop(job_id, None)
 
     def _create_enqueuing(
-        self, job_id: str, api_name: str, submission: spec.Submission, dataset: dict[str, Any]
+        self, job_id: str, api_name: str, submission: jobspec.Submission, dataset: dict[str, Any]
     ) -> Job:
         """Store a submission's job as enqueuing, owned by this replica."""
         return self.store.create_enqueuing_job(
@@ -140,7 +140,7 @@ class Submissions:
         return done
 
     def _submit_files(
-        self, job_id: str, api_name: str, submission: spec.Submission, dry_run: bool
+        self, job_id: str, api_name: str, submission: jobspec.Submission, dry_run: bool
     ) -> Job | Iterator[str]:
         """A file dataset: list until one file matches (else 400), store the job as
         enqueuing, and enqueue it on a thread of its own; the answer does not wait."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex import datasets, errors, globs, spec
+from cortex import datasets, errors, globs, jobspec, spec
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def _tree(root: Path) -> Path:
 
 
 def _list(roots: tuple[Path, ...], *paths: str, **kw: list[str]) -> list[str]:
-    ds = spec.FileDataset.model_validate({"s3_paths": list(paths), "batch_size": 1, **kw})
+    ds = jobspec.FileDataset.model_validate({"s3_paths": list(paths), "batch_size": 1, **kw})
     return list(datasets.list_files(ds, roots))
 
 
@@ -241,7 +241,7 @@ def test_reader_errors_name_the_file_and_line(
 def test_batches_fill_across_files(tmp_path: Path) -> None:
     for name, text in {"a.jsonl": "1\n2\n3", "b.jsonl": "", "c.jsonl": "4\n5\n"}.items():
         (tmp_path / name).write_text(text)
-    ds = spec.FileDataset.model_validate({"s3_paths": [f"{tmp_path}/"], "batch_size": 2})
+    ds = jobspec.FileDataset.model_validate({"s3_paths": [f"{tmp_path}/"], "batch_size": 2})
     values = datasets.items("delimited_files", ds, (tmp_path,))
     assert list(datasets.batch_payloads(values, 2)) == [("[1,2]", 2), ("[3,4]", 2), ("[5]", 1)]
     urls = datasets.items("file_path_lister", ds, (tmp_path,))

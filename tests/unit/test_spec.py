@@ -10,15 +10,14 @@ from typing import Any
 import pytest
 
 from cortex import errors, spec
+from cortex.jobspec import item_batches, parse_submission
 from cortex.spec import (
     MAX_ITEM_BYTES,
     MAX_NAME_LENGTH,
     RESERVED_NAMES,
     deep_merge,
-    item_batches,
     load_config_file,
     parse_quantity,
-    parse_submission,
 )
 
 MINIMAL = """\
@@ -839,7 +838,7 @@ class TestParseQuantity:
 
 
 def test_lone_surrogates_are_refused_as_invalid_items() -> None:
-    batches = spec.item_batches(["ok", "\ud800"], 1)
+    batches = item_batches(["ok", "\ud800"], 1)
     assert next(batches) == '["ok"]'
     with pytest.raises(errors.InvalidSubmission) as err:
         next(batches)
