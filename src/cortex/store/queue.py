@@ -4,18 +4,17 @@ deciding when a job is complete (and which worker runs its `on_job_complete`).""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cortex.jobs import BatchState, JobStatus, WorkerState
 from cortex.store import batchrows, engine, jobrows, protocol
+from cortex.store import results as outcomes
 from cortex.store import tables as t
 from cortex.store.records import BatchResult, HookResult, Job, LeasedBatch, LeaseResult
 
 _MAX_LEASE_BYTES = 4 << 20
-_ACTIVE = (BatchState.QUEUED.value, BatchState.LEASED.value)
 
 
 class QueueStore(engine.BaseStore):
@@ -53,10 +52,10 @@ class QueueStore(engine.BaseStore):
             if job.status.terminal:
                 return _answer(conn, worker_id, seq, LeaseResult(batches=[], done=True))
             if results:
-                _record_results(conn, job, worker_id, results)
+                outcomes.record_results(conn, job, worker_id, results)
             _release_lost(conn, job_id, worker_id)
             # Workers lease while a file dataset is still being enqueued: they start on the
-            # first durable batches. Completion waits for `enqueue_done` (_maybe_complete).
+            # first durable batches. Completion waits for `enqueue_done` (outcomes.maybe_complete).
             if max_batches > 0 and job.status.in_progress:
                 left = job.total_batch_count - job.succeeded - job.failed - len(results)
                 if left < max_batches * job.workers:
@@ -67,7 +66,9 @@ class QueueStore(engine.BaseStore):
                 if leased:
                     return _answer(conn, worker_id, seq, LeaseResult(batches=leased))
             if results:
-                return _answer(conn, worker_id, seq, _maybe_complete(conn, job_id, worker_id))
+                return _answer(
+                    conn, worker_id, seq, outcomes.maybe_complete(conn, job_id, worker_id)
+                )
         # Nothing to lease: whether the job is complete is decided under the exclusive lock,
         # so two workers ending the last two batches at once cannot both miss it. The first
         # transaction kept no answer, so `seq` is still this request's to answer (unless a copy
@@ -78,7 +79,7 @@ class QueueStore(engine.BaseStore):
                 kept = protocol.claim(conn, job_id, worker_id, protocol.LOOP, seq, "lease")
                 if kept is not None:
                     return _replay(conn, job, worker_id, kept)
-            return _answer(conn, worker_id, seq, _maybe_complete(conn, job_id, worker_id))
+            return _answer(conn, worker_id, seq, outcomes.maybe_complete(conn, job_id, worker_id))
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> bool:
         """Extend every lease the worker holds and note that it was seen; False if the job
@@ -146,10 +147,10 @@ class QueueStore(engine.BaseStore):
                 if jobrows.lock(conn, job_id, missing_ok=True) is None:
                     continue
                 rows = conn.execute(
-                    _leased_rows().where(t.batches.c.job_id == job_id, *expired)
+                    outcomes.leased_rows().where(t.batches.c.job_id == job_id, *expired)
                 ).all()
                 for row in rows:
-                    ended += _end_attempt(
+                    ended += outcomes.end_attempt(
                         conn,
                         row,
                         "lease_expired",
@@ -166,7 +167,7 @@ class QueueStore(engine.BaseStore):
             if jobrows.lock(conn, job_id, missing_ok=True) is None:
                 return 0
             rows = conn.execute(
-                _leased_rows().where(
+                outcomes.leased_rows().where(
                     t.batches.c.job_id == job_id,
                     t.batches.c.state == BatchState.LEASED.value,
                     t.batches.c.lease_owner == worker_id,
@@ -174,7 +175,7 @@ class QueueStore(engine.BaseStore):
             ).all()
             ended = 0
             for row in rows:
-                ended += _end_attempt(conn, row, kind, reason or f"worker {worker_id} died")
+                ended += outcomes.end_attempt(conn, row, kind, reason or f"worker {worker_id} died")
             return ended
 
     def extend_worker_leases(self, job_id: str, worker_id: str, lease_s: float) -> None:
@@ -352,152 +353,3 @@ def _release_lost(conn: Connection, job_id: str, worker_id: str) -> None:
             attempts=t.batches.c.attempts - 1,
         )
     )
-
-
-def _record_results(conn: Connection, job: Job, worker_id: str, results: list[BatchResult]) -> None:
-    """Apply a worker's results for the batches it still holds, in a few statements.
-
-    A result for a batch that is no longer leased to this worker (its lease expired and the
-    batch went to someone else, or the report is a retry of one already applied) is dropped,
-    so every batch is counted once. Successes are one executemany and one counter update;
-    failures (rare) go one by one through `_end_attempt`.
-    """
-    latest = {result.batch_id: result for result in results}  # a batch reported twice: once
-    held = {
-        row.batch_id: row
-        for row in conn.execute(
-            _leased_rows()
-            .add_columns(t.batches.c.batch_id)
-            .where(
-                t.batches.c.job_id == job.job_id,
-                t.batches.c.state == BatchState.LEASED.value,
-                t.batches.c.lease_owner == worker_id,
-                t.batches.c.batch_id.in_(list(latest)),
-            )
-        )
-    }
-    succeeded = [(r, held[r.batch_id]) for r in latest.values() if r.ok and r.batch_id in held]
-    if succeeded:
-        conn.execute(
-            _SUCCEED,
-            [{"j": job.job_id, "s": row.seq, "d": r.duration_s} for r, row in succeeded],
-        )
-        conn.execute(
-            t.jobs.update()
-            .where(t.jobs.c.job_id == job.job_id)
-            .values(
-                succeeded=t.jobs.c.succeeded + len(succeeded),
-                succeeded_time_s=t.jobs.c.succeeded_time_s
-                + sum(r.duration_s for r, _ in succeeded),
-            )
-        )
-    for result in latest.values():
-        if not result.ok and result.batch_id in held:
-            _end_attempt(
-                conn,
-                held[result.batch_id],
-                "predict_error",
-                result.error,
-                result.traceback,
-                result.duration_s,
-            )
-
-
-# The rows were just read under the job's lock, still leased to the reporting worker.
-_SUCCEED = (
-    t.batches.update()
-    .where(
-        t.batches.c.job_id == sa.bindparam("j"),
-        t.batches.c.seq == sa.bindparam("s"),
-        t.batches.c.state == BatchState.LEASED.value,
-    )
-    .values(
-        state=BatchState.SUCCEEDED.value,
-        lease_owner=None,
-        lease_expires_at=None,
-        duration_s=sa.bindparam("d"),
-    )
-)
-
-
-def _leased_rows() -> sa.Select[Any]:
-    """Batch rows with what `_end_attempt` needs to know."""
-    return sa.select(
-        t.batches.c.job_id, t.batches.c.seq, t.batches.c.attempts, t.jobs.c.max_attempts
-    ).join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
-
-
-def _end_attempt(
-    conn: Connection,
-    row: Any,
-    kind: str,
-    message: str | None,
-    traceback: str | None = None,
-    duration_s: float | None = None,
-) -> int:
-    """A leased batch's attempt failed: queue it again, or fail it on its last attempt.
-    Returns 1 if it was still leased (and so was ended here), else 0.
-
-    Attempts are counted when a batch is leased, so a batch that kills its worker uses them up
-    like one that raises, and ends `failed` with the reason instead of looping forever.
-    """
-    final = row.attempts >= row.max_attempts
-    updated = conn.execute(
-        t.batches.update()
-        .where(
-            t.batches.c.job_id == row.job_id,
-            t.batches.c.seq == row.seq,
-            t.batches.c.state == BatchState.LEASED.value,
-        )
-        .values(
-            state=(BatchState.FAILED if final else BatchState.QUEUED).value,
-            lease_owner=None,
-            lease_expires_at=None,
-            duration_s=duration_s,
-            error_kind=kind,
-            error_message=message,
-            error_traceback=traceback,
-        )
-    )
-    if final and updated.rowcount == 1:
-        conn.execute(
-            t.jobs.update().where(t.jobs.c.job_id == row.job_id).values(failed=t.jobs.c.failed + 1)
-        )
-    return int(updated.rowcount)
-
-
-def _maybe_complete(conn: Connection, job_id: str, worker_id: str) -> LeaseResult:
-    """Nothing to lease: decide whether the job is complete, and who runs the hook."""
-    job = jobrows.get(conn, job_id)
-    if job.status.terminal:
-        return LeaseResult(batches=[], done=True)
-    if not job.enqueue_done:
-        return LeaseResult(batches=[])
-    active = conn.execute(
-        sa.select(t.batches.c.seq)
-        .where(t.batches.c.job_id == job_id, t.batches.c.state.in_(_ACTIVE))
-        .limit(1)
-    ).first()
-    if active is not None:
-        # Other workers still hold batches; one may fail and come back, so stay.
-        return LeaseResult(batches=[])
-    if job.completion_state is not None:
-        return LeaseResult(batches=[], done=job.completion_worker != worker_id)
-    if job.has_hook is None:
-        return LeaseResult(batches=[])  # no worker has loaded the predictor yet
-    if job.has_hook:
-        # The compare-and-set on completion_state makes this worker the only one to run it.
-        claimed = conn.execute(
-            t.jobs.update()
-            .where(t.jobs.c.job_id == job_id, t.jobs.c.completion_state.is_(None))
-            .values(completion_state="claimed", completion_worker=worker_id)
-        )
-        if claimed.rowcount == 1:
-            return LeaseResult(batches=[], run_hook=True)
-        return LeaseResult(batches=[], done=True)
-    conn.execute(
-        t.jobs.update()
-        .where(t.jobs.c.job_id == job_id)
-        .values(completion_state="done", completion_worker=worker_id)
-    )
-    return LeaseResult(batches=[], done=True, final_status=jobrows.finalize(conn, job))

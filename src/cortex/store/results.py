@@ -1,0 +1,169 @@
+"""What a worker's results change, in the caller's transaction: each batch's state and the
+job's counters, an attempt ended (retried or failed for good), and, once nothing is left to
+lease, whether the job is complete and which worker runs its `on_job_complete`. Leasing is
+`cortex.store.queue`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from cortex.jobs import BatchState
+from cortex.store import jobrows
+from cortex.store import tables as t
+from cortex.store.records import BatchResult, Job, LeaseResult
+
+# A batch still to be done: queued, or leased to a worker.
+ACTIVE = (BatchState.QUEUED.value, BatchState.LEASED.value)
+
+
+def record_results(conn: Connection, job: Job, worker_id: str, results: list[BatchResult]) -> None:
+    """Apply a worker's results for the batches it still holds, in a few statements.
+
+    A result for a batch that is no longer leased to this worker (its lease expired and the
+    batch went to someone else, or the report is a retry of one already applied) is dropped,
+    so every batch is counted once. Successes are one executemany and one counter update;
+    failures (rare) go one by one through `end_attempt`.
+    """
+    latest = {result.batch_id: result for result in results}  # a batch reported twice: once
+    held = {
+        row.batch_id: row
+        for row in conn.execute(
+            leased_rows()
+            .add_columns(t.batches.c.batch_id)
+            .where(
+                t.batches.c.job_id == job.job_id,
+                t.batches.c.state == BatchState.LEASED.value,
+                t.batches.c.lease_owner == worker_id,
+                t.batches.c.batch_id.in_(list(latest)),
+            )
+        )
+    }
+    succeeded = [(r, held[r.batch_id]) for r in latest.values() if r.ok and r.batch_id in held]
+    if succeeded:
+        conn.execute(
+            _SUCCEED,
+            [{"j": job.job_id, "s": row.seq, "d": r.duration_s} for r, row in succeeded],
+        )
+        conn.execute(
+            t.jobs.update()
+            .where(t.jobs.c.job_id == job.job_id)
+            .values(
+                succeeded=t.jobs.c.succeeded + len(succeeded),
+                succeeded_time_s=t.jobs.c.succeeded_time_s
+                + sum(r.duration_s for r, _ in succeeded),
+            )
+        )
+    for result in latest.values():
+        if not result.ok and result.batch_id in held:
+            end_attempt(
+                conn,
+                held[result.batch_id],
+                "predict_error",
+                result.error,
+                result.traceback,
+                result.duration_s,
+            )
+
+
+# The rows were just read under the job's lock, still leased to the reporting worker.
+_SUCCEED = (
+    t.batches.update()
+    .where(
+        t.batches.c.job_id == sa.bindparam("j"),
+        t.batches.c.seq == sa.bindparam("s"),
+        t.batches.c.state == BatchState.LEASED.value,
+    )
+    .values(
+        state=BatchState.SUCCEEDED.value,
+        lease_owner=None,
+        lease_expires_at=None,
+        duration_s=sa.bindparam("d"),
+    )
+)
+
+
+def leased_rows() -> sa.Select[Any]:
+    """Batch rows with what `end_attempt` needs to know."""
+    return sa.select(
+        t.batches.c.job_id, t.batches.c.seq, t.batches.c.attempts, t.jobs.c.max_attempts
+    ).join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
+
+
+def end_attempt(
+    conn: Connection,
+    row: Any,
+    kind: str,
+    message: str | None,
+    traceback: str | None = None,
+    duration_s: float | None = None,
+) -> int:
+    """A leased batch's attempt failed: queue it again, or fail it on its last attempt.
+    Returns 1 if it was still leased (and so was ended here), else 0.
+
+    Attempts are counted when a batch is leased, so a batch that kills its worker uses them up
+    like one that raises, and ends `failed` with the reason instead of looping forever.
+    """
+    final = row.attempts >= row.max_attempts
+    updated = conn.execute(
+        t.batches.update()
+        .where(
+            t.batches.c.job_id == row.job_id,
+            t.batches.c.seq == row.seq,
+            t.batches.c.state == BatchState.LEASED.value,
+        )
+        .values(
+            state=(BatchState.FAILED if final else BatchState.QUEUED).value,
+            lease_owner=None,
+            lease_expires_at=None,
+            duration_s=duration_s,
+            error_kind=kind,
+            error_message=message,
+            error_traceback=traceback,
+        )
+    )
+    if final and updated.rowcount == 1:
+        conn.execute(
+            t.jobs.update().where(t.jobs.c.job_id == row.job_id).values(failed=t.jobs.c.failed + 1)
+        )
+    return int(updated.rowcount)
+
+
+def maybe_complete(conn: Connection, job_id: str, worker_id: str) -> LeaseResult:
+    """Nothing to lease: decide whether the job is complete, and who runs the hook."""
+    job = jobrows.get(conn, job_id)
+    if job.status.terminal:
+        return LeaseResult(batches=[], done=True)
+    if not job.enqueue_done:
+        return LeaseResult(batches=[])
+    active = conn.execute(
+        sa.select(t.batches.c.seq)
+        .where(t.batches.c.job_id == job_id, t.batches.c.state.in_(ACTIVE))
+        .limit(1)
+    ).first()
+    if active is not None:
+        # Other workers still hold batches; one may fail and come back, so stay.
+        return LeaseResult(batches=[])
+    if job.completion_state is not None:
+        return LeaseResult(batches=[], done=job.completion_worker != worker_id)
+    if job.has_hook is None:
+        return LeaseResult(batches=[])  # no worker has loaded the predictor yet
+    if job.has_hook:
+        # The compare-and-set on completion_state makes this worker the only one to run it.
+        claimed = conn.execute(
+            t.jobs.update()
+            .where(t.jobs.c.job_id == job_id, t.jobs.c.completion_state.is_(None))
+            .values(completion_state="claimed", completion_worker=worker_id)
+        )
+        if claimed.rowcount == 1:
+            return LeaseResult(batches=[], run_hook=True)
+        return LeaseResult(batches=[], done=True)
+    conn.execute(
+        t.jobs.update()
+        .where(t.jobs.c.job_id == job_id)
+        .values(completion_state="done", completion_worker=worker_id)
+    )
+    return LeaseResult(batches=[], done=True, final_status=jobrows.finalize(conn, job))
