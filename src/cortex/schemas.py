@@ -22,9 +22,10 @@ _IN_PROGRESS = frozenset({"status_enqueuing", "status_running"})
 
 class Record(pydantic.BaseModel):
     """A JSON object of the public API. Fields read as attributes (`job.status`) and, like
-    the JSON they come from, by key (`job["status"]`, `job.get("error")`)."""
+    the JSON they come from, by key (`job["status"]`, `job.get("error")`); a record equals
+    the dict of its JSON."""
 
-    model_config = pydantic.ConfigDict(extra="allow", frozen=True)
+    model_config = pydantic.ConfigDict(extra="allow")
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object this record was read from: the keys that were set, as sent."""
@@ -40,6 +41,14 @@ class Record(pydantic.BaseModel):
 
     def get(self, key: str, default: Any = None) -> Any:
         return getattr(self, key) if key in self else default
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a record of the same class and fields, and to the JSON it stands for."""
+        if isinstance(other, dict):
+            return self.to_json() == other
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dict it stands for
 
 
 def _field(description: str, **kwargs: Any) -> Any:
