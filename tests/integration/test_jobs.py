@@ -109,7 +109,7 @@ def test_stop_ends_the_job_and_its_workers(server: Server, client: Client, tmp_p
     running = client.get_job(api.name, job_id)["job_status"]
     assert running["worker_counts"]["running"] == 2
 
-    assert client.stop_job(api.name, job_id).message == f"stopped job {job_id}"
+    assert client.stop_job(api.name, job_id) == {"message": f"stopped job {job_id}"}
     stopped_at = time.monotonic()
 
     status = client.get_job(api.name, job_id)["job_status"]
