@@ -36,6 +36,9 @@ class Record(pydantic.BaseModel):
             raise KeyError(key)
         return getattr(self, key)
 
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self, key, value)
+
     def __contains__(self, key: object) -> bool:
         return key in self.model_fields_set or key in (self.model_extra or {})
 
@@ -176,13 +179,19 @@ class EnvironmentLog(Environment):
     next: int = _field("the `since` of the next read")
 
 
+class DeployEnvironment(Environment):
+    """The environment of a deploy's API version."""
+
+    cached: bool = _field("whether it was built already: no build to wait for")
+
+
 class DeployResult(Record):
     """One API of a deploy (`POST /deploy`)."""
 
     message: str = _field("created <api> (BatchAPI), updated ..., or ... is up to date")
     result: str = _field("created, updated or up_to_date")
     api_name: str = _field("the API deployed")
-    environment: Environment = _field("its environment: follow a build to its end")
+    environment: DeployEnvironment = _field("its environment: follow a build to its end")
 
 
 class ApiSummary(Record):
