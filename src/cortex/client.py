@@ -159,6 +159,9 @@ class Client:
     @overload
     def submit(self, api_name: str, submission: Any, dry_run: Literal[True]) -> str: ...
 
+    @overload
+    def submit(self, api_name: str, submission: Any, dry_run: bool) -> schemas.JobSpec | str: ...
+
     def submit(self, api_name: str, submission: Any, dry_run: bool = False) -> Any:
         """Submit a job: `submission` is the JSON of `POST /<api>` (spec §4.1) as an object,
         or as JSON text already encoded (bytes). Returns the job; with `dry_run`, the text

@@ -51,8 +51,6 @@ class Record(pydantic.BaseModel):
             return self.to_json() == other
         return super().__eq__(other)
 
-    __hash__ = None  # type: ignore[assignment]  # mutable, like the dict it stands for
-
 
 def _field(description: str, **kwargs: Any) -> Any:
     return pydantic.Field(description=description, **kwargs)
