@@ -146,19 +146,27 @@ class Client:
         result: dict[str, Any] = self._json("DELETE", f"/delete/{api_name}")
         return result
 
-    def submit(self, api_name: str, submission: Any, dry_run: bool = False) -> Any:
-        """POST a submission: a JSON-able object, or JSON text already encoded (bytes)."""
+    def submit(
+        self,
+        api_name: str,
+        submission: Any,
+        dry_run: bool = False,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """POST a submission: a JSON-able object, or JSON text already encoded (bytes). With
+        an `idempotency_key`, a submission sent again (after a timeout, say) answers the job
+        the first one created instead of creating another."""
         params = {"dryRun": "true"} if dry_run else None
+        headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
         if isinstance(submission, bytes):
+            headers["Content-Type"] = "application/json"
             response = self._request(
-                "POST",
-                f"/{api_name}",
-                content=submission,
-                headers={"Content-Type": "application/json"},
-                params=params,
+                "POST", f"/{api_name}", content=submission, headers=headers, params=params
             )
         else:
-            response = self._request("POST", f"/{api_name}", json=submission, params=params)
+            response = self._request(
+                "POST", f"/{api_name}", json=submission, headers=headers, params=params
+            )
         if dry_run:
             return response.text
         return response.json()
@@ -167,8 +175,14 @@ class Client:
         result: dict[str, Any] = self._json("GET", f"/{api_name}", params={"jobID": job_id})
         return result
 
-    def list_jobs(self, api_name: str) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._json("GET", f"/{api_name}")["job_statuses"]
+    def list_jobs(
+        self, api_name: str, metadata: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The API's jobs; with `metadata`, only those whose metadata holds all of it."""
+        params = {f"metadata.{key}": value for key, value in (metadata or {}).items()}
+        result: list[dict[str, Any]] = self._json("GET", f"/{api_name}", params=params)[
+            "job_statuses"
+        ]
         return result
 
     def logs(
