@@ -9,7 +9,6 @@ import itertools
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,33 +70,6 @@ class Submissions:
             if submission.file_dataset is not None:
                 return self._submit_files(job_id, api_name, submission, dry_run, extras)
             return self._submit_items(job_id, api_name, submission, dry_run, extras)
-
-    def submit_once(self, api_name: str, data: Any, key: str) -> tuple[Job, bool]:
-        """A submission with an `Idempotency-Key`: the job the key created on this API in
-        the last 24 hours if there is one (and True), else a new job (and False). The same
-        key with another body is refused (409)."""
-        hookspec.check_idempotency_key(key)
-        digest = spec.digest(spec.canonical_json(data))
-        found = self.store.idempotent_job(api_name, key, time.time())
-        if found is None:
-            try:
-                extras = Extras(idempotency_key=key, body_digest=digest)
-                job = self.submit(api_name, data, extras=extras)
-            except errors.KeyTaken:
-                # A concurrent submission with this key stored it first: answer its job.
-                found = self.store.idempotent_job(api_name, key, time.time())
-                if found is None:  # and was deleted since (its API with it)
-                    raise errors.ApiNotDeployed(api_name) from None
-            else:
-                assert isinstance(job, Job)
-                return job, False
-        body_digest, job_id = found
-        if body_digest != digest:
-            raise errors.IdempotencyConflict(
-                f"Idempotency-Key {key!r} was used on {api_name} for job {job_id} with another "
-                "request body; use a new key for a new job"
-            )
-        return self.lifecycle.get_job(api_name, job_id), True
 
     def _webhook(self, api: ApiRecord, submission: jobspec.Submission) -> dict[str, Any] | None:
         """The job's webhook: the submission's, else the API's default; refused if this

@@ -309,7 +309,7 @@ async def submit(
     data = await read_json(request, service.settings.max_body_bytes)
     if idempotency_key is not None and not dry_run:
         job, replayed = await run_in_threadpool(
-            service.submissions.submit_once, api_name, data, idempotency_key
+            service.idempotent.submit, api_name, data, idempotency_key
         )
         body = views.job_spec_json(job, service.lifecycle.api_spec_for(job))
         if not replayed:
