@@ -11,7 +11,7 @@ from cortex import errors, hookspec, spec
 from cortex.lifecycle import Lifecycle
 from cortex.store import Job, Store
 from cortex.store.submissions import Extras
-from cortex.submissions import Submissions
+from cortex.submissions import ENQUEUE_INTERRUPTED, Submissions
 
 
 class IdempotentSubmits:
@@ -26,7 +26,7 @@ class IdempotentSubmits:
         bodies are compared by the digest of their canonical JSON (key order aside)."""
         hookspec.check_idempotency_key(key)
         digest = spec.digest(spec.canonical_json(data))
-        found = self.store.idempotent_job(api_name, key, time.time())
+        found = self._usable(api_name, key)
         if found is None:
             try:
                 extras = Extras(idempotency_key=key, body_digest=digest)
@@ -47,3 +47,15 @@ class IdempotentSubmits:
                 "request body; use a new key for a new job"
             )
         return self.lifecycle.get_job(api_name, job_id), True
+
+    def _usable(self, api_name: str, key: str) -> tuple[str, str] | None:
+        """What the key names, unless that is a job whose items were lost (its server died
+        while writing them, before it answered): the client never got a job id for it, and
+        sending the request again is what that job's error asks for, so the key is free."""
+        found = self.store.idempotent_job(api_name, key, time.time())
+        if found is not None:
+            job = self.store.get_job(found[1])
+            if job is None or job.error_kind == ENQUEUE_INTERRUPTED:
+                self.store.release_idempotency_key(api_name, key, found[1])
+                return None
+        return found

@@ -30,6 +30,8 @@ _ITEM_CHUNK_BATCHES = 5000
 
 # The dataset kind of a job whose items came inline (an item list) while they are written.
 ITEM_LIST = "item_list"
+# Why such a job failed when its server died before its items were all written.
+ENQUEUE_INTERRUPTED = "batchapi.enqueue_interrupted"
 
 
 class Submissions:
@@ -242,7 +244,7 @@ class Submissions:
                 self.lifecycle.end_job(
                     job_id,
                     JobStatus.ENQUEUE_FAILED,
-                    "batchapi.enqueue_interrupted",
+                    ENQUEUE_INTERRUPTED,
                     "the server stopped while writing this job's batches; its items were sent "
                     "inline and are not kept: submit the job again",
                 )

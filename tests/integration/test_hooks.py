@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -16,10 +20,14 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
-from cortex import errors
+from cortex import errors, spec
 from cortex.client import Client
+from cortex.jobs import JobStatus
 from cortex.store import Store, schema
+from cortex.store.submissions import Extras
+from cortex.submissions import ENQUEUE_INTERRUPTED
 from helpers import (
     DeployedApi,
     Server,
@@ -358,3 +366,93 @@ def test_metadata_is_shown_and_filters_the_listing(hooks: HookServer) -> None:
             response = http.post(f"/{hooks.api.name}", json={**body, "metadata": metadata})
             assert response.status_code == 400, metadata
             assert response.json()["kind"] == "batchapi.invalid_metadata"
+
+
+def test_an_apis_default_webhook_applies_unless_a_submission_turns_it_off(
+    hooks: HookServer, receiver: Receiver, tmp_path: Path
+) -> None:
+    path = f"/hooks/default-{uuid.uuid4().hex}"
+    api = yaml.safe_load((hooks.api.folder / "cortex.yaml").read_text())[0]
+    api["name"] = f"defaulted-{uuid.uuid4().hex[:8]}"
+    api["webhook"] = {"url": receiver.url + path, "events": ["job.succeeded"]}
+    folder = tmp_path / api["name"]
+    shutil.copytree(hooks.api.folder, folder)
+    (folder / "cortex.yaml").write_text(yaml.safe_dump([api]))
+    with hooks.client() as client:
+        client.deploy(folder / "cortex.yaml")
+        hooked = _submit(client, api["name"])
+        silent = _submit(client, api["name"], webhook=None)
+        wait_for_status(client, api["name"], silent)
+        wait_for(lambda: receiver.accepted(path), 20, "the default webhook's delivery")
+        assert client.get_job(api["name"], silent)["job_status"]["webhook"] is None
+    (delivery,) = receiver.all(path)
+    assert json.loads(delivery.body)["job_status"]["job_id"] == hooked
+
+
+def test_the_cli_submits_with_a_key_and_metadata_and_shows_them(
+    server: Server, client: Client, tmp_path: Path
+) -> None:
+    api = deploy_fixture(client, "recorder", tmp_path)
+    submission = tmp_path / "job.json"
+    submission.write_text(json.dumps({"workers": 1, "item_list": {"items": [1], "batch_size": 1}}))
+
+    def cortex(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cortex.cli", *args],
+            env={**os.environ, "CORTEX_URL": server.url, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    key = f"cli-{uuid.uuid4().hex}"
+    args = ["submit", api.name, str(submission), "--idempotency-key", key, "-o", "json"]
+    first = cortex(*args, "--metadata", "team=vision", "--metadata", "run=7")
+    again = cortex(*args, "--metadata", "team=vision", "--metadata", "run=7")
+    other = cortex(*args, "--metadata", "team=other")
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    job_id = json.loads(first.stdout)["job_id"]
+    assert json.loads(again.stdout)["job_id"] == job_id
+    assert json.loads(first.stdout)["metadata"] == {"team": "vision", "run": "7"}
+    assert other.returncode == 1 and "another request body" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    bad = cortex("submit", api.name, str(submission), "--metadata", "novalue")
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+    wait_for_status(client, api.name, job_id)
+    shown = cortex("get", api.name, job_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "team: vision" in shown.stdout and "run: 7" in shown.stdout
+
+
+def test_a_key_whose_job_lost_its_items_creates_a_new_job(hooks: HookServer) -> None:
+    """The server died while writing the items of the key's job (before it answered): that
+    job failed asking for the request again, so the key is free for the new one."""
+    key = f"lost-{uuid.uuid4().hex}"
+    body = {"workers": 1, "item_list": {"items": [1], "batch_size": 1}}
+    url = hooks.env.get("CORTEX_STORE") or f"sqlite:///{hooks.server.data_dir / 'cortex.db'}"
+    store = Store(url)
+    try:
+        lost = store.create_enqueuing_job(
+            job_id=f"lost{uuid.uuid4().hex[:12]}",
+            api_name=hooks.api.name,
+            workers=1,
+            config=None,
+            timeout_s=None,
+            max_attempts=1,
+            worker_token="t",
+            dataset={"kind": "item_list"},
+            replica_id="gone",
+            extras=Extras(idempotency_key=key, body_digest=spec.digest(spec.canonical_json(body))),
+        )
+        assert store.set_status(
+            lost.job_id, JobStatus.ENQUEUE_FAILED, error_kind=ENQUEUE_INTERRUPTED
+        )
+    finally:
+        store.close()
+    with hooks.server.http() as http:
+        fresh = http.post(f"/{hooks.api.name}", json=body, headers={"Idempotency-Key": key})
+        again = http.post(f"/{hooks.api.name}", json=body, headers={"Idempotency-Key": key})
+    assert fresh.status_code == 200 and "Idempotent-Replayed" not in fresh.headers
+    assert fresh.json()["job_id"] != lost.job_id
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["job_id"] == fresh.json()["job_id"]

@@ -269,14 +269,30 @@ _SUBMISSION_BODY: dict[str, Any] = {
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": (
-            "The job, or with `dryRun=true` the matched files, one per line, then the text "
-            "`validations passed`"
+            "The job (with its `metadata` and `webhook`), or with `dryRun=true` the matched "
+            "files, one per line, then the text `validations passed`"
         ),
         "content": {
             "application/json": {"schema": {"type": "object"}},
             "text/plain": {"schema": {"type": "string"}},
         },
-    }
+        "headers": {
+            "Idempotent-Replayed": {
+                "description": (
+                    "`true` when an `Idempotency-Key` seen before answered the job it created "
+                    "(nothing new was created)"
+                ),
+                "schema": {"type": "string", "enum": ["true"]},
+            }
+        },
+    },
+    409: {
+        "model": ErrorBody,
+        "description": (
+            "`batchapi.idempotency_conflict`: the Idempotency-Key was used in the last 24 "
+            "hours with another body"
+        ),
+    },
 }
 
 
@@ -344,7 +360,13 @@ def _dry_run_lines(files: Iterator[str], lines_per_write: int = 1000) -> Iterato
 
 _STATUS_DOC: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "A job's status (with jobID), or the API's jobs",
+        "description": (
+            "A job's status (with jobID), or the API's jobs. `job_status` holds, besides the "
+            "spec's fields, `metadata` ({} if none), `webhook` ({url, events} or null) and "
+            "`webhook_deliveries`: per delivery `delivery_id`, `event`, `state` (pending, "
+            "delivered, failed), `attempts`, `last_status` (the receiver's HTTP status), "
+            "`last_error`, `last_attempt_at`, `next_attempt_at`, `delivered_at`"
+        ),
         "content": {"application/json": {}},
     }
 }

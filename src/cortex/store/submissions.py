@@ -198,6 +198,16 @@ class SubmissionStore(engine.BaseStore):
             ).first()
         return None if row is None else (row.body_digest, row.job_id)
 
+    def release_idempotency_key(self, api_name: str, key: str, job_id: str) -> None:
+        """Let a key name a new job: the one it named (`job_id`) is dropped from it."""
+        keys = t.idempotency_keys
+        with self.write() as conn:
+            conn.execute(
+                keys.delete().where(
+                    keys.c.api_name == api_name, keys.c.key == key, keys.c.job_id == job_id
+                )
+            )
+
     def prune_idempotency_keys(self, now: float) -> int:
         """Forget the idempotency keys past their time."""
         keys = t.idempotency_keys
