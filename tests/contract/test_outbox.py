@@ -11,13 +11,13 @@ import pytest
 from cortex import errors
 from cortex.jobs import JobStatus
 from cortex.store import Store
-from cortex.store.submissions import IDEMPOTENCY_TTL_S, Extras
+from cortex.store.submissions import IDEMPOTENCY_TTL_S, NO_EXTRAS, Extras
 
 API_SPEC: dict[str, Any] = {"name": "api", "kind": "BatchAPI", "predictor": {"config": {}}}
 HOOK = {"url": "http://127.0.0.1:9/h", "events": ["job.running", "job.ended"]}
 
 
-def _job(store: Store, job_id: str, extras: Extras = Extras()) -> str:  # noqa: B008
+def _job(store: Store, job_id: str, extras: Extras = NO_EXTRAS) -> str:
     if store.get_api("api") is None:
         store.put_api("api", "spec1", API_SPEC, b"archive")
     store.create_job(
