@@ -33,9 +33,8 @@ def job_spec_json(job: Job, api_spec: dict[str, Any]) -> dict[str, Any]:
         "sqs_dead_letter_queue": None,
         "max_attempts": job.max_attempts,
         "retry_of": job.retry_of,
-        # Additive: the submission's metadata ({} if none) and webhook (null if none).
+        # Additive: the submission's metadata ({} if none); the predictor's job_spec has it.
         "metadata": job.metadata or {},
-        "webhook": job.webhook,
     }
 
 
@@ -74,7 +73,9 @@ def job_status_json(
             "message": job.error_message,
             "traceback": job.error_traceback,
         },
-        # Additive: each webhook delivery of the job, oldest first.
+        # Additive: the job's webhook (null if none; not in the predictor's job_spec: its URL
+        # may hold the submitter's secret) and each of its deliveries, oldest first.
+        "webhook": job.webhook,
         "webhook_deliveries": [delivery_json(d) for d in deliveries or []],
     }
     return status

@@ -269,7 +269,7 @@ _SUBMISSION_BODY: dict[str, Any] = {
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": (
-            "The job (with its `metadata` and `webhook`), or with `dryRun=true` the matched "
+            "The job (with its `metadata`), or with `dryRun=true` the matched "
             "files, one per line, then the text `validations passed`"
         ),
         "content": {
