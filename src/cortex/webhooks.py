@@ -101,13 +101,10 @@ class Deliverer:
         body = delivery.body
         if body is None:
             body = self._body(delivery)
-            if body is not None:
-                store.fix_delivery_body(delivery.delivery_id, body)
+            store.fix_delivery_body(delivery.delivery_id, body)
         # The settings may have changed since the event was written (a restart): they apply.
         allowed = self.settings.webhook_urls
-        if body is None:
-            error = "the job is gone"
-        elif not self.settings.webhook_secret:
+        if not self.settings.webhook_secret:
             error = "this server has no CORTEX_WEBHOOK_SECRET to sign with"
         elif not _allowed(delivery.url, allowed):
             error = "the URL is not under CORTEX_WEBHOOK_URLS"
@@ -115,7 +112,7 @@ class Deliverer:
             status, error = self._post(client, delivery, body.encode())
         now = time.time()
         delivered = status is not None and 200 <= status < 300
-        give_up = body is None or now - delivery.created_at >= self.settings.webhook_give_up_s
+        give_up = now - delivery.created_at >= self.settings.webhook_give_up_s
         retry_at = None if delivered or give_up else now + self._backoff_s(delivery.attempts)
         store.settle_attempt(
             delivery.delivery_id, now=now, status=status, error=error, retry_at=retry_at
@@ -154,11 +151,19 @@ class Deliverer:
         base: float = self.settings.webhook_retry_base_s * 2.0 ** min(attempts_before, 30)
         return min(base, self.settings.webhook_max_backoff_s) * random.uniform(0.5, 1.0)
 
-    def _body(self, delivery: Delivery) -> str | None:
-        """The status JSON a delivery sends; None if the job is gone."""
+    def _body(self, delivery: Delivery) -> str:
+        """The status JSON a delivery sends. A job deleted with its API before its event was
+        first sent is told by what the delivery knows: its id, API and status."""
         progress = self.service.lifecycle.job_progress(delivery.job_id)
         if progress is None:
-            return None
+            gone = {
+                "job_id": delivery.job_id,
+                "api_name": delivery.api_name,
+                "status": "status_" + delivery.event.removeprefix("job."),
+                "deleted": True,
+            }
+            document = {"event": delivery.event, "delivery_id": delivery.delivery_id}
+            return exactjson.dumps({**document, "job_status": gone}).decode()
         job = progress[0]
         status: dict[str, Any] = views.status_json(
             progress,

@@ -117,3 +117,16 @@ def test_metadata_filters_listings_and_goes_with_its_api(store: Store) -> None:
     store.delete_api("api")
     store.put_api("api", "spec1", API_SPEC, b"archive")
     assert store.list_jobs("api", metadata={"team": "x"}) == []
+
+
+def test_deliveries_outlive_their_deleted_api_until_settled(store: Store) -> None:
+    _job(store, "j1", Extras(webhook={**HOOK, "events": ["job.stopped"]}))
+    assert store.set_status("j1", JobStatus.STOPPED)
+    store.delete_api("api")
+    assert store.prune_orphan_deliveries() == 0  # not sent yet: kept
+    (delivery,) = store.claim_deliveries(time.time(), 60)
+    assert (delivery.job_id, delivery.api_name, delivery.event) == ("j1", "api", "job.stopped")
+    store.settle_attempt(
+        delivery.delivery_id, now=time.time(), status=200, error=None, retry_at=None
+    )
+    assert store.prune_orphan_deliveries() == 1

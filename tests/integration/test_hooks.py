@@ -456,3 +456,22 @@ def test_a_key_whose_job_lost_its_items_creates_a_new_job(hooks: HookServer) -> 
     assert fresh.json()["job_id"] != lost.job_id
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.json()["job_id"] == fresh.json()["job_id"]
+
+
+def test_deleting_an_api_sends_the_stops_of_its_running_jobs(
+    hooks: HookServer, receiver: Receiver, tmp_path: Path
+) -> None:
+    path = f"/hooks/deleted-{uuid.uuid4().hex}"
+    with hooks.client() as client:
+        api = deploy_fixture(client, "recorder", tmp_path)
+        body = {
+            "workers": 1,
+            "item_list": {"items": [{"sleep": 60}], "batch_size": 1},
+            "webhook": {"url": receiver.url + path},
+        }
+        job_id = client.submit(api.name, body)["job_id"]
+        client.delete_api(api.name)
+    (stop,) = wait_for(lambda: receiver.accepted(path), 20, "the stop's delivery")
+    assert stop.headers["Cortex-Event"] == "job.stopped"
+    status = json.loads(stop.body)["job_status"]
+    assert status["job_id"] == job_id and status["status"] == "status_stopped"

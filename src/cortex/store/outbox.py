@@ -33,6 +33,7 @@ class Delivery:
 
     delivery_id: str
     job_id: str
+    api_name: str
     event: str
     url: str
     body: str | None  # null until the first attempt fixes it
@@ -70,6 +71,7 @@ class OutboxStore(engine.BaseStore):
                     Delivery(
                         row.delivery_id,
                         row.job_id,
+                        row.api_name,
                         row.event,
                         row.url,
                         row.body,
@@ -118,6 +120,19 @@ class OutboxStore(engine.BaseStore):
                 .values(**values)
             )
 
+    def prune_orphan_deliveries(self) -> int:
+        """Settled deliveries whose job is gone (deleted with its API; retention deletes a
+        job's own with it)."""
+        with self.write() as conn:
+            return int(
+                conn.execute(
+                    _D.delete().where(
+                        _D.c.next_attempt_at.is_(None),
+                        _D.c.job_id.not_in(sa.select(t.jobs.c.job_id)),
+                    )
+                ).rowcount
+            )
+
     def job_deliveries(self, job_id: str) -> list[dict[str, Any]]:
         with self.read() as conn:
             return deliveries(conn, job_id)
@@ -136,6 +151,7 @@ def record_event(conn: Connection, job: Job, status: JobStatus) -> None:
         _D.insert().values(
             delivery_id=str(uuid.uuid4()),
             job_id=job.job_id,
+            api_name=job.api_name,
             event=status.event,
             url=job.webhook["url"],
             created_at=now,

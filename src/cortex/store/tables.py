@@ -229,11 +229,14 @@ job_metadata = sa.Table(
 # changed the job's status, so that no crash can lose it. Deliverers (every replica) claim due
 # rows by moving `next_attempt_at` past a lease (compare-and-set), POST, and record the answer.
 # `body` is the JSON sent, fixed at the first attempt; `delivered_at` or `gave_up_at` ends it.
+# Rows go with their job (retention), or once settled if the job went with its API.
 webhook_deliveries = sa.Table(
     "webhook_deliveries",
     metadata,
     sa.Column("delivery_id", sa.String(36), primary_key=True),
     sa.Column("job_id", sa.String(32), nullable=False, index=True),
+    # Kept when the job's API is deleted (its stop is an event too): the body then says which.
+    sa.Column("api_name", sa.String(64), nullable=False),
     sa.Column("event", sa.String(40), nullable=False),
     sa.Column("url", sa.Text, nullable=False),
     sa.Column("body", sa.Text, nullable=True),

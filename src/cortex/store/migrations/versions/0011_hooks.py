@@ -35,6 +35,7 @@ def upgrade() -> None:
         "webhook_deliveries",
         sa.Column("delivery_id", sa.String(36), nullable=False),
         sa.Column("job_id", sa.String(32), nullable=False),
+        sa.Column("api_name", sa.String(64), nullable=False),
         sa.Column("event", sa.String(40), nullable=False),
         sa.Column("url", sa.Text(), nullable=False),
         sa.Column("body", sa.Text(), nullable=True),
