@@ -153,27 +153,52 @@ class Client:
 
     @overload
     def submit(
-        self, api_name: str, submission: Any, dry_run: Literal[False] = False
+        self,
+        api_name: str,
+        submission: Any,
+        dry_run: Literal[False] = False,
+        idempotency_key: str | None = None,
     ) -> schemas.JobSpec: ...
 
     @overload
-    def submit(self, api_name: str, submission: Any, dry_run: Literal[True]) -> str: ...
+    def submit(
+        self,
+        api_name: str,
+        submission: Any,
+        dry_run: Literal[True],
+        idempotency_key: str | None = None,
+    ) -> str: ...
 
     @overload
-    def submit(self, api_name: str, submission: Any, dry_run: bool) -> schemas.JobSpec | str: ...
+    def submit(
+        self,
+        api_name: str,
+        submission: Any,
+        dry_run: bool,
+        idempotency_key: str | None = None,
+    ) -> schemas.JobSpec | str: ...
 
-    def submit(self, api_name: str, submission: Any, dry_run: bool = False) -> Any:
+    def submit(
+        self,
+        api_name: str,
+        submission: Any,
+        dry_run: bool = False,
+        idempotency_key: str | None = None,
+    ) -> Any:
         """Submit a job: `submission` is the JSON of `POST /<api>` (spec §4.1) as an object,
         or as JSON text already encoded (bytes). Returns the job; with `dry_run`, the text
-        the server answers (the matched files, then `validations passed`)."""
+        the server answers (the matched files, then `validations passed`). With an
+        `idempotency_key`, a submission sent again (after a timeout, say) answers the job the
+        first one created instead of creating another."""
         params = {"dryRun": "true"} if dry_run else None
+        headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
         if isinstance(submission, bytes):
             kwargs: dict[str, Any] = {
                 "content": submission,
-                "headers": {"Content-Type": "application/json"},
+                "headers": {**headers, "Content-Type": "application/json"},
             }
         else:
-            kwargs = {"json": submission}
+            kwargs = {"json": submission, "headers": headers}
         if dry_run:
             return self._request("POST", f"/{api_name}", params=params, **kwargs).text
         return self._record(schemas.JobSpec, "POST", f"/{api_name}", **kwargs)
@@ -182,9 +207,14 @@ class Client:
         """A job's status (`.job_status`), the API version it runs and its endpoint."""
         return self._record(schemas.JobDetails, "GET", f"/{api_name}", params={"jobID": job_id})
 
-    def list_jobs(self, api_name: str, limit: int = 100) -> list[schemas.JobStatus]:
-        """The API's jobs, newest first."""
-        listing = self._record(schemas.JobList, "GET", f"/{api_name}", params={"limit": limit})
+    def list_jobs(
+        self, api_name: str, metadata: dict[str, str] | None = None, limit: int = 100
+    ) -> list[schemas.JobStatus]:
+        """The API's jobs, newest first; with `metadata`, only those whose metadata holds all
+        of it."""
+        params: dict[str, Any] = {"limit": limit}
+        params.update({f"metadata.{key}": value for key, value in (metadata or {}).items()})
+        listing = self._record(schemas.JobList, "GET", f"/{api_name}", params=params)
         return listing.job_statuses
 
     def wait(

@@ -58,7 +58,7 @@ def check_remote(paths: Iterable[str], allowed: tuple[str, ...]) -> None:
         return
     for path in paths:
         loc = parse_location(path)
-        if loc.scheme != _LOCAL and not any(loc.prefix.startswith(p) for p in allowed):
+        if loc.scheme != _LOCAL and not locations.under_prefixes(loc.prefix, allowed):
             raise PathNotAllowed(
                 f"{path}: this server reads remote datasets only under "
                 f"{', '.join(allowed)} (CORTEX_DATA_URLS)"

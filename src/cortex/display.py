@@ -184,6 +184,20 @@ def job_view(data: Shown) -> RenderableType:
         lines += [Text(""), Text(f"error: {job['error']['message']}", style="red")]
         if job["error"].get("traceback"):
             lines.append(Text(job["error"]["traceback"].rstrip()))
+    if job.get("metadata"):
+        lines += [Text(""), Text("metadata")]
+        lines += [Text(f"  {key}: {value}") for key, value in job["metadata"].items()]
+    if job.get("webhook_deliveries"):
+        deliveries = _table("webhook event", "state", "attempts", "last status", "last error")
+        for d in job["webhook_deliveries"]:
+            deliveries.add_row(
+                d["event"],
+                d["state"],
+                str(d["attempts"]),
+                "-" if d["last_status"] is None else str(d["last_status"]),
+                (d["last_error"] or "-")[:60],
+            )
+        lines += [Text(""), deliveries]
     lines += [Text(""), Text(f"job endpoint: {data['endpoint']}"), Text("")]
     lines += [Text("job configuration"), Text(json.dumps(_job_spec(job), indent=2))]
     return Group(*lines)
@@ -197,6 +211,7 @@ _RUNTIME_KEYS = {
     "batch_metrics",
     "worker_counts",
     "error",
+    "webhook_deliveries",
 }
 
 

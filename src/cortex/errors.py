@@ -167,6 +167,18 @@ class InUse(CortexError):
     kind = "server.in_use"
 
 
+class IdempotencyConflict(Conflict):
+    """An `Idempotency-Key` used again (within its 24 hours) with a different body."""
+
+    kind = "batchapi.idempotency_conflict"
+    status_code = 409
+
+
+class KeyTaken(Exception):
+    """Internal: the `Idempotency-Key` of a submission was stored by a concurrent one first;
+    the submission answers that one's job instead of creating its own."""
+
+
 _FAMILIES: tuple[type[CortexError], ...] = (
     NotFound,
     Conflict,

@@ -33,6 +33,11 @@ class JobStatus(enum.StrEnum):
         """The words the CLI prints for this status (spec §5.1)."""
         return _TEXT[self]
 
+    @property
+    def event(self) -> str:
+        """The webhook event a move to this status is: `job.running`, `job.succeeded`, ..."""
+        return "job." + self.value.removeprefix("status_")
+
 
 IN_PROGRESS = frozenset({JobStatus.ENQUEUING, JobStatus.RUNNING})
 
@@ -79,6 +84,20 @@ _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 
 def can_transition(current: JobStatus, new: JobStatus) -> bool:
     return new in _ALLOWED.get(current, frozenset())
+
+
+# A webhook subscribes to events by name: each status a job can move to (`JobStatus.event`),
+# and `job.ended`, every final status at once (what a webhook gets when it names none).
+ENDED_EVENT = "job.ended"
+WEBHOOK_EVENTS = (
+    ENDED_EVENT,
+    *(s.event for s in JobStatus if s not in (JobStatus.UNKNOWN, JobStatus.ENQUEUING)),
+)
+
+
+def subscribed(events: list[str], status: JobStatus) -> bool:
+    """Whether a webhook with these `events` is sent a job's move to `status`."""
+    return status.event in events or (status.terminal and ENDED_EVENT in events)
 
 
 class BatchState(enum.StrEnum):

@@ -10,7 +10,7 @@ from typing import Any
 
 import pydantic
 
-from cortex import errors, exactjson, globs, locations, spec
+from cortex import errors, exactjson, globs, hookspec, locations, spec
 
 DATASET_KEYS = ("item_list", "file_path_lister", "delimited_files")
 
@@ -55,6 +55,11 @@ class Submission(pydantic.BaseModel):
     delimited_files: FileDataset | None = None
     timeout: int | None = None
     max_attempts: int = spec.DEFAULT_MAX_ATTEMPTS
+    # Checked apart (`hookspec`), after the spec's checks, with error kinds of their own.
+    metadata: dict[str, str] | None = None
+    webhook: hookspec.Webhook | None = None
+    # Whether the submission had a `webhook` key: null there turns the API's default off.
+    webhook_given: bool = False
 
     model_config = pydantic.ConfigDict(extra="ignore")
 
@@ -101,8 +106,9 @@ def parse_submission(data: Any) -> Submission:
     section = data[kind]
     if isinstance(section, dict) and "s3_paths" in section and "paths" in section:
         raise _invalid("batchapi.conflicting_fields", f"{kind}: give s3_paths or paths, not both")
+    own = {k: v for k, v in data.items() if k not in ("metadata", "webhook", "webhook_given")}
     try:
-        sub = Submission.model_validate(data, strict=False)
+        sub = Submission.model_validate(own, strict=False)
     except pydantic.ValidationError as err:
         raise errors.InvalidRequest(spec.format_error(err, "")) from None
     raw = {name: data.get(name) for name in ("workers", "timeout", "max_attempts")}
@@ -140,6 +146,10 @@ def parse_submission(data: Any) -> Submission:
         raise errors.InvalidRequest(f"config: holds text that is not valid unicode ({reason})")
     if sub.file_dataset is not None:
         _check_file_dataset(kind, sub.file_dataset)
+    sub.metadata = hookspec.parse_metadata(data.get("metadata"))
+    sub.webhook_given = "webhook" in data
+    if data.get("webhook") is not None:
+        sub.webhook = hookspec.parse_webhook(data["webhook"])
     return sub
 
 

@@ -53,9 +53,15 @@ class Lifecycle:
         """A job by id alone, or None if there is none (deleted, with its API)."""
         return self.store.get_job(job_id)
 
-    def list_jobs(self, api_name: str, limit: int = 100) -> list[Job]:
+    def list_jobs(
+        self, api_name: str, limit: int = 100, metadata: dict[str, str] | None = None
+    ) -> list[Job]:
         self.get_api(api_name)
-        return self.store.list_jobs(api_name, limit)
+        return self.store.list_jobs(api_name, limit, metadata)
+
+    def webhook_deliveries(self, job: Job) -> list[dict[str, Any]]:
+        """The job's webhook deliveries (none if it has no webhook), oldest first."""
+        return self.store.job_deliveries(job.job_id) if job.webhook else []
 
     def job_progress(self, job_id: str) -> JobProgress | None:
         """A job with its batch and worker counts, read together; None if there is none."""

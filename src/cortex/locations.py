@@ -66,5 +66,12 @@ def parse_location(url: str) -> Location:
     return Location(scheme, url, rest)
 
 
+def under_prefixes(url: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether a URL starts with one of the allowed prefixes (`CORTEX_DATA_URLS`,
+    `CORTEX_WEBHOOK_URLS`; a prefix naming only a bucket or host ends with "/" already, see
+    `cortex.cli.server`)."""
+    return any(url.startswith(prefix) for prefix in prefixes)
+
+
 def invalid_path(url: str, why: str) -> errors.InvalidSubmission:
     return errors.InvalidSubmission(f"{url}: {why}", kind="batchapi.invalid_path")

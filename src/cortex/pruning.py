@@ -53,6 +53,8 @@ class Pruner:
             freed = store.prune_payloads()
             if freed:
                 log.info("deleted the payloads of %d succeeded batches of ended jobs", freed)
+            store.prune_idempotency_keys(now)
+            store.prune_orphan_deliveries()
             gone = store.prune_jobs(now - self.settings.job_retention_s)
             if gone:
                 log.info("deleted %d jobs past CORTEX_JOB_RETENTION_S", len(gone))

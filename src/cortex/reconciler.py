@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from cortex import pruning
+from cortex import pruning, webhooks
 from cortex.jobs import JobStatus, WorkerState
 from cortex.launchers import WorkerExit
 from cortex.replicas import Membership
@@ -78,7 +78,9 @@ class Reconciler:
         # Pruning has a thread of its own: deleting a big job and giving its space back can
         # take seconds, which must not delay a tick (timeouts, worker exits).
         self._pruner = pruning.Pruner(service, membership, self._stopped)
-        self.lifecycle.on_wake(self._wake.set)
+        # So do webhooks: a receiver may take its time answering.
+        self._deliverer = webhooks.Deliverer(service, self._stopped)
+        self.lifecycle.on_wake(self._wake_all)
 
     def start(self) -> None:
         # Registered before recovering, so that no leader takes this replica's workers for
@@ -87,12 +89,19 @@ class Reconciler:
         self.recover()
         self._thread.start()
         self._pruner.start()
+        self._deliverer.start()
+
+    def _wake_all(self) -> None:
+        """A job's status changed: act on it, and send the webhook events it wrote."""
+        self._wake.set()
+        self._deliverer.wake()
 
     def close(self) -> None:
         self._stopped.set()
         self._wake.set()
         self._thread.join(timeout=10)
         self._pruner.join(10)
+        self._deliverer.join(10)
         try:
             self.membership.resign()
         except Exception:  # the store may be the reason for the shutdown

@@ -79,6 +79,30 @@ class JobSpec(Record):
     sqs_dead_letter_queue: dict[str, Any] | None = _field("always null: see max_attempts")
     max_attempts: int = _field("tries per batch before it counts as failed")
     retry_of: str | None = _field("the job whose failed batches this job re-runs")
+    metadata: dict[str, str] = _field(
+        "the submission's metadata: string keys and values; {} if none", default_factory=dict
+    )
+
+
+class Webhook(Record):
+    """Where the service POSTs a job's status when it changes, and on which events."""
+
+    url: str = _field("the receiver's http(s) URL")
+    events: list[str] = _field("job.ended, job.running or a final status, e.g. job.succeeded")
+
+
+class WebhookDelivery(Record):
+    """One webhook delivery from the outbox."""
+
+    delivery_id: str = _field("stable across retries: the `Cortex-Delivery` header")
+    event: str = _field("the event delivered, e.g. job.succeeded")
+    state: str = _field("pending (being retried), delivered (a 2xx answer) or failed (given up)")
+    attempts: int = _field("requests sent so far")
+    last_status: int | None = _field("the receiver's last HTTP status; null if unreachable")
+    last_error: str | None = _field("why the last attempt failed")
+    last_attempt_at: str | None = _field("when the last attempt was sent, RFC 3339")
+    next_attempt_at: str | None = _field("when the next attempt is due, while pending")
+    delivered_at: str | None = _field("when a 2xx answer came, RFC 3339")
 
 
 class BatchCounts(Record):
@@ -133,6 +157,10 @@ class JobStatus(JobSpec):
         "the dataset as submitted: its kind, and a file dataset's paths, globs and batch size"
     )
     error: JobError | None = _field("why the job failed; null if it did not")
+    webhook: Webhook | None = _field("the job's webhook; null if none")
+    webhook_deliveries: list[WebhookDelivery] = _field(
+        "the webhook's deliveries, oldest first", default_factory=list
+    )
 
     @property
     def in_progress(self) -> bool:

@@ -2,12 +2,14 @@
 
 Each part owns one capability: `lifecycle` (reading, stopping and ending jobs), `deploys`
 (API versions, environments, projects), `launching` (starting workers here), `submissions`
-(creating jobs, enqueuing) and `workers` (the worker API). The routes and the reconciler call
-them; none of them reaches into another's state."""
+(creating jobs, enqueuing), `idempotent` (submissions with an Idempotency-Key) and `workers`
+(the worker API). The routes and the reconciler call them; none of them reaches into
+another's state."""
 
 from __future__ import annotations
 
 from cortex.deploys import Deploys
+from cortex.idempotency import IdempotentSubmits
 from cortex.launchers import Launcher
 from cortex.launching import Launching
 from cortex.lifecycle import Lifecycle
@@ -36,6 +38,7 @@ class Service:
         self.submissions = Submissions(
             settings, store, launcher, replica_id, self.lifecycle, self.launching
         )
+        self.idempotent = IdempotentSubmits(store, self.submissions, self.lifecycle)
         self.workers = WorkerApi(settings, store, self.lifecycle, self.launching.preparation)
 
     @property

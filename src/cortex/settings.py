@@ -13,7 +13,7 @@ DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 
 def _setting(name: str) -> str:
     """A setting as a user sets it: its `cortex serve` flag and its variable."""
-    if name in ("reconcile_s", "max_lease_batches"):
+    if name in ("reconcile_s", "max_lease_batches", "webhook_max_backoff_s"):
         return name  # not a flag: set only where Settings is built in code
     flag = "log_max_lines" if name == "log_max_lines_per_job" else name
     return f"--{flag.replace('_', '-')} (CORTEX_{flag.upper()})"
@@ -78,6 +78,16 @@ class Settings:
     env_cache_bytes: int = 20 * 10**9
     env_installer: str = ""
     env_build_timeout_s: float = 1800.0
+    # Webhooks (`cortex.webhooks`): the HMAC-SHA256 key that signs them (without one, jobs
+    # cannot ask for webhooks); the URL prefixes they may go to (empty: any http(s) URL); how
+    # long one attempt may take; how long a delivery is retried before it is given up; the
+    # first retry's delay (doubling, with jitter, up to `webhook_max_backoff_s`).
+    webhook_secret: str = ""
+    webhook_urls: tuple[str, ...] = ()
+    webhook_timeout_s: float = 10.0
+    webhook_give_up_s: float = 86400.0
+    webhook_retry_base_s: float = 5.0
+    webhook_max_backoff_s: float = 600.0
 
     def __post_init__(self) -> None:
         """Refuse settings that contradict each other or cannot work, before anything starts:
@@ -92,6 +102,10 @@ class Settings:
             "max_body_bytes",
             "log_max_lines_per_job",
             "env_build_timeout_s",
+            "webhook_timeout_s",
+            "webhook_give_up_s",
+            "webhook_retry_base_s",
+            "webhook_max_backoff_s",
         )
         for name in positive:
             value = getattr(self, name)
@@ -121,6 +135,7 @@ class Settings:
     def __repr__(self) -> str:  # never print the token
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields["auth_token"] = "***" if self.auth_token else ""
+        fields["webhook_secret"] = "***" if self.webhook_secret else ""
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     @property

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from cortex import errors
+from cortex import errors, hookspec
 
 MAX_NAME_LENGTH = 42
 MAX_ITEM_BYTES = 262144  # one item's raw JSON (spec §4: 256 KiB)
@@ -321,6 +321,9 @@ class APISpec(_Strict):
     kind: Literal["BatchAPI"]
     predictor: Predictor
     compute: Compute = pydantic.Field(default_factory=Compute)
+    # The webhook of the API's jobs that do not name one (a submission's `webhook: null`
+    # turns it off).
+    webhook: hookspec.Webhook | None = None
 
     @pydantic.field_validator("name")
     @classmethod
@@ -343,6 +346,8 @@ class APISpec(_Strict):
         for key in ("model_path", "models", "signature_key"):
             if predictor.get(key) is None:
                 predictor.pop(key, None)
+        if data.get("webhook") is None:
+            data.pop("webhook", None)
         return data
 
 

@@ -4,6 +4,7 @@ batches of another job), and the threads that enqueue file datasets."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -11,13 +12,14 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from cortex import datasets, enqueuer, errors, jobspec, spec
+from cortex import datasets, enqueuer, errors, hookspec, jobspec, spec
 from cortex.jobs import JobStatus, new_job_id, new_worker_id
 from cortex.launchers import Launcher
 from cortex.launching import Launching
 from cortex.lifecycle import Lifecycle
 from cortex.settings import Settings
 from cortex.store import ApiRecord, Job, Store, engine
+from cortex.store.submissions import NO_EXTRAS, Extras
 
 log = logging.getLogger("cortex.server")
 
@@ -28,6 +30,8 @@ _ITEM_CHUNK_BATCHES = 5000
 
 # The dataset kind of a job whose items came inline (an item list) while they are written.
 ITEM_LIST = "item_list"
+# Why such a job failed when its server died before its items were all written.
+ENQUEUE_INTERRUPTED = "batchapi.enqueue_interrupted"
 
 
 class Submissions:
@@ -50,20 +54,49 @@ class Submissions:
         self._enqueuers: dict[str, threading.Thread] = {}
         self._enqueuers_lock = threading.Lock()
 
-    def submit(self, api_name: str, data: Any, dry_run: bool = False) -> Job | Iterator[str]:
+    def submit(
+        self, api_name: str, data: Any, dry_run: bool = False, extras: Extras = NO_EXTRAS
+    ) -> Job | Iterator[str]:
         """Validate a submission and create its job; with `dry_run`, create nothing and
-        return the files it matches (none for an item list), listed as they are read."""
+        return the files it matches (none for an item list), listed as they are read.
+        `extras` carries the submission's idempotency key (the rest is filled in here)."""
         submission = jobspec.parse_submission(data)
         self._check_workers(submission.workers)
         job_id = new_job_id()
         # An unknown API is reported before the items are checked.
-        with self._reserved(self.lifecycle.get_api(api_name), job_id, submission.workers, dry_run):
+        api = self.lifecycle.get_api(api_name)
+        extras = dataclasses.replace(
+            extras, metadata=submission.metadata, webhook=self._webhook(api, submission)
+        )
+        with self._reserved(api, job_id, submission.workers, dry_run):
             if submission.file_dataset is not None:
-                return self._submit_files(job_id, api_name, submission, dry_run)
-            return self._submit_items(job_id, api_name, submission, dry_run)
+                return self._submit_files(job_id, api_name, submission, dry_run, extras)
+            return self._submit_items(job_id, api_name, submission, dry_run, extras)
+
+    def _webhook(self, api: ApiRecord, submission: jobspec.Submission) -> dict[str, Any] | None:
+        """The job's webhook: the submission's, else the API's default; refused if this
+        server cannot sign it or may not send it there."""
+        webhook = submission.webhook
+        if not submission.webhook_given and api.spec.get("webhook") is not None:
+            webhook = hookspec.parse_webhook(api.spec["webhook"], "the API's webhook")
+        if webhook is None:
+            return None
+        if not self.settings.webhook_secret:
+            raise errors.InvalidSubmission(
+                "webhook: this server has no CORTEX_WEBHOOK_SECRET to sign webhooks with; ask "
+                "its operator to set one",
+                kind="batchapi.webhook_unsigned",
+            )
+        hookspec.check_webhook_url(webhook.url, self.settings.webhook_urls)
+        return webhook.model_dump()
 
     def _submit_items(
-        self, job_id: str, api_name: str, submission: jobspec.Submission, dry_run: bool
+        self,
+        job_id: str,
+        api_name: str,
+        submission: jobspec.Submission,
+        dry_run: bool,
+        extras: Extras,
     ) -> Job | Iterator[str]:
         """An item list: every batch is built (and every item checked) first, then the job is
         stored and its workers started, and the batches are written while the workers boot,
@@ -83,7 +116,7 @@ class Submissions:
         with self._enqueuers_lock:
             self._enqueuers[job_id] = threading.current_thread()
         try:
-            job = self._create_enqueuing(job_id, api_name, submission, {"kind": ITEM_LIST})
+            job = self._create_enqueuing(job_id, api_name, submission, {"kind": ITEM_LIST}, extras)
             self.lifecycle.job_event(
                 job_id,
                 f"partitioning {len(item_list.items)} items found in job submission into "
@@ -96,7 +129,12 @@ class Submissions:
                 self._enqueuers.pop(job_id, None)
 
     def _create_enqueuing(
-        self, job_id: str, api_name: str, submission: jobspec.Submission, dataset: dict[str, Any]
+        self,
+        job_id: str,
+        api_name: str,
+        submission: jobspec.Submission,
+        dataset: dict[str, Any],
+        extras: Extras,
     ) -> Job:
         """Store a submission's job as enqueuing, owned by this replica."""
         return self.store.create_enqueuing_job(
@@ -109,6 +147,7 @@ class Submissions:
             worker_token=secrets.token_urlsafe(32),
             dataset=dataset,
             replica_id=self.replica_id,
+            extras=extras,
         )
 
     def _write_items(self, job: Job, payloads: list[str], items: int, batch_size: int) -> Job:
@@ -140,7 +179,12 @@ class Submissions:
         return done
 
     def _submit_files(
-        self, job_id: str, api_name: str, submission: jobspec.Submission, dry_run: bool
+        self,
+        job_id: str,
+        api_name: str,
+        submission: jobspec.Submission,
+        dry_run: bool,
+        extras: Extras,
     ) -> Job | Iterator[str]:
         """A file dataset: list until one file matches (else 400), store the job as
         enqueuing, and enqueue it on a thread of its own; the answer does not wait."""
@@ -166,7 +210,7 @@ class Submissions:
         files.close()
         kind = submission.dataset_kind
         job = self._create_enqueuing(
-            job_id, api_name, submission, {"kind": kind, **dataset.to_json()}
+            job_id, api_name, submission, {"kind": kind, **dataset.to_json()}, extras
         )
         self.lifecycle.job_event(job.job_id, "started enqueuing batches")
         self.start_enqueuing(job.job_id)
@@ -200,7 +244,7 @@ class Submissions:
                 self.lifecycle.end_job(
                     job_id,
                     JobStatus.ENQUEUE_FAILED,
-                    "batchapi.enqueue_interrupted",
+                    ENQUEUE_INTERRUPTED,
                     "the server stopped while writing this job's batches; its items were sent "
                     "inline and are not kept: submit the job again",
                 )
@@ -331,6 +375,8 @@ class Submissions:
             payloads=self.store.failed_payloads(job_id),
             replica_id=self.replica_id,
             retry_of=job_id,
+            # A retry is found and followed as the job it retries was.
+            extras=Extras(metadata=old.metadata, webhook=old.webhook),
         )
         self.lifecycle.job_event(
             job.job_id, f"retrying the {job.total_batch_count} failed batches of job {job_id}"

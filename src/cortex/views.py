@@ -33,6 +33,8 @@ def job_spec_json(job: Job, api_spec: dict[str, Any]) -> dict[str, Any]:
         "sqs_dead_letter_queue": None,
         "max_attempts": job.max_attempts,
         "retry_of": job.retry_of,
+        # Additive: the submission's metadata ({} if none); the predictor's job_spec has it.
+        "metadata": job.metadata or {},
     }
 
 
@@ -42,6 +44,7 @@ def job_status_json(
     *,
     batch_counts: dict[str, int],
     worker_counts: dict[str, int] | None,
+    deliveries: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     average = job.succeeded_time_s / job.succeeded if job.succeeded else None
     status: dict[str, Any] = {
@@ -70,8 +73,55 @@ def job_status_json(
             "message": job.error_message,
             "traceback": job.error_traceback,
         },
+        # Additive: the job's webhook (null if none; not in the predictor's job_spec: its URL
+        # may hold the submitter's secret) and each of its deliveries, oldest first.
+        "webhook": job.webhook,
+        "webhook_deliveries": [delivery_json(d) for d in deliveries or []],
     }
     return status
+
+
+def delivery_json(row: dict[str, Any]) -> dict[str, Any]:
+    """One webhook delivery: `state` is pending (being retried), delivered (a 2xx answer) or
+    failed (given up); `last_status` is the receiver's last HTTP status (null if it could not
+    be reached, `last_error` says why)."""
+    state = "pending"
+    if row["delivered_at"] is not None:
+        state = "delivered"
+    elif row["gave_up_at"] is not None:
+        state = "failed"
+    return {
+        "delivery_id": row["delivery_id"],
+        "event": row["event"],
+        "state": state,
+        "attempts": row["attempts"],
+        "last_status": row["last_status"],
+        "last_error": row["last_error"],
+        "last_attempt_at": rfc3339(row["last_attempt_at"]),
+        "next_attempt_at": rfc3339(row["next_attempt_at"]) if state == "pending" else None,
+        "delivered_at": rfc3339(row["delivered_at"]),
+    }
+
+
+def status_json(
+    progress: tuple[Job, dict[str, int], dict[str, int] | None],
+    api_spec: dict[str, Any],
+    base_url: str,
+    deliveries: list[dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """What `GET /<api>/<job_id>` answers: the job's status, its API's spec, its address."""
+    job, batch_counts, worker_counts = progress
+    return {
+        "job_status": job_status_json(
+            job,
+            api_spec,
+            batch_counts=batch_counts,
+            worker_counts=worker_counts,
+            deliveries=deliveries,
+        ),
+        "api_spec": api_spec,
+        "endpoint": f"{base_url}/{job.api_name}/{job.job_id}",
+    }
 
 
 def api_json(api: ApiRecord, base_url: str) -> dict[str, Any]:

@@ -73,6 +73,9 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         AWS_SECRET_ACCESS_KEY="fuzz",
         AWS_DEFAULT_REGION="us-east-1",
         AWS_MAX_ATTEMPTS="1",
+        # Webhooks are accepted (signed), but only to a loopback port where nothing listens.
+        CORTEX_WEBHOOK_SECRET="fuzz",
+        CORTEX_WEBHOOK_URLS=f"http://127.0.0.1:{free_port()}/",
     )
     folder = tmp_path_factory.mktemp("fuzz-apis")
     try:
@@ -236,6 +239,36 @@ HOSTILE: list[tuple[str, str, dict[str, Any], str]] = [
         {"json": _submission(max_attempts=2**63)},
         "batchapi.invalid_max_attempts",
     ),
+    (
+        "surrogate-metadata",
+        f"/{API}",
+        {"content": json.dumps(_submission(metadata={"a": "X"})).replace('"X"', _SURROGATE)},
+        "request.invalid",
+    ),
+    (
+        "nul-metadata",
+        f"/{API}",
+        {"json": _submission(metadata={"a\0": "b"})},
+        "batchapi.invalid_metadata",
+    ),
+    (
+        "nul-webhook",
+        f"/{API}",
+        {"json": _submission(webhook={"url": "http://127.0.0.1/\0"})},
+        "batchapi.invalid_webhook",
+    ),
+    (
+        "deep-webhook",
+        f"/{API}",
+        {"content": json.dumps(_submission(webhook="X")).replace('"X"', _deep(300))},
+        "request.invalid",
+    ),
+    (
+        "long-idempotency-key",
+        f"/{API}",
+        {"json": _submission(), "headers": {"Idempotency-Key": "k" * 10_000}},
+        "batchapi.invalid_idempotency_key",
+    ),
     ("deploy-deep-spec", "/deploy", {"data": {"spec": _deep(100_000)}}, "request.invalid"),
     ("deploy-deep-config", "/deploy", {"data": {"spec": _OK_SPEC % _deep(300)}}, "spec.invalid"),
     ("deploy-surrogate", "/deploy", {"data": {"spec": _OK_SPEC % _SURROGATE}}, "spec.invalid"),
@@ -261,3 +294,25 @@ def test_hostile_bodies_are_refused(
         for read in ("/get", f"/get/{API}", f"/{API}"):
             answer = http.get(read)
             assert answer.status_code == 200, f"GET {read}: {answer.text}"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "metadata.a=%00",
+        "metadata.%00=a",
+        "metadata.a=%ED%A0%80",
+        "metadata.=a",
+        "metadata.a=1&metadata.a=2",
+        "metadata." + "k" * 5000 + "=v",
+        "metadata.k=" + "v" * 5000,
+    ],
+)
+def test_hostile_listing_filters_are_refused(target: Target, query: str) -> None:
+    """Metadata filters the generator cannot draw (their names are not in the document):
+    refused with a 400, or matching nothing, never a 500."""
+    with target.server.http() as http:
+        response = http.get(f"/{API}?{query}")
+    assert_error_contract(response.status_code, response.content)
+    if response.status_code == 200:
+        assert response.json()["job_statuses"] == []

@@ -7,13 +7,14 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import pydantic
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
-from cortex import errors, exactjson, globs, schemas, views
+from cortex import errors, exactjson, globs, hookspec, schemas, views
 from cortex.api import deps
 from cortex.api.body import read_json
+from cortex.jobs import WEBHOOK_EVENTS
 from cortex.project import MAX_ARCHIVE_BYTES
 from cortex.service import Service
 from cortex.spec import DEFAULT_MAX_ATTEMPTS, MAX_BATCH_SIZE, MAX_INT32
@@ -48,15 +49,9 @@ def status_json(service: Service, job: Job, base_url: str) -> dict[str, Any]:
 
 
 def _status_json(service: Service, progress: JobProgress, base_url: str) -> dict[str, Any]:
-    job, batch_counts, worker_counts = progress
-    api_spec = service.lifecycle.api_spec_for(job)
-    return {
-        "job_status": views.job_status_json(
-            job, api_spec, batch_counts=batch_counts, worker_counts=worker_counts
-        ),
-        "api_spec": api_spec,
-        "endpoint": f"{base_url}/{job.api_name}/{job.job_id}",
-    }
+    job = progress[0]
+    deliveries = service.lifecycle.webhook_deliveries(job) if job.webhook else None
+    return views.status_json(progress, service.lifecycle.api_spec_for(job), base_url, deliveries)
 
 
 async def _job_status(service: Service, api_name: str, job_id: str, base_url: str) -> Response:
@@ -202,6 +197,38 @@ _SUBMISSION_FIELDS: dict[str, Any] = {
         "default": DEFAULT_MAX_ATTEMPTS,
         "description": "tries per batch before it counts as failed",
     },
+    "metadata": {
+        "type": ["object", "null"],
+        "maxProperties": hookspec.MAX_METADATA_KEYS,
+        "propertyNames": {"minLength": 1, "maxLength": hookspec.MAX_METADATA_KEY_CHARS},
+        "additionalProperties": {"type": "string", "maxLength": hookspec.MAX_METADATA_VALUE_CHARS},
+        "description": (
+            "labels of the job, returned in its status and the listing; "
+            "`GET /<api>?metadata.KEY=VALUE` lists the jobs that have them"
+        ),
+    },
+    "webhook": {
+        "type": ["object", "null"],
+        "required": ["url"],
+        "additionalProperties": False,
+        "properties": {
+            "url": {
+                "type": "string",
+                "maxLength": hookspec.MAX_WEBHOOK_URL_CHARS,
+                "description": "http(s) URL, under CORTEX_WEBHOOK_URLS when that is set",
+            },
+            "events": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+                "default": ["job.ended"],
+            },
+        },
+        "description": (
+            "where the job's status JSON is POSTed (signed, retried) when it reaches the events "
+            "named; overrides the API's `webhook` in cortex.yaml, which null turns off"
+        ),
+    },
 }
 
 
@@ -246,12 +273,28 @@ _SUBMISSION_BODY: dict[str, Any] = {
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": (
-            "The job, or with `dryRun=true` the matched files, one per line, then the text "
-            "`validations passed`"
+            "The job (with its `metadata`), or with `dryRun=true` the matched "
+            "files, one per line, then the text `validations passed`"
         ),
         "model": schemas.JobSpec,
         "content": {"text/plain": {"schema": {"type": "string"}}},
-    }
+        "headers": {
+            "Idempotent-Replayed": {
+                "description": (
+                    "`true` when an `Idempotency-Key` seen before answered the job it created "
+                    "(nothing new was created)"
+                ),
+                "schema": {"type": "string", "enum": ["true"]},
+            }
+        },
+    },
+    409: {
+        "model": ErrorBody,
+        "description": (
+            "`batchapi.idempotency_conflict`: the Idempotency-Key was used in the last 24 "
+            "hours with another body"
+        ),
+    },
 }
 
 
@@ -267,8 +310,34 @@ async def submit(
     request: Request,
     service: ServiceDep,
     dry_run: Annotated[bool, Query(alias="dryRun")] = False,
-) -> dict[str, Any] | PlainTextResponse | StreamingResponse:
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description=(
+                "1 to 255 printable ASCII characters. A submission that repeats a key used on "
+                "this API in the last 24 hours creates nothing: with the same body it answers "
+                "the job the key created (200, header `Idempotent-Replayed: true`), with "
+                "another body 409 `batchapi.idempotency_conflict`. Ignored with dryRun."
+            ),
+        ),
+    ] = None,
+) -> dict[str, Any] | Response:
+    """Create a job. Besides the spec's fields, a submission may carry `metadata` and a
+    `webhook` (see the request body's schema)."""
     data = await read_json(request, service.settings.max_body_bytes)
+    if idempotency_key is not None and not dry_run:
+        job, replayed = await run_in_threadpool(
+            service.idempotent.submit, api_name, data, idempotency_key
+        )
+        body = views.job_spec_json(job, service.lifecycle.api_spec_for(job))
+        if not replayed:
+            return body
+        return Response(
+            exactjson.dumps(body),
+            media_type="application/json",
+            headers={"Idempotent-Replayed": "true"},
+        )
     result = await run_in_threadpool(service.submissions.submit, api_name, data, dry_run)
     if isinstance(result, Job):
         return views.job_spec_json(result, service.lifecycle.api_spec_for(result))
@@ -297,8 +366,14 @@ def _dry_run_lines(files: Iterator[str], lines_per_write: int = 1000) -> Iterato
 # checks that real answers carry only the fields they declare.
 _LIST_DOC: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "A job's status (with jobID), or the API's jobs (without)",
         "model": schemas.JobDetails | schemas.JobList,
+        "description": (
+            "A job's status (with jobID), or the API's jobs. `job_status` holds, besides the "
+            "spec's fields, `metadata` ({} if none), `webhook` ({url, events} or null) and "
+            "`webhook_deliveries`: per delivery `delivery_id`, `event`, `state` (pending, "
+            "delivered, failed), `attempts`, `last_status` (the receiver's HTTP status), "
+            "`last_error`, `last_attempt_at`, `next_attempt_at`, `delivered_at`"
+        ),
     }
 }
 _JOB_DOC: dict[int | str, dict[str, Any]] = {
@@ -316,16 +391,23 @@ def _json(data: Any) -> Response:
 @router.get("/{api_name}", response_model=None, responses=_LIST_DOC)
 async def get_job_or_list(
     api_name: str,
+    request: Request,
     service: ServiceDep,
     base_url: BaseUrl,
     job_id: Annotated[str | None, Query(alias="jobID")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
+    """With `jobID`, a job's status; without, the API's jobs (in-progress first, then the
+    newest), at most `limit`. `metadata.KEY=VALUE` query parameters (any number; all must
+    match) list only the jobs whose metadata holds KEY with that VALUE."""
     if job_id is not None:
         return await _job_status(service, api_name, job_id, base_url)
+    metadata = hookspec.metadata_filter(
+        [(k, v) for k, v in request.query_params.multi_items() if k.startswith("metadata.")]
+    )
 
     def listing() -> dict[str, Any]:
-        jobs = service.lifecycle.list_jobs(api_name, limit)
+        jobs = service.lifecycle.list_jobs(api_name, limit, metadata)
         return {
             "api_name": api_name,
             "job_statuses": [status_json(service, job, base_url)["job_status"] for job in jobs],

@@ -37,6 +37,20 @@ from cortex.client import Client
     help="Show the job's progress until it ends; exit 0 if it succeeded, 1 if not.",
 )
 @click.option("--follow", is_flag=True, help="As --wait, and stream the job's logs.")
+@click.option(
+    "--idempotency-key",
+    envvar="CORTEX_IDEMPOTENCY_KEY",
+    default=None,
+    help="Submit at most once per key (24 hours): the same submission again answers the job "
+    "the key created; another one with this key is refused.",
+)
+@click.option(
+    "--metadata",
+    "metadata",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Label the job (repeatable); added to the submission's metadata.",
+)
 def submit(
     api: str,
     submission: Any,
@@ -46,6 +60,8 @@ def submit(
     output: str,
     wait: bool,
     follow: bool,
+    idempotency_key: str | None,
+    metadata: tuple[str, ...],
 ) -> None:
     """Submit a job to API: SUBMISSION is a JSON file (or - for stdin), as for POST /<api>."""
     raw = submission.read()
@@ -55,16 +71,25 @@ def submit(
         body = exactjson.loads(raw)
     except ValueError as err:
         raise click.UsageError(f"{submission.name} is not valid JSON: {err}") from None
-    if workers is not None:
+    if workers is not None or metadata:
         if not isinstance(body, dict):
             raise click.UsageError(f"{submission.name} must hold a JSON object")
-        body["workers"] = workers
+        if workers is not None:
+            body["workers"] = workers
+        if metadata:
+            labels = body.get("metadata")
+            body["metadata"] = {**(labels if isinstance(labels, dict) else {})}
+            for pair in metadata:
+                key, sep, value = pair.partition("=")
+                if not sep or not key:
+                    raise click.UsageError(f"--metadata: {pair!r} is not KEY=VALUE")
+                body["metadata"][key] = value
         raw = exactjson.dumps(body)
     with _client(url) as client:
         if dry_run:
             click.echo(client.submit(api, raw, dry_run=True), nl=False)
             return
-        job = client.submit(api, raw)
+        job = client.submit(api, raw, idempotency_key=idempotency_key)
         if output == "json" and not (wait or follow):
             _print_json(job.to_json())
             return

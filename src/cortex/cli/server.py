@@ -153,6 +153,41 @@ from cortex.settings import DEFAULT_HOST, DEFAULT_PORT
     type=float,
     help="A step of an environment build (dependencies.sh, an install) that runs longer fails.",
 )
+@click.option(
+    "--webhook-secret",
+    envvar="CORTEX_WEBHOOK_SECRET",
+    default="",
+    help="The key webhooks are signed with (HMAC-SHA256, the Cortex-Signature header); "
+    "without one, jobs cannot ask for webhooks.",
+)
+@click.option(
+    "--webhook-urls",
+    envvar="CORTEX_WEBHOOK_URLS",
+    default="",
+    help="URL prefixes (comma-separated, e.g. https://hooks.internal/) webhooks may be sent "
+    "to (default: any http(s) URL).",
+)
+@click.option(
+    "--webhook-timeout-s",
+    envvar="CORTEX_WEBHOOK_TIMEOUT_S",
+    default=10.0,
+    type=float,
+    help="How long one webhook attempt may take.",
+)
+@click.option(
+    "--webhook-give-up-s",
+    envvar="CORTEX_WEBHOOK_GIVE_UP_S",
+    default=86400.0,
+    type=click.FloatRange(min=3600),
+    help="How long a webhook that is not accepted is retried (at least an hour).",
+)
+@click.option(
+    "--webhook-retry-base-s",
+    envvar="CORTEX_WEBHOOK_RETRY_BASE_S",
+    default=5.0,
+    type=float,
+    help="The delay before a webhook's first retry; it doubles (with jitter) up to 10 minutes.",
+)
 @click.option("--log-level", envvar="CORTEX_LOG_LEVEL", default="info")
 @click.option(
     "--log-format",
@@ -189,6 +224,11 @@ def serve(
     env_cache_bytes: int,
     env_installer: str,
     env_build_timeout_s: float,
+    webhook_secret: str,
+    webhook_urls: str,
+    webhook_timeout_s: float,
+    webhook_give_up_s: float,
+    webhook_retry_base_s: float,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -226,10 +266,15 @@ def serve(
             job_retention_s=job_retention_s,
             prune_s=prune_s,
             data_roots=tuple(Path(p) for p in data_roots.split(":") if p),
-            data_urls=tuple(_url_prefix(u.strip()) for u in data_urls.split(",") if u.strip()),
+            data_urls=_url_prefixes(data_urls, "--data-urls"),
             env_cache_bytes=env_cache_bytes,
             env_installer=env_installer,
             env_build_timeout_s=env_build_timeout_s,
+            webhook_secret=webhook_secret,
+            webhook_urls=_url_prefixes(webhook_urls, "--webhook-urls"),
+            webhook_timeout_s=webhook_timeout_s,
+            webhook_give_up_s=webhook_give_up_s,
+            webhook_retry_base_s=webhook_retry_base_s,
         )
     except ValueError as err:  # settings that contradict each other
         _error_line(str(err))
@@ -313,13 +358,19 @@ def migrate(data_dir: Path, store_url: str) -> None:
         )
 
 
-def _url_prefix(url: str) -> str:
-    """A `--data-urls` prefix. One that names only a bucket or host gets its slash, so that
-    `s3://data` does not also allow `s3://data-private`."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or not scheme or not rest:
-        raise click.UsageError(f"--data-urls: {url!r} is not a URL prefix (s3://bucket/path/)")
-    return url if "/" in rest else url + "/"
+def _url_prefixes(urls: str, flag: str) -> tuple[str, ...]:
+    """The prefixes of `--data-urls` or `--webhook-urls` (comma-separated). One that names
+    only a bucket or host gets its slash, so that `s3://data` does not also allow
+    `s3://data-private`."""
+    prefixes = []
+    for url in (u.strip() for u in urls.split(",")):
+        if not url:
+            continue
+        scheme, sep, rest = url.partition("://")
+        if not sep or not scheme or not rest:
+            raise click.UsageError(f"{flag}: {url!r} is not a URL prefix (s3://bucket/path/)")
+        prefixes.append(url if "/" in rest else url + "/")
+    return tuple(prefixes)
 
 
 def _is_loopback(host: str) -> bool:

@@ -160,6 +160,10 @@ class ApiStore(engine.BaseStore):
             conn.execute(t.worker_replies.delete().where(t.worker_replies.c.job_id.in_(job_ids)))
             conn.execute(t.log_chunks.delete().where(t.log_chunks.c.job_id.in_(job_ids)))
             conn.execute(t.log_totals.delete().where(t.log_totals.c.job_id.in_(job_ids)))
+            conn.execute(t.job_metadata.delete().where(t.job_metadata.c.job_id.in_(job_ids)))
+            # (Not its jobs' webhook deliveries: the stops that deleting it made are events
+            # too. They are sent, then pruned: `prune_orphan_deliveries`.)
+            conn.execute(t.idempotency_keys.delete().where(t.idempotency_keys.c.api_name == name))
             conn.execute(t.jobs.delete().where(t.jobs.c.api_name == name))
             conn.execute(t.api_specs.delete().where(t.api_specs.c.api_name == name))
             conn.execute(t.apis.delete().where(t.apis.c.name == name))

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 
 from cortex import errors
 from cortex.jobs import BatchState, JobStatus, WorkerState, can_transition
-from cortex.store import engine
+from cortex.store import engine, outbox
 from cortex.store import tables as t
 from cortex.store.records import Job
 
@@ -28,13 +28,25 @@ class JobStore(engine.BaseStore):
             row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
         return None if row is None else Job.from_row(row)
 
-    def list_jobs(self, api_name: str, limit: int = 100) -> list[Job]:
-        """In-progress jobs first, then the newest others, at most `limit` in all."""
+    def list_jobs(
+        self, api_name: str, limit: int = 100, metadata: dict[str, str] | None = None
+    ) -> list[Job]:
+        """In-progress jobs first, then the newest others, at most `limit` in all; only those
+        whose metadata holds every key and value of `metadata`."""
         in_progress = [s.value for s in JobStatus if s.in_progress]
+        where = [t.jobs.c.api_name == api_name]
+        for key, value in (metadata or {}).items():
+            where.append(
+                t.jobs.c.job_id.in_(
+                    sa.select(t.job_metadata.c.job_id).where(
+                        t.job_metadata.c.key == key, t.job_metadata.c.value == value
+                    )
+                )
+            )
         with self.read() as conn:
             rows = conn.execute(
                 sa.select(t.jobs)
-                .where(t.jobs.c.api_name == api_name)
+                .where(*where)
                 .order_by(t.jobs.c.status.in_(in_progress).desc(), t.jobs.c.start_time.desc())
                 .limit(limit)
             ).all()
@@ -169,6 +181,7 @@ def transition(
     )
     if updated.rowcount != 1:
         return False
+    outbox.record_event(conn, job, new)
     if new.terminal:
         # No batch stays leased once a job has ended; results that arrive later are ignored.
         conn.execute(

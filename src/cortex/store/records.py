@@ -55,6 +55,9 @@ class Job:
     dataset: dict[str, Any] | None = None
     enqueued_items: int = 0
     enqueue_owner: str | None = None
+    metadata: dict[str, str] | None = None
+    # {"url": ..., "events": [...]}: where the job's status changes are sent.
+    webhook: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -87,7 +90,13 @@ class Job:
             dataset=None if m["dataset_json"] is None else json.loads(m["dataset_json"]),
             enqueued_items=m["enqueued_items"],
             enqueue_owner=m["enqueue_owner"],
+            metadata=_json_or_none(m["metadata_json"]),
+            webhook=_json_or_none(m["webhook_json"]),
         )
+
+
+def _json_or_none(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
 
 
 @dataclasses.dataclass(frozen=True)

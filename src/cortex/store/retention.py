@@ -19,6 +19,8 @@ _CHUNK_ROWS: tuple[tuple[sa.Table, tuple[str, ...], int], ...] = (
     (t.batches, ("job_id", "seq"), 5000),
     (t.workers, ("worker_id",), 5000),
     (t.worker_replies, ("worker_id", "channel"), 5000),
+    (t.job_metadata, ("job_id", "key"), 5000),
+    (t.webhook_deliveries, ("delivery_id",), 5000),
 )
 # Jobs looked at per call: the reconciler comes back for the rest.
 _JOBS_PER_PASS = 100

@@ -3,6 +3,7 @@ one replica enqueues chunk by chunk (and another takes over if that replica goes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -13,9 +14,26 @@ from sqlalchemy import Connection
 
 from cortex import errors
 from cortex.jobs import JobStatus
-from cortex.store import apis, batchrows, engine, jobrows, workerrows
+from cortex.store import apis, batchrows, engine, jobrows, outbox, workerrows
 from cortex.store import tables as t
 from cortex.store.records import Job
+
+# How long an `Idempotency-Key` names the job it created.
+IDEMPOTENCY_TTL_S = 86400.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Extras:
+    """What a submission may add to its job: metadata, a webhook, an idempotency key with
+    the digest of the body it came with."""
+
+    metadata: dict[str, str] | None = None
+    webhook: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    body_digest: str = ""
+
+
+NO_EXTRAS = Extras()
 
 
 class SubmissionStore(engine.BaseStore):
@@ -34,6 +52,7 @@ class SubmissionStore(engine.BaseStore):
         payloads: Iterable[str],
         replica_id: str,
         retry_of: str | None = None,
+        extras: Extras = NO_EXTRAS,
     ) -> Job:
         """Store a job, all of its batches and its workers' rows in one transaction, then mark
         it running (a retry of failed batches, whose payloads are already stored).
@@ -55,6 +74,7 @@ class SubmissionStore(engine.BaseStore):
                 max_attempts=max_attempts,
                 worker_token=worker_token,
                 retry_of=retry_of,
+                extras=extras,
             )
             total = 0
             chunk: list[str] = []
@@ -77,7 +97,9 @@ class SubmissionStore(engine.BaseStore):
                 )
             )
             workerrows.insert(conn, job_id, range(workers), replica_id, now)
-            return jobrows.get(conn, job_id)
+            job = jobrows.get(conn, job_id)
+            outbox.record_event(conn, job, JobStatus.RUNNING)
+            return job
 
     def create_enqueuing_job(
         self,
@@ -91,6 +113,7 @@ class SubmissionStore(engine.BaseStore):
         worker_token: str,
         dataset: dict[str, Any],
         replica_id: str,
+        extras: Extras = NO_EXTRAS,
     ) -> Job:
         """Store a job whose dataset (a file dataset, or an item list being written by the
         request) `replica_id` enqueues from now on (`append_batches`, then `finish_enqueue`).
@@ -108,6 +131,7 @@ class SubmissionStore(engine.BaseStore):
                 worker_token=worker_token,
                 dataset_json=json.dumps(dataset),
                 enqueue_owner=replica_id,
+                extras=extras,
             )
             return jobrows.get(conn, job_id)
 
@@ -157,7 +181,42 @@ class SubmissionStore(engine.BaseStore):
                     .where(t.jobs.c.job_id == job_id)
                     .values(enqueue_done=True, status=JobStatus.RUNNING.value)
                 )
+                outbox.record_event(conn, job, JobStatus.RUNNING)
             return jobrows.get(conn, job_id)
+
+    def idempotent_job(self, api_name: str, key: str, now: float) -> tuple[str, str] | None:
+        """The digest of the body and the job of an idempotency key used on this API in the
+        last `IDEMPOTENCY_TTL_S`, or None."""
+        keys = t.idempotency_keys
+        with self.read() as conn:
+            row = conn.execute(
+                sa.select(keys.c.body_digest, keys.c.job_id).where(
+                    keys.c.api_name == api_name,
+                    keys.c.key == key,
+                    keys.c.created_at >= now - IDEMPOTENCY_TTL_S,
+                )
+            ).first()
+        return None if row is None else (row.body_digest, row.job_id)
+
+    def release_idempotency_key(self, api_name: str, key: str, job_id: str) -> None:
+        """Let a key name a new job: the one it named (`job_id`) is dropped from it."""
+        keys = t.idempotency_keys
+        with self.write() as conn:
+            conn.execute(
+                keys.delete().where(
+                    keys.c.api_name == api_name, keys.c.key == key, keys.c.job_id == job_id
+                )
+            )
+
+    def prune_idempotency_keys(self, now: float) -> int:
+        """Forget the idempotency keys past their time."""
+        keys = t.idempotency_keys
+        with self.write() as conn:
+            return int(
+                conn.execute(
+                    keys.delete().where(keys.c.created_at < now - IDEMPOTENCY_TTL_S)
+                ).rowcount
+            )
 
     def unfinished_enqueues(self) -> list[Job]:
         """Jobs whose file dataset is still being enqueued (or should be)."""
@@ -195,20 +254,53 @@ def _enqueuing_by(job: Job, owner: str) -> bool:
     return job.status is JobStatus.ENQUEUING and not job.enqueue_done and job.enqueue_owner == owner
 
 
-def _insert_job(conn: Connection, now: float, *, api_name: str, **values: Any) -> None:
-    """A new job's row, enqueuing, running the API's spec as deployed now.
+def _insert_job(
+    conn: Connection, now: float, *, api_name: str, extras: Extras, **values: Any
+) -> None:
+    """A new job's row, enqueuing, running the API's spec as deployed now, with its metadata
+    rows and its idempotency key.
 
     FOR SHARE on the API row: a concurrent deploy cannot drop the spec this job names, nor a
     delete leave the job without its API."""
     api = apis.lock(conn, api_name, share=True)
     if api is None:
         raise errors.ApiNotDeployed(api_name)
+    if extras.idempotency_key is not None:
+        _take_key(conn, now, api_name, extras, values["job_id"])
     conn.execute(
         t.jobs.insert().values(
             api_name=api_name,
             spec_id=apis.version_for_new_job(api, api_name),
             status=JobStatus.ENQUEUING.value,
             start_time=now,
+            metadata_json=None if extras.metadata is None else json.dumps(extras.metadata),
+            webhook_json=None if extras.webhook is None else json.dumps(extras.webhook),
             **values,
         )
     )
+    if extras.metadata:
+        job_id = values["job_id"]
+        rows = [{"job_id": job_id, "key": k, "value": v} for k, v in extras.metadata.items()]
+        conn.execute(t.job_metadata.insert(), rows)
+
+
+def _take_key(conn: Connection, now: float, api_name: str, extras: Extras, job_id: str) -> None:
+    """Store the submission's idempotency key for its job, or raise KeyTaken if a submission
+    holds it already. The insert waits for a concurrent one of the same key (PostgreSQL's
+    ON CONFLICT; SQLite's single writer) and then inserts nothing: of two concurrent POSTs
+    with one key, one creates its job and the other answers it."""
+    keys = t.idempotency_keys
+    key = (keys.c.api_name == api_name, keys.c.key == extras.idempotency_key)
+    # A key past its time names nothing any more (pruning may not have reached it yet).
+    conn.execute(keys.delete().where(*key, keys.c.created_at < now - IDEMPOTENCY_TTL_S))
+    inserted = conn.execute(
+        engine.insert_ignore(conn, keys).values(
+            api_name=api_name,
+            key=extras.idempotency_key,
+            body_digest=extras.body_digest,
+            job_id=job_id,
+            created_at=now,
+        )
+    )
+    if inserted.rowcount != 1:
+        raise errors.KeyTaken(extras.idempotency_key)

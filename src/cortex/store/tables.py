@@ -82,6 +82,10 @@ jobs = sa.Table(
     # are `total_batch_count`), and the replica whose enqueuer writes them.
     sa.Column("enqueued_items", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("enqueue_owner", sa.String(64), nullable=True),
+    # The submission's `metadata` ({str: str}, also in `job_metadata` for filtering) and the
+    # webhook its status changes are sent to ({"url", "events"}), as JSON.
+    sa.Column("metadata_json", sa.Text, nullable=True),
+    sa.Column("webhook_json", sa.Text, nullable=True),
     sa.Index("ix_jobs_api_start", "api_name", "start_time"),
     sa.Index("ix_jobs_status", "status"),
 )
@@ -208,4 +212,54 @@ leadership = sa.Table(
     sa.Column("replica_id", sa.String(64), nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("since", sa.Float, nullable=False),
+)
+
+# A job's metadata, a row per key: what `GET /<api>?metadata.KEY=VALUE` filters on (the job's
+# row keeps the whole mapping, for reading).
+job_metadata = sa.Table(
+    "job_metadata",
+    metadata,
+    sa.Column("job_id", sa.String(32), primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("value", sa.String(512), nullable=False),
+    sa.Index("ix_job_metadata_key_value", "key", "value"),
+)
+
+# The webhook outbox: a row per event a job's webhook asked for, written in the transaction that
+# changed the job's status, so that no crash can lose it. Deliverers (every replica) claim due
+# rows by moving `next_attempt_at` past a lease (compare-and-set), POST, and record the answer.
+# `body` is the JSON sent, fixed at the first attempt; `delivered_at` or `gave_up_at` ends it.
+# Rows go with their job (retention), or once settled if the job went with its API.
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("delivery_id", sa.String(36), primary_key=True),
+    sa.Column("job_id", sa.String(32), nullable=False, index=True),
+    # Kept when the job's API is deleted (its stop is an event too): the body then says which.
+    sa.Column("api_name", sa.String(64), nullable=False),
+    sa.Column("event", sa.String(40), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("body", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float, nullable=True),
+    sa.Column("last_attempt_at", sa.Float, nullable=True),
+    sa.Column("last_status", sa.Integer, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("delivered_at", sa.Float, nullable=True),
+    sa.Column("gave_up_at", sa.Float, nullable=True),
+    # Rows still to send, by when they are due (null once delivered or given up).
+    sa.Index("ix_webhook_deliveries_due", "next_attempt_at"),
+)
+
+# `Idempotency-Key`s of submissions: the unique (API, key) makes two concurrent POSTs with one
+# key create one job; `body_digest` tells a replay from a conflicting reuse. Kept 24 hours.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("api_name", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("body_digest", sa.String(64), nullable=False),
+    sa.Column("job_id", sa.String(32), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
 )

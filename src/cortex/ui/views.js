@@ -282,6 +282,9 @@ export function jobView(view, apiName, jobId) {
       total_batch_count: js.total_batch_count,
       retry_of: js.retry_of,
       api_version: js.spec_id,
+      metadata: js.metadata,
+      webhook: js.webhook,
+      webhook_deliveries: js.webhook_deliveries,
     });
     setJSON(apiSpec, status.api_spec);
     if (p.failed !== failedSeen) {
