@@ -8,8 +8,27 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cortex import datasets, jobspec, scan
+from cortex import datasets, jobspec, scan, spec
 from cortex.worker import ranges
+
+# Each file's bytes exercise one thing the copy did with lines.
+FILES = {
+    "crlf.jsonl": b'{"a": 1}\r\n{"b": "\xc3\xa9"}\r\n\r\n{"c": 3}\r\n',
+    "bom.jsonl": b'\xef\xbb\xbf{"bom": true}\n{"after": 1}\n',
+    "blank.jsonl": b'\n\n  \n{"x": 1}\n\t\r\n\x0b\n\x0c\n{"x": 2}\n\n',
+    "no-newline.jsonl": b'{"n": 1}\n{"n": 2}',
+    # Multi-byte UTF-8 at the edges of every range: first and last characters of lines.
+    "utf8.jsonl": "".join(f'"é{n}😀"\n{{"k": "✓{n}"}}\n' for n in range(20)).encode(),
+    # Lines that are not one object: several values, scalars, arrays, indentation, a brace
+    # inside a string that looks like the end of an object, integers past 64 bits.
+    "mixed.jsonl": (
+        b'{"a": 1} {"b": 2}\n1 2\n"s" 3\n[1] [2]\n  {"indented": 1}\n{"s": "} {"}\n'
+        b'{"t": "}x"}{"u": 1}\n' + str(2**64 + 1).encode() + b"\n[1, 2]\ntrue\nnull\n"
+    ),
+    # A value over the item limit written with whitespace: the copy stored it compacted.
+    "compacts.jsonl": b'{"a": 1}\n[' + b" " * (spec.MAX_ITEM_BYTES + 10) + b'1]\n{"b": 2}\n',
+    "empty.jsonl": b"",
+}
 
 
 def copied(dataset: jobspec.FileDataset, roots: tuple[Path, ...]) -> list[tuple[str, int]]:
@@ -17,9 +36,7 @@ def copied(dataset: jobspec.FileDataset, roots: tuple[Path, ...]) -> list[tuple[
     return list(datasets.batch_payloads(values, dataset.batch_size))
 
 
-def by_reference(
-    dataset: jobspec.FileDataset, roots: tuple[Path, ...]
-) -> list[tuple[str, int]]:
+def by_reference(dataset: jobspec.FileDataset, roots: tuple[Path, ...]) -> list[tuple[str, int]]:
     """Each batch's reference read back as a worker reads it."""
     out = []
     for ref, items, size in scan.reference_batches(dataset, roots):
@@ -33,9 +50,7 @@ def by_reference(
 
 
 def file_dataset(paths: list[str], batch_size: int, **more: Any) -> jobspec.FileDataset:
-    return jobspec.FileDataset.model_validate(
-        {"s3_paths": paths, "batch_size": batch_size, **more}
-    )
+    return jobspec.FileDataset.model_validate({"s3_paths": paths, "batch_size": batch_size, **more})
 
 
 def assert_same(paths: list[str], roots: tuple[Path, ...], sizes: tuple[int, ...]) -> None:

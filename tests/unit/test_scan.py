@@ -12,28 +12,9 @@ import pytest
 
 from cortex import datasets, spec
 from cortex.worker import ranges
-from refcheck import assert_same, by_reference, copied, file_dataset
+from refcheck import FILES, assert_same, by_reference, copied, file_dataset
 
 SIZES = (1, 2, 3, 5, 1000)
-
-# Each file's bytes exercise one thing the copy did with lines.
-FILES = {
-    "crlf.jsonl": b'{"a": 1}\r\n{"b": "\xc3\xa9"}\r\n\r\n{"c": 3}\r\n',
-    "bom.jsonl": b'\xef\xbb\xbf{"bom": true}\n{"after": 1}\n',
-    "blank.jsonl": b'\n\n  \n{"x": 1}\n\t\r\n\x0b\n\x0c\n{"x": 2}\n\n',
-    "no-newline.jsonl": b'{"n": 1}\n{"n": 2}',
-    # Multi-byte UTF-8 at the edges of every range: first and last characters of lines.
-    "utf8.jsonl": "".join(f'"é{n}😀"\n{{"k": "✓{n}"}}\n' for n in range(20)).encode(),
-    # Lines that are not one object: several values, scalars, arrays, indentation, a brace
-    # inside a string that looks like the end of an object, integers past 64 bits.
-    "mixed.jsonl": (
-        b'{"a": 1} {"b": 2}\n1 2\n"s" 3\n[1] [2]\n  {"indented": 1}\n{"s": "} {"}\n'
-        b'{"t": "}x"}{"u": 1}\n' + str(2**64 + 1).encode() + b"\n[1, 2]\ntrue\nnull\n"
-    ),
-    # A value over the item limit written with whitespace: the copy stored it compacted.
-    "compacts.jsonl": b'{"a": 1}\n[' + b" " * (spec.MAX_ITEM_BYTES + 10) + b'1]\n{"b": 2}\n',
-    "empty.jsonl": b"",
-}
 
 
 @pytest.fixture
@@ -105,7 +86,8 @@ def test_a_file_changed_after_its_scan_fails_its_batches(tmp_path: Path) -> None
 def test_a_bad_line_fails_its_batch_naming_the_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     deep = "[" * (spec.MAX_JSON_DEPTH + 1) + "]" * (spec.MAX_JSON_DEPTH + 1)
-    path.write_bytes(b'{"ok": 1}\n{"ok": \n{"bad": "\xff"}\n{"n": NaN}\n{"d": ' + deep.encode() + b"}\n")
+    lines = b'{"ok": 1}\n{"ok": \n{"bad": "\xff"}\n{"n": NaN}\n'
+    path.write_bytes(lines + b'{"d": ' + deep.encode() + b"}\n")
     batches = _segments(path, 1)
     assert len(batches) == 5
     expected = [

@@ -102,6 +102,14 @@ def payload(segments: list[Segment], read: Callable[[Segment], bytes]) -> tuple[
     return body, value
 
 
+def stored_payload(stored: bytes) -> bytes:
+    """A batch's payload as JSON bytes from what the store holds for it: a copied payload as
+    it is, a reference read by this process (the server, for a worker that cannot read)."""
+    if not is_ref(stored):
+        return stored
+    return payload(json.loads(stored)["ref"], read_here)[0]
+
+
 def _depth(value: Any) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
@@ -148,6 +156,11 @@ def local_path(url: str) -> str | None:
     if url.startswith("file://"):
         return url[len("file://") :]
     return url if url.startswith("/") else None
+
+
+def scheme(url: str) -> str:
+    """A URL's storage: its scheme, "file" for a local path."""
+    return "file" if local_path(url) is not None else url.partition("://")[0]
 
 
 def local_version(stat: os.stat_result) -> dict[str, int]:
