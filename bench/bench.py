@@ -33,6 +33,7 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "predictors"))
+import bigfile  # noqa: E402
 from predictor import PythonPredictor  # noqa: E402
 
 from cortex.client import Client  # noqa: E402
@@ -399,6 +400,9 @@ def main() -> None:
     finally:
         server.close()
         shutil.rmtree(folder, ignore_errors=True)
+    if not args.only or "big file" in args.only:  # a server of its own, with a data root
+        results["big_file"] = bigfile.measure(0.25 if args.quick else 2.0)
+        print("\n".join(bigfile.report(results["big_file"])))
     print(json.dumps({k: v for k, v in results.items() if k != "workloads"}, indent=2))
     if RESULTS.exists():
         previous = json.loads(RESULTS.read_text())
@@ -432,6 +436,7 @@ def write_table(results: dict[str, Any]) -> None:
         f"- worker RSS with a predictor that imports nothing: {results['worker_rss_mb']:.0f} MB",
         f"- a print to a log follower (a line every 50 ms): p50 {latency['p50_ms']:.0f} ms, "
         f"max {latency['max_ms']:.0f} ms ({latency['lines']} lines)",
+        *(f"- {line}" for line in bigfile.report(results["big_file"]) if "big_file" in results),
         f"- machine: {results['machine']}; {results['runs']} run(s) each, {results['date']}",
     ]
     table = "\n".join([START, *rows, *extra, END])

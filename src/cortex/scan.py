@@ -110,9 +110,9 @@ def _scan(file: BinaryIO, url: str, version: dict[str, Any], out: Batches) -> It
     data = read()
     base = 0  # the file offset of data[0]
     pos = 3 if data.startswith(_BOM) else 0
-    # The open segment: where it starts, its first line's number, its items so far.
-    seg_start, seg_line, items = pos, 1, 0
-    line_no = 0
+    # The open segment: where it starts, its first line's number, its items so far and the
+    # blank lines among them (line numbers are counted only where one is needed).
+    seg_start, seg_line, items, skipped = pos, 1, 0, 0
     want = out.room()
     while True:
         ahead = read() if data else b""
@@ -122,18 +122,35 @@ def _scan(file: BinaryIO, url: str, version: dict[str, Any], out: Batches) -> It
         maybe = [m.start() for m in _MORE_AFTER_OBJECT.finditer(data, pos)]
         maybe.append(len(data) + 1)
         next_maybe = 0
+        cand = maybe[0]
         while True:
-            nl = find(b"\n", pos)
+            # The common line: an object within the item limit, with no candidate in it.
+            while True:
+                nl = find(b"\n", pos)
+                if nl < 0 or nl >= cand or data[pos] != _OPEN_OBJECT or nl - pos > _MAX_ITEM:
+                    break
+                pos = nl + 1
+                items += 1
+                if items == want:
+                    break
+            if items == want:
+                _add(out, url, version, seg_start, base + pos, seg_line, items)
+                seg_start, seg_line = base + pos, seg_line + items + skipped
+                items = skipped = 0
+                want = out.room()
+                continue
             if nl < 0:
                 if not last or pos >= len(data):
                     break
                 nl = len(data)  # a last line without a newline
-            line_no += 1
-            while maybe[next_maybe] < pos:
+            while cand < pos:
                 next_maybe += 1
-            if data[pos] != _OPEN_OBJECT or nl - pos > _MAX_ITEM or maybe[next_maybe] < nl:
+                cand = maybe[next_maybe]
+            line_no = seg_line + items + skipped
+            if data[pos] != _OPEN_OBJECT or nl - pos > _MAX_ITEM or cand < nl:
                 values = _look(data[pos:nl], url, line_no)
                 if values is _BLANK_LINE:
+                    skipped += 1
                     pos = nl + 1
                     continue
                 if values is not _ONE_VALUE:  # several values, or one re-encoded: copied
@@ -141,22 +158,24 @@ def _scan(file: BinaryIO, url: str, version: dict[str, Any], out: Batches) -> It
                     for value in values:
                         out.add([None, value.decode(), 1], 1, len(value))
                     pos = nl + 1
-                    seg_start, seg_line, items = base + min(pos, len(data)), line_no + 1, 0
+                    seg_start, seg_line = base + min(pos, len(data)), line_no + 1
+                    items = skipped = 0
                     want = out.room()
                     continue
             items += 1
             pos = nl + 1
             if items == want:
                 _add(out, url, version, seg_start, base + min(pos, len(data)), seg_line, items)
-                seg_start, seg_line, items = base + pos, line_no + 1, 0
+                seg_start, seg_line = base + pos, line_no + 1
+                items = skipped = 0
                 want = out.room()
         if last:
             break
         rest = data[pos:]
         if len(rest) > datasets.MAX_LINE_BYTES:
             raise datasets.DatasetError(
-                f"{url}, line {line_no + 1}: longer than {datasets.MAX_LINE_BYTES} bytes "
-                "without a newline",
+                f"{url}, line {seg_line + items + skipped}: longer than "
+                f"{datasets.MAX_LINE_BYTES} bytes without a newline",
                 kind="batchapi.item_size_exceeds_limit",
             )
         base += pos

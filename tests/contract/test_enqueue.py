@@ -11,6 +11,7 @@ from cortex import enqueuer
 from cortex.jobs import JobStatus
 from cortex.store import Job, Store
 from cortex.store.records import BatchResult
+from cortex.worker import ranges
 
 API_SPEC: dict[str, Any] = {"name": "api", "kind": "BatchAPI", "predictor": {"config": {}}}
 
@@ -45,14 +46,15 @@ def _write_lines(folder: Path, count: int, files: int = 3) -> list[int]:
 
 
 def _payloads(store: Store, job_id: str) -> list[list[Any]]:
-    """Every batch's payload, leased as a worker does: reporting what it got each time."""
+    """Every batch's payload, leased as a worker does: reporting what it got each time, and
+    reading the lines of a batch stored by reference."""
     found: list[list[Any]] = []
     results: list[BatchResult] = []
     while True:
         leased = store.lease(job_id, "w", results, 1000, 60).batches
         if not leased:
             return found
-        found.extend(json.loads(b.payload) for b in leased)
+        found.extend(json.loads(ranges.stored_payload(b.payload)) for b in leased)
         results = [BatchResult(b.batch_id, True, 0.01) for b in leased]
 
 
