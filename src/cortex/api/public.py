@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, Up
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from cortex import errors, exactjson, globs, schemas, views
+from cortex import errors, exactjson, globs, memory, schemas, views
 from cortex.api import deps
 from cortex.api.body import read_json
 from cortex.project import MAX_ARCHIVE_BYTES
@@ -269,7 +269,12 @@ async def submit(
     dry_run: Annotated[bool, Query(alias="dryRun")] = False,
 ) -> dict[str, Any] | PlainTextResponse | StreamingResponse:
     data = await read_json(request, service.settings.max_body_bytes)
-    result = await run_in_threadpool(service.submissions.submit, api_name, data, dry_run)
+    try:
+        result = await run_in_threadpool(service.submissions.submit, api_name, data, dry_run)
+    finally:
+        del data  # a big item list: what it leaves in the heap goes back to the system after
+        if request.state.body_bytes >= memory.TRIM_ABOVE_BYTES:
+            memory.trim_soon()
     if isinstance(result, Job):
         return views.job_spec_json(result, service.lifecycle.api_spec_for(result))
     # Validation (and the first match) is done: stream the rest of the listing as it comes.
