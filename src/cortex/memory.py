@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 log = logging.getLogger("cortex.memory")
 
-# Bodies at least this big are followed by a trim.
-TRIM_ABOVE_BYTES = 8 << 20
+# Bodies at least this big are followed by a trim (a trim takes milliseconds; at most one a
+# second).
+TRIM_ABOVE_BYTES = 1 << 20
 # How long after the request: its answer is sent meanwhile, and what it held freed.
 TRIM_DELAY_S = 1.0
 
