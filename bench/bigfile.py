@@ -21,15 +21,14 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+
+from datasets import PeakRss  # noqa: E402  (bench/datasets.py)
 
 from cortex.client import Client  # noqa: E402
 from helpers import start_server, stop_server  # noqa: E402
@@ -41,30 +40,6 @@ BATCH_SIZE = 100
 TARGET_S_PER_GB = 5.0
 TARGET_STORE_MB = 50.0
 TARGET_RSS_MB = 100.0
-
-
-class PeakRss:
-    """The peak resident set size of a process, sampled every 20 ms."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                return
-
-    def growth_mb(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return (self.peak - self.base) / 2**20
 
 
 def write_file(path: Path, gb: float) -> int:
@@ -117,7 +92,7 @@ def measure(gb: float) -> dict[str, Any]:
                         break
                     time.sleep(0.05)
                 enqueue_s = time.perf_counter() - started
-                rss_mb = rss.growth_mb()
+                rss_mb = rss.stop()[1]
                 store_mb = (_store_bytes(server_dir) - store_before) / 2**20
                 if status["status"] == "status_running":
                     client.stop_job("bench", job_id)
