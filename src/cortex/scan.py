@@ -72,10 +72,12 @@ def _ref(segments: list[ranges.Segment]) -> str:
     return orjson.dumps({"ref": segments}).decode()
 
 
-def _version(file: BinaryIO, url: str) -> dict[str, Any]:
+def _remote_version(url: str) -> dict[str, Any] | None:
+    """A remote file's version, asked before it is opened: a rewrite after this is seen by
+    every read as a change (the other order could pair new lines with the old version)."""
     loc = locations.parse_location(url)
     if loc.scheme == locations.LOCAL:
-        return ranges.local_version(os.fstat(file.fileno()))
+        return None
     try:
         info = datasets.filesystem(loc).info(loc.path if loc.scheme not in locations.HTTP else url)
     except Exception as err:
@@ -95,8 +97,11 @@ def reference_batches(
     for url in datasets.list_files(dataset, roots):
         if on_file is not None:
             on_file(url)
+        remote = _remote_version(url)
         with datasets.open_file(url, roots) as file:
-            version = _version(file, url)
+            # A local file's version is that of the file opened (the same inode, whatever
+            # replaces its name meanwhile).
+            version = remote or ranges.local_version(os.fstat(file.fileno()))
             for _ in _scan(file, url, version, batches):
                 yield from batches.take()
     batches.close()
