@@ -145,7 +145,7 @@ def payload(body: PayloadBody, job: JobDep, service: ServiceDep) -> Response:
     stored = service.workers.stored_payload(job, body.batch_id)
     try:
         data = ranges.stored_payload(stored)
-    except (ranges.Unreadable, ranges.Unreachable) as err:
+    except ranges.Unreadable as err:
         return Response(orjson.dumps({"error": str(err)}), media_type="application/json")
     return Response(b'{"payload":' + data + b"}", media_type="application/json")
 

@@ -112,7 +112,7 @@ class StoreQueue(queue.WorkerQueue):
                 raise errors.NotFound(f"batch {body['batch_id']} has no stored payload")
             try:
                 return {"payload": json.loads(ranges.stored_payload(held))}
-            except (ranges.Unreadable, ranges.Unreachable) as err:
+            except ranges.Unreadable as err:
                 return {"error": str(err)}
         if op == "heartbeat":
             return {"ok": store.heartbeat(job_id, worker_id, self.lease_s)}

@@ -104,10 +104,14 @@ def payload(segments: list[Segment], read: Callable[[Segment], bytes]) -> tuple[
 
 def stored_payload(stored: bytes) -> bytes:
     """A batch's payload as JSON bytes from what the store holds for it: a copied payload as
-    it is, a reference read by this process (the server, for a worker that cannot read)."""
+    it is, a reference read by this process (the server, for a worker that cannot read; if
+    it cannot either, that is `Unreadable`)."""
     if not is_ref(stored):
         return stored
-    return payload(json.loads(stored)["ref"], read_here)[0]
+    try:
+        return payload(json.loads(stored)["ref"], read_here)[0]
+    except Unreachable as err:  # gone since the scan, or the server's access with it
+        raise Unreadable(f"neither the worker nor the server can read it: {err}") from None
 
 
 def _depth(value: Any) -> int:
@@ -181,7 +185,7 @@ def read_local(segment: Segment) -> bytes:
             file.seek(start)
             return file.read(end - start)
     except FileNotFoundError:
-        raise Unreachable(f"{url}: not on this machine") from None
+        raise Unreachable(f"{url}: no such file on this machine") from None
     except PermissionError as err:
         raise Unreachable(f"{url}: {err.strerror}") from None
 
