@@ -160,9 +160,7 @@ def test_resume_by_reference_skips_the_batches_written(store: Store, tmp_path: P
     assert [len(b) for b in batches] == [7] * 142 + [6]
 
 
-def test_the_server_reads_for_a_worker_and_names_a_file_gone(
-    store: Store, tmp_path: Path
-) -> None:
+def test_the_server_reads_for_a_worker_and_names_a_file_gone(store: Store, tmp_path: Path) -> None:
     """The worker protocol's `payload` request (the server reading a batch for a worker that
     cannot): the batch's payload, or an error that says neither could read it."""
     _write_objects(tmp_path / "data", 3)
