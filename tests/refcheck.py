@@ -25,6 +25,12 @@ FILES = {
         b'{"a": 1} {"b": 2}\n1 2\n"s" 3\n[1] [2]\n  {"indented": 1}\n{"s": "} {"}\n'
         b'{"t": "}x"}{"u": 1}\n' + str(2**64 + 1).encode() + b"\n[1, 2]\ntrue\nnull\n"
     ),
+    # Lines of arrays: read by range once the block's expression for them has run, those of
+    # several values copied ("]" in a string is a false alarm, then the line is parsed).
+    "arrays.jsonl": (
+        b'{"first": "an object"}\n[1, 2]\n[[1], [2, [3]]]\n[1] [2]\n["a] b"]\n[3]{"x": 1}\n'
+        b'  [4]\n[5]\t[6]\n[]\n[{"y": [7]}, "z"]\n'
+    ),
     # A value over the item limit written with whitespace: the copy stored it compacted.
     "compacts.jsonl": b'{"a": 1}\n[' + b" " * (spec.MAX_ITEM_BYTES + 10) + b'1]\n{"b": 2}\n',
     "empty.jsonl": b"",

@@ -3,9 +3,9 @@ its line boundaries, and batches stored as the byte ranges of their lines
 (`cortex.worker.ranges` reads them back into the payloads a copy would have made).
 
 The scan reads each file once, in blocks of `datasets.READ_CHUNK_BYTES`. A line that starts
-with `{` is looked at only as far as finding its newline (`bytes.find`), unless a regular
-expression run over the whole block finds `}` followed on the same line by the start of another
-value (the only way such a line holds several values). Every other line (blank, indented, not
+with `{` (or `[`) is looked at only as far as finding its newline (`bytes.find`), unless a
+regular expression run over the block finds `}` (`]`) followed on the same line by the start of
+another value (the only way such a line holds several values). Every other line (blank, indented, not
 an object, over `spec.MAX_ITEM_BYTES`, or found so) is read as the copy read it
 (`datasets.line_values`): blank lines are not items; a line of one value keeps its range; a
 line of several values (or one the copy re-encodes) is stored as those values, copied, as
@@ -14,7 +14,7 @@ the size limit: `batchapi.item_size_exceeds_limit`, naming the file and line). A
 than `datasets.MAX_LINE_BYTES` without a newline fails the enqueue; a byte order mark at the
 start of a file is skipped.
 
-Lines that start with `{` are not parsed on the server: the worker parses them when it reads
+Lines that start with `{` or `[` are not parsed on the server: the worker parses them when it reads
 its batch, and a line that is not valid UTF-8 or JSON, or nests too deeply, fails that batch
 (naming the file and line) rather than the whole enqueue. Every read checks that the file is
 the version scanned.
@@ -125,6 +125,7 @@ def _scan(file: BinaryIO, url: str, version: dict[str, Any], out: Batches) -> It
         find = data.find
         # Where a line may hold an object and more after it: those lines are looked at.
         maybe = [m.start() for m in _MORE_AFTER_OBJECT.finditer(data, pos)]
+        opens = _OBJECTS  # arrays join once their expression has run over this block
         maybe.append(len(data) + 1)
         next_maybe = 0
         cand = maybe[0]
@@ -132,7 +133,7 @@ def _scan(file: BinaryIO, url: str, version: dict[str, Any], out: Batches) -> It
             # The common line: an object within the item limit, with no candidate in it.
             while True:
                 nl = find(b"\n", pos)
-                if nl < 0 or nl >= cand or data[pos] != _OPEN_OBJECT or nl - pos > _MAX_ITEM:
+                if nl < 0 or nl >= cand or data[pos] not in opens or nl - pos > _MAX_ITEM:
                     break
                 pos = nl + 1
                 items += 1
@@ -152,7 +153,11 @@ def _scan(file: BinaryIO, url: str, version: dict[str, Any], out: Batches) -> It
                 next_maybe += 1
                 cand = maybe[next_maybe]
             line_no = seg_line + items + skipped
-            if data[pos] != _OPEN_OBJECT or nl - pos > _MAX_ITEM or cand < nl:
+            if data[pos] == _OPEN_ARRAY and opens is _OBJECTS:  # the block's first array line
+                more = [m.start() for m in _MORE_AFTER_ARRAY.finditer(data, pos)]
+                maybe, next_maybe = sorted(maybe[next_maybe:] + more), 0
+                cand, opens = maybe[0], _OBJECTS_AND_ARRAYS
+            if data[pos] not in opens or nl - pos > _MAX_ITEM or cand < nl:
                 values = _look(data[pos:nl], url, line_no)
                 if values is _BLANK_LINE:
                     skipped += 1
@@ -198,10 +203,14 @@ def _add(
 
 
 _MAX_ITEM = spec.MAX_ITEM_BYTES
-_OPEN_OBJECT = ord("{")
+_OBJECTS = frozenset(b"{")
+_OBJECTS_AND_ARRAYS = frozenset(b"{[")
+_OPEN_ARRAY = ord("[")
 # An object's closing brace followed, on the same line, by the start of another value: the
 # only way a line that starts with `{` holds more than one value (inside a string it is rare).
 _MORE_AFTER_OBJECT = re.compile(rb'\}[ \t\r\x0b\x0c]*[\[{"\-0-9tfn]')
+# The same for a line that starts with `[`: run over a block from its first such line on.
+_MORE_AFTER_ARRAY = re.compile(rb'\][ \t\r\x0b\x0c]*[\[{"\-0-9tfn]')
 _BLANK_LINE: list[bytes] = []
 _ONE_VALUE: list[bytes] = []
 

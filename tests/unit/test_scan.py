@@ -43,6 +43,8 @@ def test_a_big_file_in_many_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     path = tmp_path / "big.jsonl"
     lines = [json.dumps({"n": n, "t": "é" * (n % 50)}, ensure_ascii=False) for n in range(3000)]
     lines[1234] = '{"n": 1234} {"n": "again"}'  # a copied line among ranges
+    lines[2000:2100] = [json.dumps([n, [n]]) for n in range(2000, 2100)]  # a run of arrays
+    lines[2050] = "[2050] [2050]"
     path.write_text("\n".join(lines) + "\n")
     assert_same([str(path)], (tmp_path,), (7, 100))
 
