@@ -5,8 +5,8 @@ its line boundaries, and batches stored as the byte ranges of their lines
 The scan reads each file once, in blocks of `datasets.READ_CHUNK_BYTES`. A line that starts
 with `{` (or `[`) is looked at only as far as finding its newline (`bytes.find`), unless a
 regular expression run over the block finds `}` (`]`) followed on the same line by the start of
-another value (the only way such a line holds several values). Every other line (blank, indented, not
-an object, over `spec.MAX_ITEM_BYTES`, or found so) is read as the copy read it
+another value (the only way such a line holds several values). Every other line (blank,
+indented, a scalar, over `spec.MAX_ITEM_BYTES`, or found so) is read as the copy read it
 (`datasets.line_values`): blank lines are not items; a line of one value keeps its range; a
 line of several values (or one the copy re-encodes) is stored as those values, copied, as
 before; a bad line among these fails the enqueue with the copy's kind and message (an item over
