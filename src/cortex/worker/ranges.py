@@ -186,8 +186,8 @@ def read_local(segment: Segment) -> bytes:
             return file.read(end - start)
     except FileNotFoundError:
         raise Unreachable(f"{url}: no such file on this machine") from None
-    except PermissionError as err:
-        raise Unreachable(f"{url}: {err.strerror}") from None
+    except OSError as err:  # refused, or a disk error: the server may read it yet
+        raise Unreachable(f"{url}: {err.strerror or err}") from None
 
 
 def remote_version(info: dict[str, Any]) -> dict[str, Any]:
