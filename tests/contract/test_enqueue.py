@@ -173,3 +173,35 @@ def test_the_server_reads_for_a_worker_and_names_a_file_gone(store: Store, tmp_p
     answer = worker.payload(leased[1].batch_id)
     assert "neither the worker nor the server can read it" in answer["error"]
     assert "objects.jsonl" in answer["error"]
+
+
+def test_status_counts_from_the_counters_match_the_rows(store: Store, tmp_path: Path) -> None:
+    """A status's batch counts come from the job's counters and its leased batches; at every
+    step they are what counting the rows by state gives (while enqueuing, leased, retried,
+    succeeded, failed)."""
+    job = _dataset_job(store, tmp_path, batch_size=1)
+
+    def same() -> dict[str, int]:
+        progress = store.job_progress(job.job_id)
+        assert progress is not None
+        assert progress[1] == store.batch_counts(job.job_id)
+        return progress[1]
+
+    same()
+    store.append_batches(job.job_id, [f"[{n}]" for n in range(10)], 10, "r1")
+    assert same() == {"queued": 10, "leased": 0, "succeeded": 0, "failed": 0}
+    first = store.lease(job.job_id, "w1", [], 4, 60).batches
+    second = store.lease(job.job_id, "w2", [], 3, 60).batches
+    assert same()["leased"] == 7
+    results = [BatchResult(b.batch_id, True, 0.01) for b in first[:2]]
+    results += [BatchResult(b.batch_id, False, 0.01, "boom") for b in first[2:]]
+    store.lease(job.job_id, "w1", results, 0, 60)  # two succeed, two fail (one attempt left)
+    same()
+    store.release_worker_leases(job.job_id, "w2")  # w2 died: its batches are queued again
+    same()
+    while leased := store.lease(job.job_id, "w3", [], 10, 60).batches:
+        store.lease(
+            job.job_id, "w3", [BatchResult(b.batch_id, False, 0.0, "x") for b in leased], 0, 60
+        )
+        same()
+    assert same()["failed"] > 0 and same()["queued"] == 0 and len(second) == 3
