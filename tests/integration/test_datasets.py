@@ -267,8 +267,8 @@ def test_failures_are_precise(s3: S3, data: DataServer, dclient: Client, tmp_pat
     assert (status["batch_metrics"]["succeeded"], status["batch_metrics"]["failed"]) == (2, 1)
     (failure,) = dclient.failed_batches(api.name, job_id)
     assert f"{bad}, line 3: not valid JSON" in failure["error"], failure
-    # A line the scan reads itself (not an object) still fails the enqueue, as before.
-    bad.write_text('{"ok": 1}\n[1, \n')
+    # A line the scan reads itself (not an object or array) still fails the enqueue, as before.
+    bad.write_text('{"ok": 1}\n"unterminated\n')
     error = failed({"s3_paths": [str(bad)], "batch_size": 1})
     assert error["kind"] == "batchapi.invalid_item"
     assert f"{bad}, line 2: not valid JSON" in error["message"]
