@@ -253,7 +253,7 @@ def list_files(dataset: jobspec.FileDataset, roots: tuple[Path, ...]) -> Generat
 # -- reading -------------------------------------------------------------------------------------
 
 
-def _open(url: str, roots: tuple[Path, ...]) -> BinaryIO:
+def open_file(url: str, roots: tuple[Path, ...]) -> BinaryIO:
     loc = parse_location(url)
     if loc.scheme == _LOCAL:
         check_local(loc, roots)
@@ -277,7 +277,7 @@ def _no_constants(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_no_constants)
 
 
-def _line_values(line: bytes, url: str, line_no: int) -> Iterator[bytes]:
+def line_values(line: bytes, url: str, line_no: int) -> Iterator[bytes]:
     """The JSON values on one line, each as compact JSON bytes (the common single value keeps
     its own text); errors name the file and the line."""
     text = line.strip()
@@ -337,17 +337,27 @@ def _check_depth(value: Any, text: bytes, url: str, line_no: int) -> None:
         )
 
 
+def read_block(file: BinaryIO, url: str) -> Any:
+    """A function that reads the file's next READ_CHUNK_BYTES (b"" at its end)."""
+
+    def read() -> bytes:
+        try:
+            return file.read(READ_CHUNK_BYTES)
+        except Exception as err:
+            raise StorageError(f"cannot read {url}: {_storage_reason(err)}") from None
+
+    return read
+
+
 def read_values(url: str, roots: tuple[Path, ...]) -> Iterator[bytes]:
     """Every JSON value of a JSON-lines file, read in chunks of READ_CHUNK_BYTES."""
-    with _open(url, roots) as file:
+    with open_file(url, roots) as file:
         line_no = 0
         carry = b""
         first = True
+        read = read_block(file, url)
         while True:
-            try:
-                chunk = file.read(READ_CHUNK_BYTES)
-            except Exception as err:
-                raise StorageError(f"cannot read {url}: {_storage_reason(err)}") from None
+            chunk = read()
             if not chunk:
                 break
             if first:
@@ -364,9 +374,9 @@ def read_values(url: str, roots: tuple[Path, ...]) -> Iterator[bytes]:
                 )
             for line in lines:
                 line_no += 1
-                yield from _line_values(line, url, line_no)
+                yield from line_values(line, url, line_no)
         if carry:  # a final line without a newline
-            yield from _line_values(carry, url, line_no + 1)
+            yield from line_values(carry, url, line_no + 1)
 
 
 def items(

@@ -253,7 +253,10 @@ class FailedBatch(Record):
     error_kind: str | None = _field("the kind of the last error")
     error: str | None = _field("the last error's message")
     traceback: str | None = _field("the last error's traceback")
-    payload: Any = _field("the batch as predict got it")
+    payload: Any = _field(
+        "the batch as predict got it; for a `delimited_files` batch, stored by reference, the "
+        'reference: {"ref": [[url, version, start, end, first_line, items], ...]}'
+    )
 
 
 class FailedBatches(Record):

@@ -97,6 +97,13 @@ class WorkerApi:
             self.lifecycle.wake()
         return result
 
+    def stored_payload(self, job: Job, batch_id: str) -> bytes:
+        """A batch's payload as stored (a JSON array, or a reference to lines in files)."""
+        stored = self.store.stored_payload(job.job_id, batch_id)
+        if stored is None:
+            raise errors.NotFound(f"batch {batch_id} of job {job.job_id} has no stored payload")
+        return stored
+
     def heartbeat(self, job: Job, worker_id: str) -> bool:
         return self.store.heartbeat(job.job_id, worker_id, self.settings.lease_s)
 

@@ -3,14 +3,17 @@ leasing while enqueuing, and an owner that lost the job."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
-from cortex import enqueuer
+from cortex import enqueuer, scan
 from cortex.jobs import JobStatus
 from cortex.store import Job, Store
 from cortex.store.records import BatchResult
+from cortex.store.workerqueue import StoreQueue
+from cortex.worker import ranges
 
 API_SPEC: dict[str, Any] = {"name": "api", "kind": "BatchAPI", "predictor": {"config": {}}}
 
@@ -45,14 +48,15 @@ def _write_lines(folder: Path, count: int, files: int = 3) -> list[int]:
 
 
 def _payloads(store: Store, job_id: str) -> list[list[Any]]:
-    """Every batch's payload, leased as a worker does: reporting what it got each time."""
+    """Every batch's payload, leased as a worker does: reporting what it got each time, and
+    reading the lines of a batch stored by reference."""
     found: list[list[Any]] = []
     results: list[BatchResult] = []
     while True:
         leased = store.lease(job_id, "w", results, 1000, 60).batches
         if not leased:
             return found
-        found.extend(json.loads(b.payload) for b in leased)
+        found.extend(json.loads(ranges.stored_payload(b.payload)) for b in leased)
         results = [BatchResult(b.batch_id, True, 0.01) for b in leased]
 
 
@@ -128,3 +132,76 @@ def test_no_data_fails_the_job(store: Store, tmp_path: Path) -> None:
     assert done is not None and done.status is JobStatus.ENQUEUE_FAILED
     assert done.error_kind == "batchapi.no_data_found"
     assert done.error_message == enqueuer.NO_DATA
+
+
+def _write_objects(folder: Path, count: int) -> list[dict[str, int]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    values = [{"n": n} for n in range(count)]
+    (folder / "objects.jsonl").write_text("".join(json.dumps(v) + "\n" for v in values))
+    return values
+
+
+def test_resume_by_reference_skips_the_batches_written(store: Store, tmp_path: Path) -> None:
+    """Lines that are objects are stored by reference: a resumed enqueue skips the whole
+    batches written before and the rest follow, none missing, none twice."""
+    values = _write_objects(tmp_path / "data", 1000)
+    job = _dataset_job(store, tmp_path / "data", batch_size=7)
+    _, dataset = enqueuer.file_dataset(job)
+    first = list(itertools.islice(scan.reference_batches(dataset, (tmp_path,)), 10))
+    assert all(ranges.is_ref(ref) for ref, _, _ in first)
+    store.append_batches(job.job_id, [r for r, _, _ in first[:4]], 28, "r1")
+    store.append_batches(job.job_id, [r for r, _, _ in first[4:]], 42, "r1")
+    resumed = store.get_job(job.job_id)
+    assert resumed is not None and resumed.enqueued_items == 70
+    done = enqueuer.run(store, resumed, (tmp_path,), "r1", on_chunk=lambda j: None)
+    assert done is not None and done.status is JobStatus.RUNNING
+    batches = _payloads(store, job.job_id)
+    assert [v for batch in batches for v in batch] == values
+    assert [len(b) for b in batches] == [7] * 142 + [6]
+
+
+def test_the_server_reads_for_a_worker_and_names_a_file_gone(store: Store, tmp_path: Path) -> None:
+    """The worker protocol's `payload` request (the server reading a batch for a worker that
+    cannot): the batch's payload, or an error that says neither could read it."""
+    _write_objects(tmp_path / "data", 3)
+    job = _dataset_job(store, tmp_path / "data", batch_size=2)
+    enqueuer.run(store, job, (tmp_path,), "r1", on_chunk=lambda j: None)
+    leased = store.lease(job.job_id, f"{job.job_id}-0", [], 10, 60).batches
+    worker = StoreQueue(store, job.job_id, f"{job.job_id}-0", {})
+    assert worker.payload(leased[0].batch_id) == {"payload": [{"n": 0}, {"n": 1}]}
+    (tmp_path / "data" / "objects.jsonl").unlink()
+    answer = worker.payload(leased[1].batch_id)
+    assert "neither the worker nor the server can read it" in answer["error"]
+    assert "objects.jsonl" in answer["error"]
+
+
+def test_status_counts_from_the_counters_match_the_rows(store: Store, tmp_path: Path) -> None:
+    """A status's batch counts come from the job's counters and its leased batches; at every
+    step they are what counting the rows by state gives (while enqueuing, leased, retried,
+    succeeded, failed)."""
+    job = _dataset_job(store, tmp_path, batch_size=1)
+
+    def same() -> dict[str, int]:
+        progress = store.job_progress(job.job_id)
+        assert progress is not None
+        assert progress[1] == store.batch_counts(job.job_id)
+        return progress[1]
+
+    same()
+    store.append_batches(job.job_id, [f"[{n}]" for n in range(10)], 10, "r1")
+    assert same() == {"queued": 10, "leased": 0, "succeeded": 0, "failed": 0}
+    first = store.lease(job.job_id, "w1", [], 4, 60).batches
+    second = store.lease(job.job_id, "w2", [], 3, 60).batches
+    assert same()["leased"] == 7
+    results = [BatchResult(b.batch_id, True, 0.01) for b in first[:2]]
+    results += [BatchResult(b.batch_id, False, 0.01, "boom") for b in first[2:]]
+    store.lease(job.job_id, "w1", results, 0, 60)  # two succeed, two fail (one attempt left)
+    same()
+    store.release_worker_leases(job.job_id, "w2")  # w2 died: its batches are queued again
+    same()
+    while leased := store.lease(job.job_id, "w3", [], 10, 60).batches:
+        store.lease(
+            job.job_id, "w3", [BatchResult(b.batch_id, False, 0.0, "x") for b in leased], 0, 60
+        )
+        same()
+    assert same()["failed"] > 0 and same()["queued"] == 0 and len(second) == 3

@@ -19,8 +19,9 @@ import boto3
 import httpx
 import pytest
 
-from cortex import datasets, enqueuer
+from cortex import datasets, enqueuer, scan
 from cortex.client import Client
+from cortex.worker import ranges
 from helpers import (
     DeployedApi,
     Server,
@@ -33,6 +34,7 @@ from helpers import (
     wait_for,
     wait_for_status,
 )
+from refcheck import FILES, assert_same, file_dataset
 
 BUCKET = "cortex-data"
 
@@ -195,20 +197,21 @@ def test_a_big_local_file_streams_and_workers_start_before_enqueuing_ends(
     data: DataServer, dclient: Client, tmp_path: Path
 ) -> None:
     # Over one read chunk (so values straddle chunk boundaries), and over one write chunk of
-    # batches (16 MiB of payloads: so enqueuing writes at least twice).
+    # batches (CHUNK_BATCHES references: so enqueuing writes at least twice).
     count = 2300
     pad = "é" + "x" * 8000  # about 8 kB a line
     path = data.root / "big.jsonl"
     with open(path, "w") as out:
         for n in range(count):
             out.write(json.dumps({"n": n, "pad": pad}, ensure_ascii=False) + "\n")
-    assert path.stat().st_size > enqueuer.CHUNK_BYTES > datasets.READ_CHUNK_BYTES
+    assert path.stat().st_size > datasets.READ_CHUNK_BYTES
+    assert count // 2 > enqueuer.CHUNK_BATCHES
     api = deploy_fixture(dclient, "recorder", tmp_path)
-    body = {"workers": 2, "delimited_files": {"s3_paths": [str(path)], "batch_size": 100}}
+    body = {"workers": 2, "delimited_files": {"s3_paths": [str(path)], "batch_size": 2}}
     job_id = dclient.submit(api.name, body)["job_id"]
     status = wait_for_status(dclient, api.name, job_id, timeout_s=90)
     assert status["status"] == "status_succeeded", status
-    assert status["total_batch_count"] == count // 100
+    assert status["total_batch_count"] == count // 2
     items = [i for b in _recorded(api, job_id) for i in b]
     assert sorted(i["n"] for i in items) == list(range(count))
     assert all(i["pad"] == pad for i in items)
@@ -217,7 +220,7 @@ def test_a_big_local_file_streams_and_workers_start_before_enqueuing_ends(
     lines = _server_lines(dclient, api.name, job_id)
     order = [
         next(i for i, line in enumerate(lines) if text in line)
-        for text in ("enqueued ", "started 2 workers", f"enqueued {count // 100} batches")
+        for text in ("enqueued ", "started 2 workers", f"enqueued {count // 2} batches")
     ]
     assert order == sorted(order) and len(set(order)) == 3, lines
 
@@ -252,11 +255,23 @@ def test_failures_are_precise(s3: S3, data: DataServer, dclient: Client, tmp_pat
     refused({"s3_paths": [f"{data.root}/../x"], "batch_size": 1}, "batchapi.path_not_allowed")
     refused({"s3_paths": ["s3://b/"], "includes": ["{a"], "batch_size": 1}, "batchapi.invalid_glob")
 
+    # A bad object line is read by the worker (the server scans only for line boundaries):
+    # its batch fails, naming the file and line; the others run.
     bad = data.root / "bad.jsonl"
     bad.write_text('{"ok": 1}\n{"ok": 2}\n{"ok": \n')
+    job_id = dclient.submit(
+        api.name, {"workers": 1, "delimited_files": {"s3_paths": [str(bad)], "batch_size": 1}}
+    )["job_id"]
+    status = wait_for_status(dclient, api.name, job_id)
+    assert status["status"] == "status_completed_with_failures", status
+    assert (status["batch_metrics"]["succeeded"], status["batch_metrics"]["failed"]) == (2, 1)
+    (failure,) = dclient.failed_batches(api.name, job_id)
+    assert f"{bad}, line 3: not valid JSON" in failure["error"], failure
+    # A line the scan reads itself (not an object or array) still fails the enqueue, as before.
+    bad.write_text('{"ok": 1}\n"unterminated\n')
     error = failed({"s3_paths": [str(bad)], "batch_size": 1})
     assert error["kind"] == "batchapi.invalid_item"
-    assert f"{bad}, line 3: not valid JSON" in error["message"]
+    assert f"{bad}, line 2: not valid JSON" in error["message"]
 
     _put(s3, {"huge/x.jsonl": b'1\n"' + b"x" * 300_000 + b'"\n'})
     error = failed({"s3_paths": [f"s3://{BUCKET}/huge/"], "batch_size": 1})
@@ -408,3 +423,61 @@ def test_the_server_can_be_limited_to_some_remote_locations(tmp_path: Path) -> N
             assert "s3://allowed/, https://files/ (CORTEX_DATA_URLS)" in response.json()["message"]
     finally:
         stop_server(srv)
+
+
+# -- delimited_files by reference ------------------------------------------------------------
+
+
+def test_references_on_s3_give_the_copys_payloads_and_see_a_rewrite(
+    s3: S3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan of objects on S3 (moto's), read back through fsspec as a worker reads them:
+    the copy's payloads byte for byte; an object written again fails its batches."""
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    _put(s3, {f"refs/{name}": body for name, body in FILES.items()})
+    urls = [f"s3://{BUCKET}/refs/{name}" for name in sorted(FILES)]
+    for url in urls:
+        assert_same([url], (), (1, 3, 1000))
+    monkeypatch.setattr(datasets, "READ_CHUNK_BYTES", 7)
+    assert_same([u for u in urls if "compacts" not in u], (), (2, 5))
+
+    dataset = file_dataset([f"s3://{BUCKET}/refs/crlf.jsonl"], 10)
+    ((ref, _, _),) = scan.reference_batches(dataset, ())
+    segments = json.loads(ref)["ref"]
+    assert segments[0][1]["etag"]  # the object's version: its ETag
+    _put(s3, {"refs/crlf.jsonl": FILES["crlf.jsonl"].replace(b"1", b"2")})
+    with pytest.raises(ranges.Unreadable, match="changed since it was scanned"):
+        ranges.payload(segments, ranges.read_here)
+
+
+def test_a_rewritten_object_fails_the_batches_not_yet_read(
+    s3: S3, dclient: Client, tmp_path: Path
+) -> None:
+    """Workers read while the job runs: lines rewritten after the scan are not given as the
+    scanned ones; the batches read before succeed, the others fail and say why. The workers
+    here cannot reach the storage (their .env points S3 elsewhere): the server reads for
+    them."""
+    lines = [json.dumps({"sleep": 1.5})] + [json.dumps({"n": n}) for n in range(4)]
+    _put(s3, {"rewritten/data.jsonl": "\n".join(lines).encode()})
+    api = deploy_fixture(dclient, "recorder", tmp_path)
+    (api.folder / ".env").write_text(
+        f"AWS_ENDPOINT_URL_S3=http://127.0.0.1:{free_port()}\nAWS_MAX_ATTEMPTS=1\n"
+    )
+    dclient.deploy(api.folder / "cortex.yaml")
+    body = {
+        "workers": 1,
+        "max_attempts": 1,
+        "delimited_files": {"s3_paths": [f"s3://{BUCKET}/rewritten/"], "batch_size": 1},
+    }
+    job_id = dclient.submit(api.name, body)["job_id"]
+    wait_for(lambda: (api.out / job_id / "attempts.log").exists(), 30, "the first batch")
+    _put(s3, {"rewritten/data.jsonl": "\n".join(lines).replace("1", "7").encode()})
+    status = wait_for_status(dclient, api.name, job_id)
+    assert status["status"] == "status_completed_with_failures", status
+    assert (status["batch_metrics"]["succeeded"], status["batch_metrics"]["failed"]) == (1, 4)
+    failures = dclient.failed_batches(api.name, job_id)
+    assert all("changed since it was scanned" in f["error"] for f in failures), failures
+    assert _recorded(api, job_id) == [[{"sleep": 1.5}]]
+    logs = "\n".join(dclient.logs(api.name, job_id))
+    assert logs.count("reading batches through the server from now on") == 1, logs

@@ -44,6 +44,7 @@ def ray_server(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         tmp_path_factory.mktemp("ray-server"),
         CORTEX_LAUNCHER="ray",
         CORTEX_RAY_ADDRESS=cluster.address,
+        CORTEX_DATA_ROOTS=str(tmp_path_factory.getbasetemp()),
         **cluster.env,
     )
     yield srv
@@ -96,6 +97,26 @@ def test_workers_are_actors_on_both_nodes_and_the_job_succeeds(
     assert len(nodes) == 2 and None not in nodes
     assert len((api.out / job_id / "hook.log").read_text().splitlines()) == 1
     wait_for(lambda: not job_worker_processes(job_id), 20, "the workers to exit")
+
+
+def test_actors_read_batches_stored_by_reference(ray_client: Client, tmp_path: Path) -> None:
+    """A `delimited_files` dataset on Ray: the workers in the actors read their batches' byte
+    ranges with the same code as local workers, and get the copy's payloads."""
+    path = tmp_path / "lines.jsonl"
+    lines = b'\xef\xbb\xbf{"n": 0}\r\n\n{"n": 1, "t": "\xc3\xa9"}\n{"n": 2} {"n": 3}\n{"n": 4}'
+    path.write_bytes(lines)
+    api = deploy_fixture(ray_client, "recorder", tmp_path, compute={"cpu": 1})
+    body = {"workers": 2, "delimited_files": {"s3_paths": [str(path)], "batch_size": 2}}
+    job_id = str(ray_client.submit(api.name, body)["job_id"])
+    status = wait_for_status(ray_client, api.name, job_id, 120)
+    assert status["status"] == "status_succeeded", status
+    batches = [json.loads(p.read_text()) for p in (api.out / job_id).glob("batch-*.json")]
+    batches.sort(key=lambda batch: batch[0]["n"])
+    assert batches == [
+        [{"n": 0}, {"n": 1, "t": "é"}],
+        [{"n": 2}, {"n": 3}],
+        [{"n": 4}],
+    ]
 
 
 def test_a_killed_actor_is_replaced_and_the_job_finishes(

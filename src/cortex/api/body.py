@@ -10,7 +10,8 @@ from cortex import errors, exactjson
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request's body, refusing more than `max_bytes` before reading it all."""
+    """The request's body, refusing more than `max_bytes` before reading it all; its size is
+    kept as `request.state.body_bytes`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise errors.BodyTooLarge(f"the request body is larger than the {max_bytes} byte limit")
@@ -21,6 +22,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         if size > max_bytes:
             raise errors.BodyTooLarge(f"the request body is larger than the {max_bytes} byte limit")
         chunks.append(chunk)
+    request.state.body_bytes = size
     return b"".join(chunks)
 
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Resp
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from cortex import errors, exactjson, globs, hookspec, schemas, views
+from cortex import errors, exactjson, globs, hookspec, memory, schemas, views
 from cortex.api import deps
 from cortex.api.body import read_json
 from cortex.jobs import WEBHOOK_EVENTS
@@ -326,19 +326,24 @@ async def submit(
     """Create a job. Besides the spec's fields, a submission may carry `metadata` and a
     `webhook` (see the request body's schema)."""
     data = await read_json(request, service.settings.max_body_bytes)
-    if idempotency_key is not None and not dry_run:
-        job, replayed = await run_in_threadpool(
-            service.idempotent.submit, api_name, data, idempotency_key
-        )
-        body = views.job_spec_json(job, service.lifecycle.api_spec_for(job))
-        if not replayed:
-            return body
-        return Response(
-            exactjson.dumps(body),
-            media_type="application/json",
-            headers={"Idempotent-Replayed": "true"},
-        )
-    result = await run_in_threadpool(service.submissions.submit, api_name, data, dry_run)
+    try:
+        if idempotency_key is not None and not dry_run:
+            job, replayed = await run_in_threadpool(
+                service.idempotent.submit, api_name, data, idempotency_key
+            )
+            body = views.job_spec_json(job, service.lifecycle.api_spec_for(job))
+            if not replayed:
+                return body
+            return Response(
+                exactjson.dumps(body),
+                media_type="application/json",
+                headers={"Idempotent-Replayed": "true"},
+            )
+        result = await run_in_threadpool(service.submissions.submit, api_name, data, dry_run)
+    finally:
+        del data  # a big item list: what it leaves in the heap goes back to the system after
+        if request.state.body_bytes >= memory.TRIM_ABOVE_BYTES:
+            memory.trim_soon()
     if isinstance(result, Job):
         return views.job_spec_json(result, service.lifecycle.api_spec_for(result))
     # Validation (and the first match) is done: stream the rest of the listing as it comes.

@@ -24,6 +24,7 @@ from cortex.jobs import WorkerState
 from cortex.service import Service
 from cortex.store import Job
 from cortex.store.records import BatchResult
+from cortex.worker import ranges
 
 router = APIRouter(prefix="/worker/v1/jobs/{job_id}", include_in_schema=False)
 ServiceDep = Annotated[Service, Depends(deps.service)]
@@ -116,15 +117,37 @@ def lease(body: LeaseBody, job: JobDep, service: ServiceDep, metrics: MetricsDep
     leased = service.workers.lease(job, body.worker_id, results, body.max_batches, body.seq)
     metrics.observe_results(job.api_name, results)
     # Payloads are stored as JSON text: splice their bytes in rather than parse and re-encode.
+    # A batch stored by reference goes as `payload_ref`: the worker reads its lines itself.
     parts = [b'{"batches":[']
     for i, b in enumerate(leased.batches):
         head = orjson.dumps({"batch_id": b.batch_id, "attempt": b.attempt})
-        parts += [b"," if i else b"", head[:-1], b',"payload":', b.payload, b"}"]
+        key = b',"payload_ref":' if ranges.is_ref(b.payload) else b',"payload":'
+        parts += [b"," if i else b"", head[:-1], key, b.payload, b"}"]
     parts.append(b'],"run_hook":%s,"done":%s}' % (_BOOL[leased.run_hook], _BOOL[leased.done]))
     return Response(b"".join(parts), media_type="application/json")
 
 
 _BOOL = {True: b"true", False: b"false"}
+
+
+class PayloadBody(pydantic.BaseModel):
+    worker_id: str = pydantic.Field(max_length=128)
+    batch_id: str = pydantic.Field(max_length=64)
+
+
+@router.post("/payload")
+def payload(body: PayloadBody, job: JobDep, service: ServiceDep) -> Response:
+    """A batch's payload read by the server: for a worker that cannot read the files of a
+    batch stored by reference itself (no fsspec or credentials in its environment, a local
+    file not on its machine). `{"payload": [...]}`, or `{"error": "..."}` when the data
+    cannot be given as scanned (the file changed): the worker fails the batch with it."""
+    _own_worker(job, body.worker_id)
+    stored = service.workers.stored_payload(job, body.batch_id)
+    try:
+        data = ranges.stored_payload(stored)
+    except ranges.Unreadable as err:
+        return Response(orjson.dumps({"error": str(err)}), media_type="application/json")
+    return Response(b'{"payload":' + data + b"}", media_type="application/json")
 
 
 @router.post("/heartbeat")

@@ -49,6 +49,17 @@ class BatchStore(engine.BaseStore):
                 break
         return deleted
 
+    def stored_payload(self, job_id: str, batch_id: str) -> bytes | None:
+        """One batch's payload as stored (UTF-8 bytes), None if there is none."""
+        with self.read() as conn:
+            row = conn.execute(
+                sa.select(payload_bytes(conn))
+                .select_from(t.batches)
+                .join(t.batch_payloads, _payload_of_batch)
+                .where(t.batches.c.job_id == job_id, t.batches.c.batch_id == batch_id)
+            ).first()
+        return None if row is None else bytes(row.payload)
+
     def failed_payloads(self, job_id: str) -> Iterator[str]:
         """The payloads of a job's failed batches, in order, read in pages."""
         last = -1
@@ -105,8 +116,15 @@ class BatchStore(engine.BaseStore):
 # -- helpers that run inside a caller's transaction ---------------------------------------------
 
 
-def insert(conn: Connection, job_id: str, start: int, payloads: Sequence[str]) -> None:
-    """Write queued batches `start`, `start + 1`, ... with these payloads."""
+def insert(
+    conn: Connection,
+    job_id: str,
+    start: int,
+    payloads: Sequence[str],
+    sizes: Sequence[int] | None = None,
+) -> None:
+    """Write queued batches `start`, `start + 1`, ... with these payloads (and sizes, where
+    they are not the payloads' lengths: a reference's is that of the lines it names)."""
     conn.execute(
         t.batches.insert(),
         [
@@ -114,7 +132,7 @@ def insert(conn: Connection, job_id: str, start: int, payloads: Sequence[str]) -
                 "job_id": job_id,
                 "seq": start + i,
                 "batch_id": str(uuid.uuid4()),
-                "payload_size": len(payload),
+                "payload_size": len(payload) if sizes is None else sizes[i],
                 "state": BatchState.QUEUED.value,
             }
             for i, payload in enumerate(payloads)

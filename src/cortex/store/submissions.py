@@ -136,19 +136,30 @@ class SubmissionStore(engine.BaseStore):
             return jobrows.get(conn, job_id)
 
     def append_batches(
-        self, job_id: str, payloads: list[str], items: int, owner: str
+        self,
+        job_id: str,
+        payloads: list[str],
+        items: int,
+        owner: str,
+        sizes: list[int] | None = None,
     ) -> Job | None:
         """Write the next batches of an enqueuing job and move its resume cursor by `items`,
         in one transaction; None (and nothing written) if the job is no longer enqueuing or
-        another replica's enqueuer took it over."""
+        another replica's enqueuer took it over. `sizes`: the payloads' sizes, where they
+        are not their stored text's (a reference's is that of the lines it names)."""
         with self.write() as conn:
             job = jobrows.lock(conn, job_id, missing_ok=True)
             if job is None or not _enqueuing_by(job, owner):
                 return None
             start = job.total_batch_count
             for offset in range(0, len(payloads), batchrows.INSERT_CHUNK):
+                end = offset + batchrows.INSERT_CHUNK
                 batchrows.insert(
-                    conn, job_id, start + offset, payloads[offset : offset + batchrows.INSERT_CHUNK]
+                    conn,
+                    job_id,
+                    start + offset,
+                    payloads[offset:end],
+                    None if sizes is None else sizes[offset:end],
                 )
             conn.execute(
                 t.jobs.update()

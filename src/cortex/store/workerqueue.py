@@ -19,7 +19,7 @@ from cortex import errors
 from cortex.jobs import WorkerState
 from cortex.store.records import BatchResult
 from cortex.store.sql import Store
-from cortex.worker import queue
+from cortex.worker import queue, ranges
 
 
 class StoreQueue(queue.WorkerQueue):
@@ -95,11 +95,25 @@ class StoreQueue(queue.WorkerQueue):
             max_batches = max(0, min(body["max_batches"], self.max_lease_batches))
             leased = store.lease(job_id, worker_id, results, max_batches, self.lease_s, seq)
             batches = [
-                {"batch_id": b.batch_id, "attempt": b.attempt, "payload": json.loads(b.payload)}
+                {
+                    "batch_id": b.batch_id,
+                    "attempt": b.attempt,
+                    ("payload_ref" if ranges.is_ref(b.payload) else "payload"): json.loads(
+                        b.payload
+                    ),
+                }
                 for b in leased.batches
             ]
             self.last_response_bytes = sum(len(b.payload) for b in leased.batches)
             return {"batches": batches, "run_hook": leased.run_hook, "done": leased.done}
+        if op == "payload":
+            held = store.stored_payload(job_id, body["batch_id"])
+            if held is None:
+                raise errors.NotFound(f"batch {body['batch_id']} has no stored payload")
+            try:
+                return {"payload": json.loads(ranges.stored_payload(held))}
+            except ranges.Unreadable as err:
+                return {"error": str(err)}
         if op == "heartbeat":
             return {"ok": store.heartbeat(job_id, worker_id, self.lease_s)}
         if op == "logs":

@@ -136,6 +136,14 @@ class WorkerQueue:
         result: dict[str, Any] = self._request("lease", body, LOOP)
         return result
 
+    def payload(self, batch_id: str) -> dict[str, Any]:
+        """A batch's payload as the server reads it (for a batch stored by reference whose
+        files this process cannot read): `{payload}`, or `{error}` if it cannot be given."""
+        result: dict[str, Any] = self._request(
+            "payload", {"worker_id": self.worker_id, "batch_id": batch_id}
+        )
+        return result
+
     def heartbeat(self) -> bool:
         result = self._request("heartbeat", {"worker_id": self.worker_id})
         return bool(result.get("ok"))
@@ -173,7 +181,8 @@ class WorkerQueue:
             delay = min(delay * 2, 2.0)
 
     def _send(self, op: str, body: dict[str, Any] | None) -> Any:
-        """One attempt at request `op` ("spec", "state", "lease", "heartbeat", "logs", "hook"):
+        """One attempt at request `op` ("spec", "state", "lease", "payload", "heartbeat", "logs",
+        "hook"):
         its answer, or `Unavailable`, `JobGone` or `Refused`."""
         raise NotImplementedError
 
@@ -184,6 +193,7 @@ _ROUTES = {
     "state": ("POST", "/state"),
     "lease": ("POST", "/lease"),
     "heartbeat": ("POST", "/heartbeat"),
+    "payload": ("POST", "/payload"),
     "logs": ("POST", "/logs"),
     "hook": ("POST", "/hook"),
 }

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cortex import predictor as predictor_mod
-from cortex.worker import logship, models
+from cortex.worker import logship, models, ranges
 from cortex.worker.queue import HttpQueue, JobGone, Refused, Unreachable, WorkerQueue
 
 log = logging.getLogger("cortex")
@@ -139,10 +139,51 @@ def work(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
         for batch in batches:
             batch_id = batch["batch_id"]
             with logship.in_batch(batch_id):
-                result = _predict(predictor, batch["payload"], batch_id)
+                if "payload_ref" in batch:
+                    try:
+                        payload = _read_payload(queue, batch_id, batch["payload_ref"]["ref"])
+                    except ranges.Unreadable as err:
+                        log.error("failed to read batch %s: %s", batch_id, err)
+                        results.append(_failed(batch_id, 0.0, _error_line(err), None))
+                        continue
+                    result = _predict(predictor, payload, batch_id)
+                else:
+                    result = _predict(predictor, batch["payload"], batch_id)
             results.append(result)
             duration = result["duration_s"]
             avg_s = duration if avg_s is None else 0.8 * avg_s + 0.2 * duration
+
+
+def _read_payload(queue: WorkerQueue, batch_id: str, segments: list[ranges.Segment]) -> Any:
+    """A batch stored by reference: its lines read from the files here (local files directly,
+    remote ones through fsspec), or by the server when this process cannot read them (no
+    fsspec here, no credentials for the storage, a local file not on this machine)."""
+    schemes = {ranges.scheme(s[0]) for s in segments if s[0] is not None}
+    if not schemes & _UNREACHABLE:
+        try:
+            return ranges.payload(segments, ranges.read_here)[1]
+        except ranges.Unreachable as err:
+            # Once is enough: this worker asks the server for these files from now on.
+            log.warning("reading batches through the server from now on: %s", err)
+            _UNREACHABLE.update(schemes)
+    answer = queue.payload(batch_id)
+    if "error" in answer:
+        raise ranges.Unreadable(answer["error"])
+    return answer["payload"]
+
+
+# The storages (URL schemes, "file" for local paths) this worker could not read itself.
+_UNREACHABLE: set[str] = set()
+
+
+def _failed(batch_id: str, duration: float, error: str, trace: str | None) -> dict[str, Any]:
+    return {
+        "batch_id": batch_id,
+        "ok": False,
+        "duration_s": duration,
+        "error": error,
+        "traceback": trace,
+    }
 
 
 def _predict(predictor: predictor_mod.Predictor, payload: Any, batch_id: str) -> dict[str, Any]:
@@ -154,13 +195,7 @@ def _predict(predictor: predictor_mod.Predictor, payload: Any, batch_id: str) ->
         duration = time.perf_counter() - started
         trace = traceback.format_exc()
         log.error("failed to process batch %s\n%s", batch_id, trace.rstrip())
-        return {
-            "batch_id": batch_id,
-            "ok": False,
-            "duration_s": duration,
-            "error": _error_line(err),
-            "traceback": trace,
-        }
+        return _failed(batch_id, duration, _error_line(err), trace)
     return {"batch_id": batch_id, "ok": True, "duration_s": time.perf_counter() - started}
 
 
