@@ -40,6 +40,7 @@ _RUNTIME_MODULES = (
     "worker/logship.py",
     "worker/models.py",
     "worker/queue.py",
+    "worker/results.py",
     "worker/shipper.py",
     "worker/runtime.py",
 )

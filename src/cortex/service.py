@@ -11,6 +11,7 @@ from cortex.deploys import Deploys
 from cortex.launchers import Launcher
 from cortex.launching import Launching
 from cortex.lifecycle import Lifecycle
+from cortex.outputs import Outputs
 from cortex.settings import Settings
 from cortex.store import Store
 from cortex.store.logs import LogStore
@@ -36,7 +37,10 @@ class Service:
         self.submissions = Submissions(
             settings, store, launcher, replica_id, self.lifecycle, self.launching
         )
-        self.workers = WorkerApi(settings, store, self.lifecycle, self.launching.preparation)
+        self.outputs = Outputs(settings, store, self.lifecycle)
+        self.workers = WorkerApi(
+            settings, store, self.lifecycle, self.launching.preparation, self.outputs
+        )
 
     @property
     def reads_inline(self) -> bool:

@@ -321,6 +321,9 @@ class APISpec(_Strict):
     kind: Literal["BatchAPI"]
     predictor: Predictor
     compute: Compute = pydantic.Field(default_factory=Compute)
+    # The default `batch_timeout` of this API's jobs, in seconds (a submission may set its
+    # own): a `predict` running longer is abandoned and its worker replaced.
+    batch_timeout: int | None = pydantic.Field(default=None, ge=1, le=MAX_INT32)
 
     @pydantic.field_validator("name")
     @classmethod
@@ -339,6 +342,8 @@ class APISpec(_Strict):
     def to_json(self) -> dict[str, Any]:
         # Keys left unset stay out: a python predictor's spec reads as it always did.
         data = self.model_dump(mode="json")
+        if data.get("batch_timeout") is None:
+            data.pop("batch_timeout", None)
         predictor = data["predictor"]
         for key in ("model_path", "models", "signature_key"):
             if predictor.get(key) is None:

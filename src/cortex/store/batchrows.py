@@ -30,7 +30,7 @@ class BatchStore(engine.BaseStore):
         for _ in range(max_chunks):
             done = (
                 sa.select(t.batch_payloads.c.job_id, t.batch_payloads.c.seq)
-                .join(t.batches, _payload_of_batch)
+                .join(t.batches, payload_of_batch)
                 .join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
                 .where(
                     t.jobs.c.status.in_(terminal),
@@ -56,10 +56,11 @@ class BatchStore(engine.BaseStore):
             with self.read() as conn:
                 rows = conn.execute(
                     sa.select(t.batches.c.seq, t.batch_payloads.c.payload)
-                    .join(t.batch_payloads, _payload_of_batch)
+                    .join(t.batch_payloads, payload_of_batch)
                     .where(
                         t.batches.c.job_id == job_id,
-                        t.batches.c.state == BatchState.FAILED.value,
+                        # Batches a spent failure budget left unrun are re-run too.
+                        t.batches.c.state.in_([BatchState.FAILED.value, BatchState.NOT_RUN.value]),
                         t.batches.c.seq > last,
                     )
                     .order_by(t.batches.c.seq)
@@ -83,7 +84,7 @@ class BatchStore(engine.BaseStore):
                     t.batches.c.error_traceback,
                     t.batch_payloads.c.payload,
                 )
-                .join(t.batch_payloads, _payload_of_batch)
+                .join(t.batch_payloads, payload_of_batch)
                 .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.FAILED.value)
                 .order_by(t.batches.c.seq)
                 .limit(limit)
@@ -140,6 +141,6 @@ def payload_bytes(conn: Connection) -> sa.ColumnElement[bytes]:
     )
 
 
-_payload_of_batch = sa.and_(
+payload_of_batch = sa.and_(
     t.batch_payloads.c.job_id == t.batches.c.job_id, t.batch_payloads.c.seq == t.batches.c.seq
 )

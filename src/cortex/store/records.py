@@ -55,6 +55,10 @@ class Job:
     dataset: dict[str, Any] | None = None
     enqueued_items: int = 0
     enqueue_owner: str | None = None
+    batch_timeout_s: int | None = None
+    max_failed_batches: int | None = None
+    # {"path"} as submitted, with "files" and "errors" once the results are written there.
+    output: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -87,6 +91,9 @@ class Job:
             dataset=None if m["dataset_json"] is None else json.loads(m["dataset_json"]),
             enqueued_items=m["enqueued_items"],
             enqueue_owner=m["enqueue_owner"],
+            batch_timeout_s=m["batch_timeout_s"],
+            max_failed_batches=m["max_failed_batches"],
+            output=None if m["output_json"] is None else json.loads(m["output_json"]),
         )
 
 
@@ -121,6 +128,11 @@ class BatchResult:
     duration_s: float
     error: str | None = None
     traceback: str | None = None
+    # Why the attempt failed: predict_error, batch_timeout, result_too_large,
+    # result_not_serialisable.
+    error_kind: str = "predict_error"
+    # What `predict` returned, as the batch's JSON lines (`cortex.results`); None: nothing.
+    lines: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +144,9 @@ class LeaseResult:
     done: bool = False
     # Set when this very request ended the job (no hook to run): its final status.
     final_status: JobStatus | None = None
+    # This request ended the job's last batch and its results must be written to its output
+    # location before it completes (`cortex.outputs`).
+    write_output: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ from cortex.store import (
     jobrows,
     protocol,
     queue,
+    resultrows,
     retention,
     submissions,
     workerrows,
@@ -62,6 +63,7 @@ class Store(
     queue.QueueStore,
     protocol.ProtocolStore,
     batchrows.BatchStore,
+    resultrows.ResultStore,
     retention.RetentionStore,
 ):
     """Every piece of state: APIs, jobs, the batch queue and workers."""

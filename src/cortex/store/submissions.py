@@ -3,6 +3,7 @@ one replica enqueues chunk by chunk (and another takes over if that replica goes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -16,6 +17,27 @@ from cortex.jobs import JobStatus
 from cortex.store import apis, batchrows, engine, jobrows, workerrows
 from cortex.store import tables as t
 from cortex.store.records import Job
+
+
+@dataclasses.dataclass(frozen=True)
+class JobLimits:
+    """What a submission may add to a job: a time limit per batch, a failure budget, and where
+    its results go."""
+
+    batch_timeout_s: int | None = None
+    max_failed_batches: int | None = None
+    output_path: str | None = None
+
+
+def _limit_values(limits: JobLimits | None) -> dict[str, Any]:
+    if limits is None:
+        return {}
+    output = None if limits.output_path is None else {"path": limits.output_path}
+    return {
+        "batch_timeout_s": limits.batch_timeout_s,
+        "max_failed_batches": limits.max_failed_batches,
+        "output_json": None if output is None else json.dumps(output),
+    }
 
 
 class SubmissionStore(engine.BaseStore):
@@ -34,6 +56,7 @@ class SubmissionStore(engine.BaseStore):
         payloads: Iterable[str],
         replica_id: str,
         retry_of: str | None = None,
+        limits: JobLimits | None = None,
     ) -> Job:
         """Store a job, all of its batches and its workers' rows in one transaction, then mark
         it running (a retry of failed batches, whose payloads are already stored).
@@ -55,6 +78,7 @@ class SubmissionStore(engine.BaseStore):
                 max_attempts=max_attempts,
                 worker_token=worker_token,
                 retry_of=retry_of,
+                **_limit_values(limits),
             )
             total = 0
             chunk: list[str] = []
@@ -91,6 +115,7 @@ class SubmissionStore(engine.BaseStore):
         worker_token: str,
         dataset: dict[str, Any],
         replica_id: str,
+        limits: JobLimits | None = None,
     ) -> Job:
         """Store a job whose dataset (a file dataset, or an item list being written by the
         request) `replica_id` enqueues from now on (`append_batches`, then `finish_enqueue`).
@@ -108,6 +133,7 @@ class SubmissionStore(engine.BaseStore):
                 worker_token=worker_token,
                 dataset_json=json.dumps(dataset),
                 enqueue_owner=replica_id,
+                **_limit_values(limits),
             )
             return jobrows.get(conn, job_id)
 

@@ -89,17 +89,31 @@ class StoreQueue(queue.WorkerQueue):
                     r.get("duration_s", 0.0),
                     r.get("error"),
                     r.get("traceback"),
+                    r.get("error_kind") or "predict_error",
+                    r.get("lines") if r["ok"] else None,
                 )
                 for r in body["results"]
             ]
             max_batches = max(0, min(body["max_batches"], self.max_lease_batches))
-            leased = store.lease(job_id, worker_id, results, max_batches, self.lease_s, seq)
+            leased = store.lease(
+                job_id,
+                worker_id,
+                results,
+                max_batches,
+                self.lease_s,
+                seq,
+                hold=bool(body.get("hold")) and not max_batches,
+                leaving=bool(body.get("leaving")),
+            )
             batches = [
                 {"batch_id": b.batch_id, "attempt": b.attempt, "payload": json.loads(b.payload)}
                 for b in leased.batches
             ]
             self.last_response_bytes = sum(len(b.payload) for b in leased.batches)
-            return {"batches": batches, "run_hook": leased.run_hook, "done": leased.done}
+            answer = {"batches": batches, "run_hook": leased.run_hook, "done": leased.done}
+            if leased.run_hook:
+                answer["job_summary"] = store.summary(job_id)
+            return answer
         if op == "heartbeat":
             return {"ok": store.heartbeat(job_id, worker_id, self.lease_s)}
         if op == "logs":
