@@ -54,7 +54,7 @@ class JobStore(engine.BaseStore):
             if row is None:
                 return None
             job = Job.from_row(row)
-            batches = state_counts(conn, t.batches, [s.value for s in BatchState], job_id)
+            batches = batch_state_counts(conn, job_id)
             # Workers run while a file dataset is still enqueuing, so they count then too.
             workers = None
             if job.status in (JobStatus.ENQUEUING, JobStatus.RUNNING):
@@ -65,7 +65,8 @@ class JobStore(engine.BaseStore):
         return self._state_counts(t.workers, [s.value for s in WorkerState], job_id)
 
     def batch_counts(self, job_id: str) -> dict[str, int]:
-        return self._state_counts(t.batches, [s.value for s in BatchState], job_id)
+        with self.read() as conn:
+            return batch_state_counts(conn, job_id)
 
     def _state_counts(self, table: sa.Table, states: list[str], job_id: str) -> dict[str, int]:
         with self.read() as conn:
@@ -185,6 +186,15 @@ def finalize(conn: Connection, job: Job) -> JobStatus:
     status = JobStatus.SUCCEEDED if current.failed == 0 else JobStatus.COMPLETED_WITH_FAILURES
     transition(conn, job.job_id, status)
     return status
+
+
+def batch_state_counts(conn: Connection, job_id: str) -> dict[str, int]:
+    """A job's batches by state: queued, leased, succeeded, failed, and `not_run` only for a
+    job whose failure budget left some unrun."""
+    counts = state_counts(conn, t.batches, [s.value for s in BatchState], job_id)
+    if not counts[BatchState.NOT_RUN.value]:
+        del counts[BatchState.NOT_RUN.value]
+    return counts
 
 
 def state_counts(
