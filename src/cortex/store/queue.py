@@ -182,39 +182,6 @@ class QueueStore(engine.BaseStore):
                     )
         return ended
 
-    def expire_deadlines(self) -> list[tuple[str, str]]:
-        """End the attempt of every batch run past its deadline (its job's `batch_timeout`
-        and a grace): its worker did not time its `predict` out itself, so it is wedged.
-        Returns the (job, worker) pairs whose workers must be killed."""
-        now = time.time()
-        overdue = (
-            t.batches.c.state == BatchState.LEASED.value,
-            t.batches.c.deadline_at < now,
-        )
-        with self.read() as conn:
-            job_ids: list[str] = list(
-                conn.execute(sa.select(t.batches.c.job_id).where(*overdue).distinct()).scalars()
-            )
-        wedged: list[tuple[str, str]] = []
-        for job_id in job_ids:
-            with self.write() as conn:
-                job = jobrows.lock(conn, job_id, missing_ok=True)
-                if job is None:
-                    continue
-                rows = conn.execute(
-                    outcomes.leased_rows()
-                    .add_columns(t.batches.c.lease_owner)
-                    .where(t.batches.c.job_id == job_id, *overdue)
-                ).all()
-                for row in rows:
-                    message = (
-                        f"predict ran past the job's batch_timeout of {job.batch_timeout_s} s "
-                        f"and worker {row.lease_owner} did not end it: the worker is killed"
-                    )
-                    if outcomes.end_attempt(conn, row, "batch_timeout", message):
-                        wedged.append((job_id, row.lease_owner))
-        return wedged
-
     def release_worker_leases(
         self, job_id: str, worker_id: str, kind: str = "worker_died", reason: str = ""
     ) -> int:
