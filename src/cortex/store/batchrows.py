@@ -74,33 +74,7 @@ class BatchStore(engine.BaseStore):
 
     def failed_batches(self, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
         with self.read() as conn:
-            rows = conn.execute(
-                sa.select(
-                    t.batches.c.batch_id,
-                    t.batches.c.seq,
-                    t.batches.c.attempts,
-                    t.batches.c.error_kind,
-                    t.batches.c.error_message,
-                    t.batches.c.error_traceback,
-                    t.batch_payloads.c.payload,
-                )
-                .join(t.batch_payloads, payload_of_batch)
-                .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.FAILED.value)
-                .order_by(t.batches.c.seq)
-                .limit(limit)
-            ).all()
-        return [
-            {
-                "batch_id": row.batch_id,
-                "index": row.seq,
-                "attempts": row.attempts,
-                "error_kind": row.error_kind,
-                "error": row.error_message,
-                "traceback": row.error_traceback,
-                "payload": json.loads(row.payload),
-            }
-            for row in rows
-        ]
+            return failed_records(conn, job_id, [BatchState.FAILED], limit)
 
 
 # -- helpers that run inside a caller's transaction ---------------------------------------------
@@ -144,3 +118,43 @@ def payload_bytes(conn: Connection) -> sa.ColumnElement[bytes]:
 payload_of_batch = sa.and_(
     t.batch_payloads.c.job_id == t.batches.c.job_id, t.batch_payloads.c.seq == t.batches.c.seq
 )
+
+
+def failed_records(
+    conn: Connection, job_id: str, states: list[BatchState], limit: int, after_seq: int = -1
+) -> list[dict[str, Any]]:
+    """A page of a job's batches in `states` (failed; not run), in the job's order after
+    `after_seq`: id, place, state, attempts, error kind, message, traceback and payload."""
+    rows = conn.execute(
+        sa.select(
+            t.batches.c.batch_id,
+            t.batches.c.seq,
+            t.batches.c.state,
+            t.batches.c.attempts,
+            t.batches.c.error_kind,
+            t.batches.c.error_message,
+            t.batches.c.error_traceback,
+            t.batch_payloads.c.payload,
+        )
+        .join(t.batch_payloads, payload_of_batch)
+        .where(
+            t.batches.c.job_id == job_id,
+            t.batches.c.state.in_([state.value for state in states]),
+            t.batches.c.seq > after_seq,
+        )
+        .order_by(t.batches.c.seq)
+        .limit(limit)
+    ).all()
+    return [
+        {
+            "batch_id": row.batch_id,
+            "index": row.seq,
+            "state": row.state,
+            "attempts": row.attempts,
+            "error_kind": row.error_kind,
+            "error": row.error_message,
+            "traceback": row.error_traceback,
+            "payload": json.loads(row.payload),
+        }
+        for row in rows
+    ]

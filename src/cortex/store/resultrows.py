@@ -18,6 +18,7 @@ from cortex.store.records import Job
 # worker's limit, `cortex.worker.results.MAX_RESULT_BYTES`) and is written out before the next.
 _PAGE_BATCHES = 16
 _ERROR_PAGE = 200
+_UNDONE = [BatchState.FAILED, BatchState.NOT_RUN]
 
 
 class ResultStore(engine.BaseStore):
@@ -46,42 +47,11 @@ class ResultStore(engine.BaseStore):
         last = -1
         while True:
             with self.read() as conn:
-                rows = conn.execute(
-                    sa.select(
-                        t.batches.c.batch_id,
-                        t.batches.c.seq,
-                        t.batches.c.state,
-                        t.batches.c.attempts,
-                        t.batches.c.error_kind,
-                        t.batches.c.error_message,
-                        t.batches.c.error_traceback,
-                        t.batch_payloads.c.payload,
-                    )
-                    .join(t.batch_payloads, batchrows.payload_of_batch)
-                    .where(
-                        t.batches.c.job_id == job_id,
-                        t.batches.c.state.in_([BatchState.FAILED.value, BatchState.NOT_RUN.value]),
-                        t.batches.c.seq > last,
-                    )
-                    .order_by(t.batches.c.seq)
-                    .limit(_ERROR_PAGE)
-                ).all()
-            if not rows:
+                page = batchrows.failed_records(conn, job_id, _UNDONE, _ERROR_PAGE, last)
+            if not page:
                 return
-            yield [
-                {
-                    "batch_id": row.batch_id,
-                    "index": row.seq,
-                    "state": row.state,
-                    "attempts": row.attempts,
-                    "error_kind": row.error_kind,
-                    "error": row.error_message,
-                    "traceback": row.error_traceback,
-                    "payload": json.loads(row.payload),
-                }
-                for row in rows
-            ]
-            last = rows[-1].seq
+            yield page
+            last = page[-1]["index"]
 
     def writing_outputs(self) -> list[Job]:
         """In-progress jobs whose results are being written to their output location."""
