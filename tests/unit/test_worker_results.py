@@ -30,6 +30,23 @@ def test_anything_else_is_the_batchs_one_result(value: Any) -> None:
     assert record["result"] == (list(value) if isinstance(value, tuple) else value)
 
 
+class FakeArray:
+    """What numpy's arrays and scalars offer: `tolist()`."""
+
+    def __init__(self, values: list[Any]) -> None:
+        self.values = values
+
+    def tolist(self) -> list[Any]:
+        return self.values
+
+
+def test_arrays_are_written_as_their_lists() -> None:
+    [record] = _records(results.lines("b1", [0, 1, 2], {"scores": FakeArray([0.5, 1.5])}))
+    assert record["result"] == {"scores": [0.5, 1.5]}
+    paired = _records(results.lines("b1", ["a", "b"], FakeArray([1, 2])))
+    assert [(r["index"], r["result"]) for r in paired] == [(0, 1), (1, 2)]
+
+
 @pytest.mark.parametrize("value", [float("nan"), [float("inf")], object(), {1j: 2}, "\ud800"])
 def test_values_that_are_not_json_are_refused(value: Any) -> None:
     with pytest.raises(results.ResultError) as refused:

@@ -45,7 +45,10 @@ class ResultError(Exception):
 def lines(batch_id: str, payload: Any, value: Any) -> str:
     """The batch's result lines: a list as long as the payload is paired with it item by
     item (`{"batch_id", "index", "result"}` a line); anything else is the batch's one result
-    (`index` null). Raises `ResultError` for a value that is not JSON or is too large."""
+    (`index` null). Arrays with a `tolist()` (numpy's) are written as their lists. Raises
+    `ResultError` for a value that is not JSON or is too large."""
+    if callable(getattr(value, "tolist", None)):  # a numpy array pairs as its list does
+        value = value.tolist()
     if isinstance(value, list) and isinstance(payload, list) and len(value) == len(payload):
         records: list[Any] = [
             {"batch_id": batch_id, "index": i, "result": item} for i, item in enumerate(value)
@@ -54,7 +57,14 @@ def lines(batch_id: str, payload: Any, value: Any) -> str:
         records = [{"batch_id": batch_id, "index": None, "result": value}]
     try:
         text = "".join(
-            json.dumps(record, separators=(",", ":"), allow_nan=False, ensure_ascii=False) + "\n"
+            json.dumps(
+                record,
+                separators=(",", ":"),
+                allow_nan=False,
+                ensure_ascii=False,
+                default=_plain,
+            )
+            + "\n"
             for record in records
         )
     except (TypeError, ValueError, RecursionError) as err:
@@ -77,6 +87,15 @@ def lines(batch_id: str, payload: Any, value: Any) -> str:
             "return where they are",
         )
     return text
+
+
+def _plain(value: Any) -> Any:
+    """Arrays and scalars of numerical libraries (numpy, and what imitates it) as the lists
+    and numbers they hold; anything else is not JSON."""
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 class Watchdog:
