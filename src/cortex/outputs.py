@@ -10,9 +10,12 @@ step after it is a compare-and-set (`ResultStore.finish_output`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from cortex import datasets, exactjson, jobspec, locations
@@ -46,8 +49,11 @@ def _folder(path: str) -> locations.Location:
     return locations.parse_location(path.rstrip("/") + "/")
 
 
-def write(store: Store, job: Job, settings: Settings) -> dict[str, Any]:
-    """Write the job's results and errors; returns what its status shows as `output`."""
+def write(
+    store: Store, job: Job, settings: Settings, part_bytes: int = PART_BYTES
+) -> dict[str, Any]:
+    """Write the job's results (a part file about every `part_bytes`) and errors; returns
+    what its status shows as `output`."""
     assert job.output is not None
     base = job.output["path"]
     folder = _folder(f"{base.rstrip('/')}/{job.job_id}/")
@@ -58,32 +64,42 @@ def write(store: Store, job: Job, settings: Settings) -> dict[str, Any]:
         fs: Any = fsspec.filesystem("file", auto_mkdir=True)
     else:
         fs = datasets.filesystem(folder)
+    local = folder.scheme == locations.LOCAL
     files: list[str] = []
-    out: Any = None
-    size = 0
-    try:
-        for page in store.result_pages(job.job_id):
-            if out is None or size >= PART_BYTES:
-                if out is not None:
-                    out.close()
-                name = f"results-{len(files):05d}.jsonl"
-                out = fs.open(folder.path + name, "wb")
-                files.append(folder.prefix + name)
-                size = 0
-            data = page.encode()
-            out.write(data)
-            size += len(data)
-        if out is None:  # no results: one empty part, so that there is always a file to read
-            name = "results-00000.jsonl"
-            fs.open(folder.path + name, "wb").close()
-            files.append(folder.prefix + name)
-    finally:
-        if out is not None:
-            out.close()
-    with fs.open(folder.path + "errors.jsonl", "wb") as errors_file:
+    pages = store.result_pages(job.job_id)
+    page: str | None = next(pages, "")  # no results: one empty part, always a file to read
+    while page is not None:
+        name = f"results-{len(files):05d}.jsonl"
+        with _created(fs, folder.path + name, local) as out:
+            size = 0
+            while page is not None and size < part_bytes:
+                data = page.encode()
+                out.write(data)
+                size += len(data) or 1  # an empty first page still starts this part
+                page = next(pages, None)
+        files.append(folder.prefix + name)
+    with _created(fs, folder.path + "errors.jsonl", local) as errors_file:
         for records in store.error_pages(job.job_id):
             errors_file.write(b"".join(exactjson.dumps(r) + b"\n" for r in records))
     return {"path": base, "files": files, "errors": folder.prefix + "errors.jsonl"}
+
+
+@contextlib.contextmanager
+def _created(fs: Any, path: str, local: bool) -> Iterator[Any]:
+    """A file written whole or not at all. An object store's upload is: the object appears
+    when it completes. A local file is written under a temporary name and renamed into place,
+    so that two writers (a replica and a leader resuming its write) never mix their bytes."""
+    target = f"{path}.tmp-{uuid.uuid4().hex}" if local else path
+    try:
+        with fs.open(target, "wb") as out:
+            yield out
+    except BaseException:
+        if local:
+            with contextlib.suppress(OSError):
+                fs.rm(target)
+        raise
+    if local:
+        fs.mv(target, path)
 
 
 class Outputs:

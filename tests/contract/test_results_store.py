@@ -9,8 +9,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cortex import outputs
 from cortex.jobs import JobStatus
+from cortex.settings import Settings
 from cortex.store import Store
+from cortex.store import tables as t
 from cortex.store.submissions import JobLimits
 from cortex.store.workerqueue import StoreQueue
 from cortex.worker import results, runtime
@@ -112,3 +115,44 @@ def test_a_spent_failure_budget_leaves_the_rest_not_run(store: Store, tmp_path: 
     assert counts["failed"] == 2 and counts["succeeded"] + counts["not_run"] == 5
     states = [e["state"] for page in store.error_pages("job1") for e in page]
     assert states == ["failed", "failed"] + ["not_run"] * counts["not_run"]
+
+
+def test_results_are_written_in_parts_in_the_jobs_order(store: Store, tmp_path: Path) -> None:
+    store.put_api("api", "spec1", API_SPEC, b"archive")
+    folder = tmp_path / "out"
+    store.create_job(
+        job_id="job1",
+        api_name="api",
+        workers=1,
+        config=None,
+        timeout_s=None,
+        max_attempts=1,
+        worker_token="token",
+        payloads=[f"[{i}]" for i in range(40)],
+        replica_id="r1",
+        limits=JobLimits(output_path=str(folder)),
+    )
+    lines = [f'{{"batch_id":"b{i}","index":0,"result":{i}}}\n' for i in range(40)]
+    with store.engine.begin() as conn:
+        conn.execute(
+            t.batch_results.insert(),
+            [
+                {"job_id": "job1", "seq": i, "lines": line, "size": len(line)}
+                for i, line in enumerate(lines)
+            ],
+        )
+    job = store.get_job("job1")
+    assert job is not None
+    settings = Settings(data_roots=(tmp_path,))
+
+    written = outputs.write(store, job, settings, part_bytes=500)
+
+    assert written["path"] == str(folder)
+    assert len(written["files"]) > 1
+    text = "".join(Path(name).read_text() for name in written["files"])
+    assert text == "".join(lines)
+    assert all(Path(name).stat().st_size < 500 + 16 * 40 for name in written["files"])
+    assert Path(written["errors"]).read_text() == ""
+    assert sorted(p.name for p in (folder / "job1").iterdir()) == sorted(
+        [Path(name).name for name in written["files"]] + ["errors.jsonl"]
+    )

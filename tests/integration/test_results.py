@@ -225,6 +225,10 @@ def test_a_failure_budget_stops_the_job_early(env: Env) -> None:
     assert [e["state"] for e in errors] == ["failed"] * 2 + ["not_run"] * 20
     assert [e["payload"] for e in errors[2:]] == [[i] for i in range(20)]
     assert len((folder / job_id / "results-00000.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in (folder / job_id).iterdir()) == [
+        "errors.jsonl",
+        "results-00000.jsonl",
+    ]
     assert not (env.api.out / job_id / "summary.json").exists()  # the hook does not run
     wait_for(lambda: not env.server.worker_processes(job_id), 20, "the workers to stop")
 
