@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cortex import globs
+from cortex import globs, schemas
 from cortex.spec import DEFAULT_MAX_ATTEMPTS, MAX_BATCH_SIZE, MAX_INT32
 
 _POSITIVE_INT = {"type": "integer", "minimum": 1}
@@ -146,9 +146,7 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
             "The job, or with `dryRun=true` the matched files, one per line, then the text "
             "`validations passed`"
         ),
-        "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "text/plain": {"schema": {"type": "string"}},
-        },
+        "model": schemas.JobSpec,
+        "content": {"text/plain": {"schema": {"type": "string"}}},
     }
 }
