@@ -129,9 +129,10 @@ def test_every_item_is_in_the_results_once_when_workers_are_killed(env: Env) -> 
     items: list[Any] = [{"n": i} for i in range(30)]
     for i in (3, 11, 20):
         items[i] = {"n": i, "kill": True}
-    job_id = _submit(env, items, batch_size=2, workers=2)
+    # Each kill ends an attempt of every batch its worker held: attempts to spare.
+    job_id = _submit(env, items, batch_size=2, workers=2, max_attempts=10)
     status = wait_for_status(env.client, env.api.name, job_id, 60)
-    assert status["status"] == "status_succeeded"
+    assert status["status"] == "status_succeeded", status
     assert sorted(r["n"] for r in _items(_results(env, job_id))) == list(range(30))
 
 
