@@ -53,7 +53,8 @@ class CountingQueue(StoreQueue):
         return super()._send(op, body)
 
 
-def _run(store: Store, tmp_path: Path, payloads: list[str], limits: JobLimits | None) -> str:
+def _create(store: Store, payloads: list[str], limits: JobLimits | None) -> None:
+    """Job "job1": one worker, one attempt a batch."""
     store.put_api("api", "spec1", API_SPEC, b"archive")
     store.create_job(
         job_id="job1",
@@ -67,6 +68,10 @@ def _run(store: Store, tmp_path: Path, payloads: list[str], limits: JobLimits | 
         replica_id="r1",
         limits=limits,
     )
+
+
+def _run(store: Store, tmp_path: Path, payloads: list[str], limits: JobLimits | None) -> str:
+    _create(store, payloads, limits)
     project = tmp_path / "project"
     project.mkdir()
     (project / "predictor.py").write_text(PREDICTOR % RESULT_CHARS)
@@ -118,20 +123,8 @@ def test_a_spent_failure_budget_leaves_the_rest_not_run(store: Store, tmp_path: 
 
 
 def test_results_are_written_in_parts_in_the_jobs_order(store: Store, tmp_path: Path) -> None:
-    store.put_api("api", "spec1", API_SPEC, b"archive")
     folder = tmp_path / "out"
-    store.create_job(
-        job_id="job1",
-        api_name="api",
-        workers=1,
-        config=None,
-        timeout_s=None,
-        max_attempts=1,
-        worker_token="token",
-        payloads=[f"[{i}]" for i in range(40)],
-        replica_id="r1",
-        limits=JobLimits(output_path=str(folder)),
-    )
+    _create(store, [f"[{i}]" for i in range(40)], JobLimits(output_path=str(folder)))
     lines = [f'{{"batch_id":"b{i}","index":0,"result":{i}}}\n' for i in range(40)]
     with store.engine.begin() as conn:
         conn.execute(
