@@ -13,6 +13,7 @@ from cortex.client import Client
 from cortex.store import Store, schema
 from helpers import Server, start_server, stop_server
 from postgres import ADMIN_URL, Databases
+from s3server import S3, run_moto
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +57,9 @@ def pg_databases() -> Iterator[Databases]:
 def pg_url(pg_databases: Databases) -> str:
     """The URL of a new, empty PostgreSQL database for this test."""
     return pg_databases.create()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    """moto's standalone S3 server on loopback, for one test module."""
+    yield from run_moto(tmp_path_factory)

@@ -261,14 +261,26 @@ class Client:
         for key, value in (("since", since), ("tail", tail), ("worker", worker), ("batch", batch)):
             if value is not None:
                 params[key] = value
+        for response in self._stream(f"/{api_name}/logs", params):
+            yield from response.iter_lines()
+
+    def results(self, api_name: str, job_id: str) -> Iterator[bytes]:
+        """A job's collected results, as JSON lines (`{"batch_id", "index", "result"}`),
+        streamed in chunks of bytes."""
+        for response in self._stream(f"/{api_name}/{job_id}/results", {}):
+            yield from response.iter_bytes()
+
+    def _stream(self, path: str, params: dict[str, Any]) -> Iterator[httpx.Response]:
+        """A streamed GET: its response (once), an error answer raised, a lost connection
+        said as one."""
         try:
             with self._http.stream(
-                "GET", f"/{api_name}/logs", params=params, timeout=httpx.Timeout(30, read=None)
+                "GET", path, params=params, timeout=httpx.Timeout(30, read=None)
             ) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._raise(response)
-                yield from response.iter_lines()
+                yield response
         except httpx.TransportError as err:
             raise errors.ConnectionFailed(
                 f"lost the connection to the cortex server at {self.url} ({err.__class__.__name__})"

@@ -41,6 +41,7 @@ _RUNTIME_MODULES = (
     "worker/models.py",
     "worker/queue.py",
     "worker/ranges.py",
+    "worker/results.py",
     "worker/shipper.py",
     "worker/runtime.py",
 )

@@ -105,6 +105,8 @@ class BatchState(enum.StrEnum):
     LEASED = "leased"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    # Never run: the job's failure budget (`max_failed_batches`) was spent first.
+    NOT_RUN = "not_run"
 
 
 class WorkerState(enum.StrEnum):

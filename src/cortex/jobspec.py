@@ -45,6 +45,14 @@ class FileDataset(pydantic.BaseModel):
         }
 
 
+class Output(pydantic.BaseModel):
+    """Where a job's results are written once it completes (`cortex.outputs`)."""
+
+    path: str
+
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+
 class Submission(pydantic.BaseModel):
     """A validated job submission. Unknown keys are ignored, as in the spec."""
 
@@ -60,6 +68,9 @@ class Submission(pydantic.BaseModel):
     webhook: hookspec.Webhook | None = None
     # Whether the submission had a `webhook` key: null there turns the API's default off.
     webhook_given: bool = False
+    batch_timeout: int | None = None
+    max_failed_batches: int | None = None
+    output: Output | None = None
 
     model_config = pydantic.ConfigDict(extra="ignore")
 
@@ -111,7 +122,10 @@ def parse_submission(data: Any) -> Submission:
         sub = Submission.model_validate(own, strict=False)
     except pydantic.ValidationError as err:
         raise errors.InvalidRequest(spec.format_error(err, "")) from None
-    raw = {name: data.get(name) for name in ("workers", "timeout", "max_attempts")}
+    raw = {
+        name: data.get(name)
+        for name in ("workers", "timeout", "max_attempts", "batch_timeout", "max_failed_batches")
+    }
     if isinstance(data[kind], dict):
         raw[f"{kind}.batch_size"] = data[kind].get("batch_size")
     for name, value in raw.items():
@@ -141,6 +155,7 @@ def parse_submission(data: Any) -> Submission:
         raise _invalid(
             "batchapi.invalid_max_attempts", f"max_attempts: must be at most {spec.MAX_INT32}"
         )
+    _check_limits(sub)
     reason = spec.unicode_error(sub.config)
     if reason is not None:
         raise errors.InvalidRequest(f"config: holds text that is not valid unicode ({reason})")
@@ -151,6 +166,34 @@ def parse_submission(data: Any) -> Submission:
     if data.get("webhook") is not None:
         sub.webhook = hookspec.parse_webhook(data["webhook"])
     return sub
+
+
+def _check_limits(sub: Submission) -> None:
+    """`batch_timeout`, `max_failed_batches` and `output`, each refused with its bound."""
+    if sub.batch_timeout is not None and not 1 <= sub.batch_timeout <= spec.MAX_INT32:
+        raise _invalid(
+            "batchapi.invalid_batch_timeout",
+            f"batch_timeout: must be from 1 to {spec.MAX_INT32} seconds",
+        )
+    if sub.max_failed_batches is not None and not 0 <= sub.max_failed_batches <= spec.MAX_INT32:
+        raise _invalid(
+            "batchapi.invalid_max_failed_batches",
+            f"max_failed_batches: must be from 0 to {spec.MAX_INT32}",
+        )
+    if sub.output is not None:
+        output_location(sub.output.path)
+
+
+def output_location(path: str) -> locations.Location:
+    """An output path as a folder: a place this server writes (s3://, gs://, a local path),
+    never an http(s) URL; InvalidSubmission otherwise."""
+    reason = spec.unicode_error(path)
+    if reason is not None or "\0" in path or not path.strip():
+        raise _invalid("batchapi.invalid_path", f"output.path: {path!r} is not valid")
+    loc = locations.parse_location(path)
+    if loc.scheme in locations.HTTP:
+        raise locations.invalid_path(path, "results cannot be written to an http(s) URL")
+    return loc
 
 
 def _check_file_dataset(kind: str, dataset: FileDataset) -> None:

@@ -22,7 +22,7 @@ CLIENT_ARGS = {"python": None, "onnx": "onnx_client", "tensorflow": "tensorflow_
 _ALLOWED_ARGS = {
     "__init__": ({"config"}, {"job_spec", "python_client"}),
     "predict": (set(), {"payload", "batch_id", "headers", "query_params"}),
-    "on_job_complete": (set(), set()),
+    "on_job_complete": (set(), {"job_summary"}),
 }
 
 
@@ -112,6 +112,8 @@ class Predictor:
         self.instance = cls(**{name: available[name] for name in init_args})
         self._predict_args = _check_signature(cls.predict, "predict")  # type: ignore[attr-defined]
         self.has_hook = callable(getattr(self.instance, "on_job_complete", None))
+        hook = getattr(cls, "on_job_complete", None)
+        self._hook_args = _check_signature(hook, "on_job_complete") if callable(hook) else []
 
     def predict(self, payload: Any, batch_id: str) -> Any:
         available = {
@@ -122,5 +124,8 @@ class Predictor:
         }
         return self.instance.predict(**{name: available[name] for name in self._predict_args})
 
-    def on_job_complete(self) -> None:
-        self.instance.on_job_complete()
+    def on_job_complete(self, job_summary: Mapping[str, Any] | None = None) -> None:
+        """Run the hook, with the job's summary if it declares `job_summary` (a dict: the
+        counts, the job's id and start time, where its results are, whether any failed)."""
+        available = {"job_summary": dict(job_summary or {})}
+        self.instance.on_job_complete(**{name: available[name] for name in self._hook_args})

@@ -23,6 +23,7 @@ from cortex.launchers import WorkerExit
 from cortex.replicas import Membership
 from cortex.service import Service
 from cortex.store.cluster import Cluster
+from cortex.worker import results as worker_results
 
 log = logging.getLogger("cortex.server")
 
@@ -189,7 +190,10 @@ class Reconciler:
         if not self._leader:
             return
         store = self.service.store
+        for job_id, worker_id in store.expire_deadlines():
+            self._kill_wedged(job_id, worker_id)
         store.expire_leases()
+        self.service.outputs.resume()
         now = time.time()
         for job in store.in_progress_jobs():
             if job.timeout_s is not None and now >= job.start_time + job.timeout_s:
@@ -218,6 +222,24 @@ class Reconciler:
                 worker.job_id, worker.worker_id, reason, oom=False, before_init=False
             )
 
+    def _kill_wedged(self, job_id: str, worker_id: str) -> None:
+        """A worker ran a batch past its deadline without ending it (wedged, in C code that
+        holds the interpreter's lock): kill it; its exit is then a death like any other, and
+        a replacement takes its place."""
+        self.lifecycle.job_event(
+            job_id,
+            f"worker {worker_id} ran a batch past the job's batch_timeout and did not end it; "
+            "killing it",
+            "WARNING",
+        )
+        launcher = self.service.launcher
+
+        def kill() -> None:
+            if not launcher.stop_worker(worker_id, 0):
+                log.warning("job %s: worker %s is not this replica's to kill", job_id, worker_id)
+
+        threading.Thread(target=kill, name=f"cortex-kill-{worker_id}", daemon=True).start()
+
     def _stop_ended(self) -> None:
         """Stop this replica's workers of jobs that have ended (or were deleted)."""
         now = time.time()
@@ -229,7 +251,8 @@ class Reconciler:
             if not owner.status.terminal:
                 continue
             ended_at = owner.end_time or now
-            if owner.status in _NATURAL_END and now - ended_at < _NATURAL_EXIT_GRACE_S:
+            natural = owner.status in _NATURAL_END and owner.error_kind is None
+            if natural and now - ended_at < _NATURAL_EXIT_GRACE_S:
                 continue
             self._stop_async(job_id)
 
@@ -246,8 +269,11 @@ class Reconciler:
         # adopted process's code cannot be known, and one that dies on its way out (while
         # shipping its last lines) leaves nothing undone.
         finished = store.worker_finished(worker_id)
+        timed_out = ended.exit_code == worker_results.EXIT_BATCH_TIMEOUT
         if ended.exit_code == 0 or (ended.exit_code is None and finished and not ended.oom):
             state, message = WorkerState.SUCCEEDED, None
+        elif timed_out:
+            state, message = WorkerState.FAILED, "stopped itself: a batch ran past batch_timeout"
         elif ended.exit_code is None:
             # Gone, its exit code unknown (an adopted process, a lost Ray actor): do not blame
             # the predictor, make sure someone finishes its work.
@@ -265,9 +291,12 @@ class Reconciler:
         self._deaths[worker_id] = _Death(
             ended.job_id,
             worker_id,
-            f"worker {worker_id} {ended.reason}",
+            f"worker {worker_id} {message if timed_out else ended.reason}",
             oom=ended.oom,
-            before_init=before.state in _BEFORE_INIT,
+            before_init=before.state in _BEFORE_INIT and not timed_out,
+            # Each such exit ended a batch's attempt, so they are bounded by the attempts:
+            # they take nothing from the budget that ends a crash loop.
+            counted=timed_out,
         )
 
     def _after_death(self, death: _Death) -> None:

@@ -62,6 +62,18 @@ class Message(Record):
     message: str = _field("what was done")
 
 
+class JobOutput(Record):
+    """Where a job's results go (`output` of a submission), and once written, the files."""
+
+    path: str = _field("the folder as submitted: s3://, gs:// or a local path")
+    files: list[str] | None = _field(
+        "the results' JSON-lines part files, in order, once written", default=None
+    )
+    errors: str | None = _field(
+        "the JSON-lines file of the failed and not-run batches, once written", default=None
+    )
+
+
 class JobSpec(Record):
     """The spec's Job object as submitted (spec §4.1), plus our additive fields."""
 
@@ -79,6 +91,13 @@ class JobSpec(Record):
     sqs_dead_letter_queue: dict[str, Any] | None = _field("always null: see max_attempts")
     max_attempts: int = _field("tries per batch before it counts as failed")
     retry_of: str | None = _field("the job whose failed batches this job re-runs")
+    batch_timeout: int | None = _field(
+        "seconds one predict may run before its worker is replaced; null: no limit"
+    )
+    max_failed_batches: int | None = _field(
+        "the failure budget: more failed batches than this stop the job; null: none"
+    )
+    output: JobOutput | None = _field("where the job's results are written; null: nowhere")
     metadata: dict[str, str] = _field(
         "the submission's metadata: string keys and values; {} if none", default_factory=dict
     )
@@ -112,6 +131,9 @@ class BatchCounts(Record):
     leased: int = _field("being run by a worker", default=0)
     succeeded: int = _field("done", default=0)
     failed: int = _field("failed on every attempt", default=0)
+    not_run: int = _field(
+        "never run: the failure budget was spent first (present only then)", default=0
+    )
 
 
 class BatchMetrics(Record):
@@ -249,6 +271,7 @@ class FailedBatch(Record):
 
     batch_id: str = _field("the batch's id, as predict got it")
     index: int = _field("its place in the dataset, from 0")
+    state: str | None = _field("failed, or not_run (the failure budget was spent)", default=None)
     attempts: int = _field("how often it was tried")
     error_kind: str | None = _field("the kind of the last error")
     error: str | None = _field("the last error's message")

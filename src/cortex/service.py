@@ -13,6 +13,7 @@ from cortex.idempotency import IdempotentSubmits
 from cortex.launchers import Launcher
 from cortex.launching import Launching
 from cortex.lifecycle import Lifecycle
+from cortex.outputs import Outputs
 from cortex.settings import Settings
 from cortex.store import Store
 from cortex.store.logs import LogStore
@@ -39,7 +40,10 @@ class Service:
             settings, store, launcher, replica_id, self.lifecycle, self.launching
         )
         self.idempotent = IdempotentSubmits(store, self.submissions, self.lifecycle)
-        self.workers = WorkerApi(settings, store, self.lifecycle, self.launching.preparation)
+        self.outputs = Outputs(settings, store, self.lifecycle)
+        self.workers = WorkerApi(
+            settings, store, self.lifecycle, self.launching.preparation, self.outputs
+        )
 
     @property
     def reads_inline(self) -> bool:

@@ -324,6 +324,9 @@ class APISpec(_Strict):
     # The webhook of the API's jobs that do not name one (a submission's `webhook: null`
     # turns it off).
     webhook: hookspec.Webhook | None = None
+    # The default `batch_timeout` of this API's jobs, in seconds (a submission may set its
+    # own): a `predict` running longer is abandoned and its worker replaced.
+    batch_timeout: int | None = pydantic.Field(default=None, ge=1, le=MAX_INT32)
 
     @pydantic.field_validator("name")
     @classmethod
@@ -342,6 +345,8 @@ class APISpec(_Strict):
     def to_json(self) -> dict[str, Any]:
         # Keys left unset stay out: a python predictor's spec reads as it always did.
         data = self.model_dump(mode="json")
+        if data.get("batch_timeout") is None:
+            data.pop("batch_timeout", None)
         predictor = data["predictor"]
         for key in ("model_path", "models", "signature_key"):
             if predictor.get(key) is None:

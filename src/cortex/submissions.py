@@ -12,14 +12,14 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from cortex import datasets, enqueuer, errors, hookspec, jobspec, spec
+from cortex import datasets, enqueuer, errors, hookspec, jobspec, outputs, spec
 from cortex.jobs import JobStatus, new_job_id, new_worker_id
 from cortex.launchers import Launcher
 from cortex.launching import Launching
 from cortex.lifecycle import Lifecycle
 from cortex.settings import Settings
 from cortex.store import ApiRecord, Job, Store, engine
-from cortex.store.submissions import NO_EXTRAS, Extras
+from cortex.store.submissions import NO_EXTRAS, Extras, JobLimits
 
 log = logging.getLogger("cortex.server")
 
@@ -62,6 +62,8 @@ class Submissions:
         `extras` carries the submission's idempotency key (the rest is filled in here)."""
         submission = jobspec.parse_submission(data)
         self._check_workers(submission.workers)
+        if submission.output is not None:
+            outputs.check_allowed(submission.output.path, self.settings)
         job_id = new_job_id()
         # An unknown API is reported before the items are checked.
         api = self.lifecycle.get_api(api_name)
@@ -148,6 +150,7 @@ class Submissions:
             dataset=dataset,
             replica_id=self.replica_id,
             extras=extras,
+            limits=_limits(submission, self.lifecycle.get_api(api_name)),
         )
 
     def _write_items(self, job: Job, payloads: list[str], items: int, batch_size: int) -> Job:
@@ -377,6 +380,9 @@ class Submissions:
             retry_of=job_id,
             # A retry is found and followed as the job it retries was.
             extras=Extras(metadata=old.metadata, webhook=old.webhook),
+            # The retry keeps the limits; its results stay in the store (writing them to the
+            # old job's output would replace that job's files).
+            limits=JobLimits(old.batch_timeout_s, old.max_failed_batches),
         )
         self.lifecycle.job_event(
             job.job_id, f"retrying the {job.total_batch_count} failed batches of job {job_id}"
@@ -385,3 +391,13 @@ class Submissions:
             job, [new_worker_id(job.job_id, i) for i in range(job.workers)]
         )
         return job
+
+
+def _limits(submission: jobspec.Submission, api: ApiRecord) -> JobLimits:
+    """The job's limits: the submission's, else the API's `batch_timeout` from cortex.yaml."""
+    default_timeout = api.spec.get("batch_timeout")
+    return JobLimits(
+        batch_timeout_s=submission.batch_timeout or default_timeout,
+        max_failed_batches=submission.max_failed_batches,
+        output_path=None if submission.output is None else submission.output.path,
+    )

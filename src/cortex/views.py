@@ -17,7 +17,8 @@ def rfc3339(ts: float | None) -> str | None:
 
 
 def job_spec_json(job: Job, api_spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec's Job object, plus our additive fields (`timeout`, `max_attempts`)."""
+    """The spec's Job object, plus our additive fields (`timeout`, `max_attempts`,
+    `batch_timeout`, `max_failed_batches`, `output`)."""
     return {
         "job_id": job.job_id,
         "api_name": job.api_name,
@@ -33,6 +34,11 @@ def job_spec_json(job: Job, api_spec: dict[str, Any]) -> dict[str, Any]:
         "sqs_dead_letter_queue": None,
         "max_attempts": job.max_attempts,
         "retry_of": job.retry_of,
+        # Additive: seconds one predict may run (null: no limit), the failure budget (null:
+        # none), and where the results go: {"path"}, with "files" and "errors" once written.
+        "batch_timeout": job.batch_timeout_s,
+        "max_failed_batches": job.max_failed_batches,
+        "output": job.output,
         # Additive: the submission's metadata ({} if none); the predictor's job_spec has it.
         "metadata": job.metadata or {},
     }

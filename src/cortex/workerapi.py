@@ -9,6 +9,7 @@ from typing import Any
 from cortex import errors, launch, spec, views
 from cortex.jobs import JobStatus, WorkerState
 from cortex.lifecycle import Lifecycle
+from cortex.outputs import Outputs
 from cortex.settings import Settings
 from cortex.store import Job, LeaseResult, Store
 from cortex.store.records import BatchResult
@@ -21,7 +22,9 @@ class WorkerApi:
         store: Store,
         lifecycle: Lifecycle,
         preparation: launch.Preparation,
+        outputs: Outputs,
     ) -> None:
+        self.outputs = outputs
         self.settings = settings
         self.store = store
         self.lifecycle = lifecycle
@@ -85,12 +88,23 @@ class WorkerApi:
         results: list[BatchResult],
         max_batches: int,
         seq: int | None = None,
+        hold: bool = False,
+        leaving: bool = False,
     ) -> LeaseResult:
         # (No per-lease log line: at thousands of leases a second it would drown the log.)
         max_batches = max(0, min(max_batches, self.settings.max_lease_batches))
         result = self.store.lease(
-            job.job_id, worker_id, results, max_batches, self.settings.lease_s, seq
+            job.job_id,
+            worker_id,
+            results,
+            max_batches,
+            self.settings.lease_s,
+            seq,
+            hold=hold and not max_batches,
+            leaving=leaving,
         )
+        if result.write_output:
+            self.outputs.start(job.job_id)
         if result.final_status is not None:
             self.lifecycle.ended(job.job_id, result.final_status, None)
         elif result.done:
@@ -103,6 +117,19 @@ class WorkerApi:
         if stored is None:
             raise errors.NotFound(f"batch {batch_id} of job {job.job_id} has no stored payload")
         return stored
+
+    def summary(self, job: Job) -> dict[str, Any]:
+        """What `on_job_complete(job_summary)` is told: the counts (`succeeded`, `failed`,
+        `not_run`, `total`), `job_id`, `api_name`, `start_time` (RFC 3339), `output` (where
+        the results were written, or null), `any_failed`, and the `status` the job ends with
+        if the hook succeeds."""
+        summary = self.store.summary(job.job_id) or {"job_id": job.job_id}
+        summary["start_time"] = views.rfc3339(summary.get("start_time"))
+        failed = bool(summary.get("any_failed"))
+        summary["status"] = (
+            JobStatus.COMPLETED_WITH_FAILURES if failed else JobStatus.SUCCEEDED
+        ).value
+        return summary
 
     def heartbeat(self, job: Job, worker_id: str) -> bool:
         return self.store.heartbeat(job.job_id, worker_id, self.settings.lease_s)

@@ -28,6 +28,9 @@ def _job(store: Store, job_id: str, batches: int = 3) -> str:
         replica_id="r1",
     )
     LogStore(store).append(job_id, f"{job_id}-0", [[1.0, "stdout", None, None, "hello"]])
+    with store.engine.begin() as conn:  # what predict returned for the first batch
+        line = '{"batch_id":"b","index":0,"result":1}\n'
+        conn.execute(t.batch_results.insert().values(job_id=job_id, seq=0, lines=line, size=1))
     return job_id
 
 
@@ -36,6 +39,7 @@ def _rows(store: Store, job_id: str) -> dict[str, int]:
         t.jobs,
         t.batches,
         t.batch_payloads,
+        t.batch_results,
         t.workers,
         t.worker_replies,
         t.log_chunks,
@@ -78,6 +82,7 @@ def test_ended_jobs_past_retention_go_with_everything_they_hold(store: Store) ->
     for kept in (running, recent):
         rows = _rows(store, kept)
         assert rows["jobs"] == 1 and rows["batches"] == 3 and rows["log_chunks"] == 1
+        assert rows["batch_results"] == 1
     assert _specs(store) == {"v2"}  # nothing refers to v1 any more
     assert store.prune_jobs(ended_before_ts=cutoff) == []
 

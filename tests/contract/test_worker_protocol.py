@@ -10,6 +10,7 @@ exact counts, every batch predicted once (a failing one once per attempt) and th
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from cortex.worker import queue, runtime
 from faultproxy import Fault
 
 PREDICTOR = """
+import json
 import time
 from pathlib import Path
 
@@ -38,10 +40,12 @@ class PythonPredictor:
         time.sleep(0.02)  # long enough for heartbeats to be sent while the job runs
         if payload == ["fail"]:
             raise ValueError("this batch always fails")
+        return [item * 10 for item in payload]
 
-    def on_job_complete(self):
+    def on_job_complete(self, job_summary):
         with open(self.out / "hook.log", "a") as log:
             log.write("hook\\n")
+        (self.out / "summary.json").write_text(json.dumps(job_summary))
 """
 API_SPEC: dict[str, Any] = {
     "name": "api",
@@ -180,6 +184,12 @@ def test_a_lost_request_or_answer_changes_nothing(
     attempts = _lines(tmp_path / "out" / "attempts.log")
     assert len(attempts) == BATCHES + 1 and len(set(attempts)) == BATCHES
     assert _lines(tmp_path / "out" / "hook.log") == ["hook"]
+    # What predict returned is kept once per batch, written with the batch's success.
+    results = [json.loads(line) for page in store.result_pages(job_id) for line in page.split()]
+    assert [(r["index"], r["result"]) for r in results] == [(0, i * 10) for i in range(BATCHES - 1)]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["succeeded"], summary["failed"], summary["total"]) == (BATCHES - 1, 1, BATCHES)
+    assert summary["job_id"] == job_id and summary["any_failed"] is True
     # Each worker was told its work was over: an exit now is a clean one, whatever its code.
     workers = [f"{job_id}-{i}" for i in range(WORKERS)]
     assert all(store.worker_finished(worker) for worker in workers)

@@ -346,7 +346,7 @@ class TestSignatureChecks:
         )
         assert "'payload'" in message
 
-    def test_on_job_complete_takes_only_self(self, tmp_path: Path) -> None:
+    def test_on_job_complete_takes_only_self_and_job_summary(self, tmp_path: Path) -> None:
         message = refused(
             tmp_path,
             """
@@ -360,7 +360,29 @@ class TestSignatureChecks:
             """,
         )
         assert "PythonPredictor.on_job_complete" in message
-        assert "allowed: none" in message
+        assert "allowed: job_summary" in message
+
+    def test_on_job_complete_gets_the_summary_only_if_it_declares_it(self) -> None:
+        seen: list[Any] = []
+
+        class WithSummary:
+            def __init__(self, config: Any) -> None:
+                pass
+
+            def predict(self, payload: Any) -> None:
+                pass
+
+            def on_job_complete(self, job_summary: Any) -> None:
+                seen.append(job_summary)
+
+        class Without(WithSummary):
+            def on_job_complete(self) -> None:  # type: ignore[override]
+                seen.append("no summary")
+
+        summary = {"succeeded": 2, "failed": 1, "total": 3, "any_failed": True}
+        Predictor(WithSummary, {}, {}).on_job_complete(summary)
+        Predictor(Without, {}, {}).on_job_complete(summary)
+        assert seen == [summary, "no summary"]
 
     def test_signature_also_checked_when_building(self, tmp_path: Path) -> None:
         class PythonPredictor:

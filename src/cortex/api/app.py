@@ -19,7 +19,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketState
 
 from cortex import errors, launchers, replicas
-from cortex.api import logs, metrics, public, ui, worker
+from cortex.api import logs, metrics, public, results, ui, worker
 from cortex.api.auth import Gate
 from cortex.reconciler import Reconciler
 from cortex.service import Service
@@ -116,6 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(worker.router)
     app.include_router(logs.router)  # before public: /<api>/logs is not a job id
+    app.include_router(results.router)
     app.include_router(metrics.router)  # before public: `ui` and `metrics` are not APIs
     app.include_router(ui.router)
     app.include_router(public.router)

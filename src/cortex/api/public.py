@@ -11,13 +11,11 @@ from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Resp
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from cortex import errors, exactjson, globs, hookspec, memory, schemas, views
-from cortex.api import deps
+from cortex import errors, exactjson, hookspec, memory, schemas, views
+from cortex.api import deps, submitdoc
 from cortex.api.body import read_json
-from cortex.jobs import WEBHOOK_EVENTS
 from cortex.project import MAX_ARCHIVE_BYTES
 from cortex.service import Service
-from cortex.spec import DEFAULT_MAX_ATTEMPTS, MAX_BATCH_SIZE, MAX_INT32
 from cortex.store import Job
 from cortex.store.sql import JobProgress
 
@@ -148,162 +146,12 @@ def delete_api(api_name: str, service: ServiceDep) -> dict[str, str]:
     return {"message": f"deleting {api_name}"}
 
 
-_POSITIVE_INT = {"type": "integer", "minimum": 1}
-_BATCH_SIZE = {**_POSITIVE_INT, "maximum": MAX_BATCH_SIZE}
-_ITEM_LIST_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["items", "batch_size"],
-    "properties": {
-        "items": {"type": "array", "minItems": 1, "items": {}},
-        "batch_size": _BATCH_SIZE,
-    },
-}
-_GLOBS: dict[str, Any] = {
-    "type": "array",
-    "maxItems": globs.MAX_GLOBS,
-    "items": {"type": "string", "maxLength": globs.MAX_GLOB_CHARS},
-    "description": "globs matched against each file's full URL: * stops at /, ** crosses it",
-}
-_S3_DATASET_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": (
-        "Files under the prefixes in `s3_paths` (or `paths`): s3://, gs://, http(s):// or local "
-        "paths under the server's data roots. file_path_lister: each file's URL is an item; "
-        "delimited_files: each JSON value of the JSON-lines files is."
-    ),
-    "required": ["s3_paths", "batch_size"],
-    "properties": {
-        "s3_paths": {"type": "array", "minItems": 1, "items": {"type": "string"}},
-        "includes": _GLOBS,
-        "excludes": _GLOBS,
-        "batch_size": _BATCH_SIZE,
-    },
-}
-_SUBMISSION_FIELDS: dict[str, Any] = {
-    "workers": {**_POSITIVE_INT, "description": "worker processes to start"},
-    "config": {
-        "type": ["object", "null"],
-        "description": "merged over the API's predictor.config for this job",
-    },
-    "timeout": {
-        "type": ["integer", "null"],
-        "minimum": 1,
-        "maximum": MAX_INT32,
-        "description": "seconds from submission before the job is timed out",
-    },
-    "max_attempts": {
-        **_POSITIVE_INT,
-        "maximum": MAX_INT32,
-        "default": DEFAULT_MAX_ATTEMPTS,
-        "description": "tries per batch before it counts as failed",
-    },
-    "metadata": {
-        "type": ["object", "null"],
-        "maxProperties": hookspec.MAX_METADATA_KEYS,
-        "propertyNames": {"minLength": 1, "maxLength": hookspec.MAX_METADATA_KEY_CHARS},
-        "additionalProperties": {"type": "string", "maxLength": hookspec.MAX_METADATA_VALUE_CHARS},
-        "description": (
-            "labels of the job, returned in its status and the listing; "
-            "`GET /<api>?metadata.KEY=VALUE` lists the jobs that have them"
-        ),
-    },
-    "webhook": {
-        "type": ["object", "null"],
-        "required": ["url"],
-        "additionalProperties": False,
-        "properties": {
-            "url": {
-                "type": "string",
-                "maxLength": hookspec.MAX_WEBHOOK_URL_CHARS,
-                "description": "http(s) URL, under CORTEX_WEBHOOK_URLS when that is set",
-            },
-            "events": {
-                "type": "array",
-                "minItems": 1,
-                "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
-                "default": ["job.ended"],
-            },
-        },
-        "description": (
-            "where the job's status JSON is POSTed (signed, retried) when it reaches the events "
-            "named; overrides the API's `webhook` in cortex.yaml, which null turns off"
-        ),
-    },
-}
-
-
-def _submission_with(dataset: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "title": f"Submission with {dataset}",
-        "required": ["workers", dataset],
-        "properties": {**_SUBMISSION_FIELDS, dataset: schema},
-    }
-
-
-# The submit route reads its body itself (`read_json`): that keeps the spec's validation order
-# and error kinds, and enforces the size limit while streaming. FastAPI therefore cannot see the
-# body, so it is described here for the OpenAPI document; validation stays in `spec`.
-_SUBMISSION_BODY: dict[str, Any] = {
-    "required": True,
-    "description": (
-        "A job submission (spec §4.1) with exactly one dataset: `item_list`, `file_path_lister` "
-        "or `delimited_files`. Unknown keys are ignored."
-    ),
-    "content": {
-        "application/json": {
-            "schema": {
-                "title": "Submission",
-                "oneOf": [
-                    _submission_with("item_list", _ITEM_LIST_SCHEMA),
-                    _submission_with("file_path_lister", _S3_DATASET_SCHEMA),
-                    _submission_with("delimited_files", _S3_DATASET_SCHEMA),
-                ],
-            },
-            "example": {
-                "workers": 1,
-                "item_list": {"items": ["a", "b", "c"], "batch_size": 2},
-                "config": {"threshold": 0.5},
-                "timeout": 600,
-                "max_attempts": DEFAULT_MAX_ATTEMPTS,
-            },
-        }
-    },
-}
-_SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": (
-            "The job (with its `metadata`), or with `dryRun=true` the matched "
-            "files, one per line, then the text `validations passed`"
-        ),
-        "model": schemas.JobSpec,
-        "content": {"text/plain": {"schema": {"type": "string"}}},
-        "headers": {
-            "Idempotent-Replayed": {
-                "description": (
-                    "`true` when an `Idempotency-Key` seen before answered the job it created "
-                    "(nothing new was created)"
-                ),
-                "schema": {"type": "string", "enum": ["true"]},
-            }
-        },
-    },
-    409: {
-        "model": ErrorBody,
-        "description": (
-            "`batchapi.idempotency_conflict`: the Idempotency-Key was used in the last 24 "
-            "hours with another body"
-        ),
-    },
-}
-
-
 @router.post(
     "/{api_name}",
     response_model=schemas.JobSpec,
     response_model_exclude_unset=True,
-    responses=_SUBMIT_RESPONSES,
-    openapi_extra={"requestBody": _SUBMISSION_BODY},
+    responses=submitdoc.SUBMIT_RESPONSES,
+    openapi_extra={"requestBody": submitdoc.SUBMISSION_BODY},
 )
 async def submit(
     api_name: str,

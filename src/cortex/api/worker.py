@@ -16,7 +16,7 @@ import pydantic
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from cortex import errors
+from cortex import errors, exactjson
 from cortex.api import auth, deps
 from cortex.api.body import read_body
 from cortex.api.metrics import MetricsDep
@@ -25,6 +25,7 @@ from cortex.service import Service
 from cortex.store import Job
 from cortex.store.records import BatchResult
 from cortex.worker import ranges
+from cortex.worker import results as worker_results
 
 router = APIRouter(prefix="/worker/v1/jobs/{job_id}", include_in_schema=False)
 ServiceDep = Annotated[Service, Depends(deps.service)]
@@ -62,6 +63,27 @@ class ResultBody(pydantic.BaseModel):
     duration_s: float = 0.0
     error: str | None = None
     traceback: str | None = None
+    # Why the attempt failed (`cortex.worker.results.KINDS`); anything else is predict_error.
+    error_kind: str | None = None
+    # What predict returned, as the batch's JSON lines (`cortex.worker.results.lines`).
+    lines: str | None = None
+
+    def record(self) -> BatchResult:
+        """The result as the store applies it; results over the limit fail the batch here
+        too (the worker checks first)."""
+        kind = self.error_kind if self.error_kind in worker_results.KINDS else "predict_error"
+        if self.ok and self.lines is not None and len(self.lines) > worker_results.MAX_RESULT_BYTES:
+            message = (
+                f"the batch's results are {len(self.lines)} characters, more than the limit of "
+                f"{worker_results.MAX_RESULT_BYTES} bytes per batch"
+            )
+            return BatchResult(
+                self.batch_id, False, self.duration_s, message, None, "result_too_large"
+            )
+        lines = self.lines if self.ok else None
+        return BatchResult(
+            self.batch_id, self.ok, self.duration_s, self.error, self.traceback, kind, lines
+        )
 
 
 class LeaseBody(pydantic.BaseModel):
@@ -69,6 +91,10 @@ class LeaseBody(pydantic.BaseModel):
     seq: Seq = None
     results: list[ResultBody] = []
     max_batches: int = 1
+    # Only report: keep holding the other leased batches (see `QueueStore.lease`).
+    hold: bool = False
+    # The worker's last report before it exits: give back what it did not start.
+    leaving: bool = False
 
 
 class WorkerBody(pydantic.BaseModel):
@@ -111,10 +137,10 @@ def state(body: StateBody, job: JobDep, service: ServiceDep) -> dict[str, bool]:
 @router.post("/lease")
 def lease(body: LeaseBody, job: JobDep, service: ServiceDep, metrics: MetricsDep) -> Response:
     _own_worker(job, body.worker_id)
-    results = [
-        BatchResult(r.batch_id, r.ok, r.duration_s, r.error, r.traceback) for r in body.results
-    ]
-    leased = service.workers.lease(job, body.worker_id, results, body.max_batches, body.seq)
+    results = [r.record() for r in body.results]
+    leased = service.workers.lease(
+        job, body.worker_id, results, body.max_batches, body.seq, body.hold, body.leaving
+    )
     metrics.observe_results(job.api_name, results)
     # Payloads are stored as JSON text: splice their bytes in rather than parse and re-encode.
     # A batch stored by reference goes as `payload_ref`: the worker reads its lines itself.
@@ -123,7 +149,10 @@ def lease(body: LeaseBody, job: JobDep, service: ServiceDep, metrics: MetricsDep
         head = orjson.dumps({"batch_id": b.batch_id, "attempt": b.attempt})
         key = b',"payload_ref":' if ranges.is_ref(b.payload) else b',"payload":'
         parts += [b"," if i else b"", head[:-1], key, b.payload, b"}"]
-    parts.append(b'],"run_hook":%s,"done":%s}' % (_BOOL[leased.run_hook], _BOOL[leased.done]))
+    parts.append(b'],"run_hook":%s,"done":%s' % (_BOOL[leased.run_hook], _BOOL[leased.done]))
+    if leased.run_hook:  # what on_job_complete(job_summary) is told
+        parts.append(b',"job_summary":' + exactjson.dumps(service.workers.summary(job)))
+    parts.append(b"}")
     return Response(b"".join(parts), media_type="application/json")
 
 

@@ -1,5 +1,5 @@
-"""`cortex submit`, `cortex failed`, `cortex retry` and `cortex logs`, and following a job's
-progress."""
+"""`cortex submit`, `cortex failed`, `cortex retry`, `cortex results` and `cortex logs`, and
+following a job's progress."""
 
 from __future__ import annotations
 
@@ -236,6 +236,26 @@ def failed(api: str, job_id: str, url: str, output: str, limit: int) -> None:
             click.echo(f"batch {batch.batch_id} (attempts {batch.attempts}): {batch.error}")
             for line in (batch.traceback or "").rstrip().splitlines()[-3:]:
                 click.echo(f"  {line}")
+
+
+@cli.command()
+@click.argument("api")
+@click.argument("job_id")
+@url_option
+@click.option(
+    "-o",
+    "--output",
+    "out_file",
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+    default="-",
+    help="Save the results to this file (default: print them).",
+)
+def results(api: str, job_id: str, url: str, out_file: str) -> None:
+    """The results job JOB_ID's predict returned, as JSON lines: {"batch_id", "index",
+    "result"}, batch by batch in the job's order."""
+    with _client(url) as client, click.open_file(out_file, "wb", atomic=out_file != "-") as out:
+        for chunk in client.results(api, job_id):
+            out.write(chunk)
 
 
 @cli.command()

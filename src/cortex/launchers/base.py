@@ -87,5 +87,8 @@ class Launcher(Protocol):
     def stop_job(self, job_id: str, grace_s: float) -> None:
         """Stop every worker of the job: ask, wait up to `grace_s`, then kill. Blocks."""
 
+    def stop_worker(self, worker_id: str, grace_s: float) -> bool:
+        """Stop one worker as `stop_job` does; False if this launcher does not run it."""
+
     def close(self, grace_s: float) -> None:
         """Stop everything (server shutdown)."""

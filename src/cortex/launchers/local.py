@@ -155,6 +155,14 @@ class LocalLauncher:
             procs = [p for p in self._procs.values() if p.job_id == job_id and p.exit is None]
         _stop(procs, grace_s)
 
+    def stop_worker(self, worker_id: str, grace_s: float) -> bool:
+        with self._lock:
+            proc = self._procs.get(worker_id)
+        if proc is None or proc.exit is not None:
+            return False
+        _stop([proc], grace_s)
+        return True
+
     def close(self, grace_s: float) -> None:
         with self._lock:
             procs = [p for p in self._procs.values() if p.exit is None]

@@ -245,6 +245,14 @@ class RayLauncher:
             workers = [w for w in self._workers.values() if w.job_id == job_id]
         self._stop(workers, grace_s)
 
+    def stop_worker(self, worker_id: str, grace_s: float) -> bool:
+        with self._lock:
+            worker = self._workers.get(worker_id)
+        if worker is None:
+            return False
+        self._stop([worker], grace_s)
+        return True
+
     def close(self, grace_s: float) -> None:
         with self._lock:
             workers = list(self._workers.values())

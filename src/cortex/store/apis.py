@@ -156,6 +156,7 @@ class ApiStore(engine.BaseStore):
             job_ids = sa.select(t.jobs.c.job_id).where(t.jobs.c.api_name == name)
             conn.execute(t.batches.delete().where(t.batches.c.job_id.in_(job_ids)))
             conn.execute(t.batch_payloads.delete().where(t.batch_payloads.c.job_id.in_(job_ids)))
+            conn.execute(t.batch_results.delete().where(t.batch_results.c.job_id.in_(job_ids)))
             conn.execute(t.workers.delete().where(t.workers.c.job_id.in_(job_ids)))
             conn.execute(t.worker_replies.delete().where(t.worker_replies.c.job_id.in_(job_ids)))
             conn.execute(t.log_chunks.delete().where(t.log_chunks.c.job_id.in_(job_ids)))

@@ -30,7 +30,7 @@ class BatchStore(engine.BaseStore):
         for _ in range(max_chunks):
             done = (
                 sa.select(t.batch_payloads.c.job_id, t.batch_payloads.c.seq)
-                .join(t.batches, _payload_of_batch)
+                .join(t.batches, payload_of_batch)
                 .join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
                 .where(
                     t.jobs.c.status.in_(terminal),
@@ -55,7 +55,7 @@ class BatchStore(engine.BaseStore):
             row = conn.execute(
                 sa.select(payload_bytes(conn))
                 .select_from(t.batches)
-                .join(t.batch_payloads, _payload_of_batch)
+                .join(t.batch_payloads, payload_of_batch)
                 .where(t.batches.c.job_id == job_id, t.batches.c.batch_id == batch_id)
             ).first()
         return None if row is None else bytes(row.payload)
@@ -67,10 +67,11 @@ class BatchStore(engine.BaseStore):
             with self.read() as conn:
                 rows = conn.execute(
                     sa.select(t.batches.c.seq, t.batch_payloads.c.payload)
-                    .join(t.batch_payloads, _payload_of_batch)
+                    .join(t.batch_payloads, payload_of_batch)
                     .where(
                         t.batches.c.job_id == job_id,
-                        t.batches.c.state == BatchState.FAILED.value,
+                        # Batches a spent failure budget left unrun are re-run too.
+                        t.batches.c.state.in_([BatchState.FAILED.value, BatchState.NOT_RUN.value]),
                         t.batches.c.seq > last,
                     )
                     .order_by(t.batches.c.seq)
@@ -84,33 +85,7 @@ class BatchStore(engine.BaseStore):
 
     def failed_batches(self, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
         with self.read() as conn:
-            rows = conn.execute(
-                sa.select(
-                    t.batches.c.batch_id,
-                    t.batches.c.seq,
-                    t.batches.c.attempts,
-                    t.batches.c.error_kind,
-                    t.batches.c.error_message,
-                    t.batches.c.error_traceback,
-                    t.batch_payloads.c.payload,
-                )
-                .join(t.batch_payloads, _payload_of_batch)
-                .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.FAILED.value)
-                .order_by(t.batches.c.seq)
-                .limit(limit)
-            ).all()
-        return [
-            {
-                "batch_id": row.batch_id,
-                "index": row.seq,
-                "attempts": row.attempts,
-                "error_kind": row.error_kind,
-                "error": row.error_message,
-                "traceback": row.error_traceback,
-                "payload": json.loads(row.payload),
-            }
-            for row in rows
-        ]
+            return failed_records(conn, job_id, [BatchState.FAILED], limit)
 
 
 # -- helpers that run inside a caller's transaction ---------------------------------------------
@@ -158,6 +133,46 @@ def payload_bytes(conn: Connection) -> sa.ColumnElement[bytes]:
     )
 
 
-_payload_of_batch = sa.and_(
+payload_of_batch = sa.and_(
     t.batch_payloads.c.job_id == t.batches.c.job_id, t.batch_payloads.c.seq == t.batches.c.seq
 )
+
+
+def failed_records(
+    conn: Connection, job_id: str, states: list[BatchState], limit: int, after_seq: int = -1
+) -> list[dict[str, Any]]:
+    """A page of a job's batches in `states` (failed; not run), in the job's order after
+    `after_seq`: id, place, state, attempts, error kind, message, traceback and payload."""
+    rows = conn.execute(
+        sa.select(
+            t.batches.c.batch_id,
+            t.batches.c.seq,
+            t.batches.c.state,
+            t.batches.c.attempts,
+            t.batches.c.error_kind,
+            t.batches.c.error_message,
+            t.batches.c.error_traceback,
+            t.batch_payloads.c.payload,
+        )
+        .join(t.batch_payloads, payload_of_batch)
+        .where(
+            t.batches.c.job_id == job_id,
+            t.batches.c.state.in_([state.value for state in states]),
+            t.batches.c.seq > after_seq,
+        )
+        .order_by(t.batches.c.seq)
+        .limit(limit)
+    ).all()
+    return [
+        {
+            "batch_id": row.batch_id,
+            "index": row.seq,
+            "state": row.state,
+            "attempts": row.attempts,
+            "error_kind": row.error_kind,
+            "error": row.error_message,
+            "traceback": row.error_traceback,
+            "payload": json.loads(row.payload),
+        }
+        for row in rows
+    ]

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 
 from cortex import errors
 from cortex.jobs import BatchState, JobStatus, WorkerState, can_transition
-from cortex.store import engine, outbox
+from cortex.store import budget, engine, outbox
 from cortex.store import tables as t
 from cortex.store.records import Job
 
@@ -77,7 +77,8 @@ class JobStore(engine.BaseStore):
         return self._state_counts(t.workers, [s.value for s in WorkerState], job_id)
 
     def batch_counts(self, job_id: str) -> dict[str, int]:
-        return self._state_counts(t.batches, [s.value for s in BatchState], job_id)
+        with self.read() as conn:
+            return batch_state_counts(conn, job_id)
 
     def _state_counts(self, table: sa.Table, states: list[str], job_id: str) -> dict[str, int]:
         with self.read() as conn:
@@ -203,7 +204,10 @@ def finalize(conn: Connection, job: Job) -> JobStatus:
 def batch_counts(conn: Connection, job: Job) -> dict[str, int]:
     """A job's batches by state, from its counters (kept in the same transactions as the
     batch rows) and a count of its leased batches alone (at most its workers' prefetch, on the
-    (job_id, state, seq) index): a status request does not walk a million-batch job's rows."""
+    (job_id, state, seq) index): a status request does not walk a million-batch job's rows.
+    A job whose failure budget was spent is counted row by row, with its `not_run` batches."""
+    if budget.spent(job):
+        return batch_state_counts(conn, job.job_id)
     leased = conn.execute(
         sa.select(sa.func.count())
         .select_from(t.batches)
@@ -215,6 +219,15 @@ def batch_counts(conn: Connection, job: Job) -> dict[str, int]:
         BatchState.SUCCEEDED.value: job.succeeded,
         BatchState.FAILED.value: job.failed,
     }
+
+
+def batch_state_counts(conn: Connection, job_id: str) -> dict[str, int]:
+    """A job's batches by state: queued, leased, succeeded, failed, and `not_run` only for a
+    job whose failure budget left some unrun."""
+    counts = state_counts(conn, t.batches, [s.value for s in BatchState], job_id)
+    if not counts[BatchState.NOT_RUN.value]:
+        del counts[BatchState.NOT_RUN.value]
+    return counts
 
 
 def state_counts(

@@ -9,12 +9,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cortex.jobs import BatchState, JobStatus, WorkerState
-from cortex.store import batchrows, engine, jobrows, protocol
+from cortex.store import batchrows, budget, engine, jobrows, protocol
 from cortex.store import results as outcomes
 from cortex.store import tables as t
 from cortex.store.records import BatchResult, HookResult, Job, LeasedBatch, LeaseResult
 
 _MAX_LEASE_BYTES = 4 << 20
+# With a batch_timeout, how long past it the server waits for the worker's own report before
+# it takes the worker for wedged (see `_take_batches`).
+DEADLINE_GRACE_S = 5.0
 
 
 class QueueStore(engine.BaseStore):
@@ -28,6 +31,8 @@ class QueueStore(engine.BaseStore):
         max_batches: int,
         lease_s: float,
         seq: int | None = None,
+        hold: bool = False,
+        leaving: bool = False,
     ) -> LeaseResult:
         """Record a worker's results and lease it up to `max_batches` more, in one transaction.
 
@@ -39,6 +44,12 @@ class QueueStore(engine.BaseStore):
         same transaction, and the same request sent again gets it back: its results are not
         counted again, the batches it leased come back to it (those it still holds), and a
         hook claim is told again rather than lost.
+
+        With `hold` (and `max_batches` 0), the request only reports: the worker still runs the
+        other batches it holds, so they are not given back (a worker sends its results early
+        when they are big, rather than one huge report). With `leaving`, the worker reports
+        before it exits (a batch ran past its batch_timeout): the batches it did not start go
+        back, and it is given nothing, not even the hook's claim.
         """
         now = time.time()
         with self.write() as conn:
@@ -53,18 +64,23 @@ class QueueStore(engine.BaseStore):
                 return _answer(conn, worker_id, seq, LeaseResult(batches=[], done=True))
             if results:
                 outcomes.record_results(conn, job, worker_id, results)
-            _release_lost(conn, job_id, worker_id)
+            if not hold:
+                _release_lost(conn, job_id, worker_id)
             # Workers lease while a file dataset is still being enqueued: they start on the
             # first durable batches. Completion waits for `enqueue_done` (outcomes.maybe_complete).
-            if max_batches > 0 and job.status.in_progress:
+            if max_batches > 0 and not leaving and job.status.in_progress and not budget.spent(job):
                 left = job.total_batch_count - job.succeeded - job.failed - len(results)
                 if left < max_batches * job.workers:
                     # Near the end, a fair share of what is left: one worker's prefetch must
                     # not hold the last batches while the others stand idle.
                     max_batches = min(max_batches, -(-left // _leasing_workers(conn, job_id)))
-                leased = _take_batches(conn, job_id, worker_id, max(1, max_batches), now + lease_s)
+                leased = _take_batches(
+                    conn, job, worker_id, max(1, max_batches), now, now + lease_s
+                )
                 if leased:
                     return _answer(conn, worker_id, seq, LeaseResult(batches=leased))
+            if hold or leaving:
+                return _answer(conn, worker_id, seq, LeaseResult(batches=[]))
             if results:
                 return _answer(
                     conn, worker_id, seq, outcomes.maybe_complete(conn, job_id, worker_id)
@@ -96,6 +112,8 @@ class QueueStore(engine.BaseStore):
                 .where(t.workers.c.worker_id == worker_id, t.workers.c.job_id == job_id)
                 .values(seen_at=now)
             )
+            # A lease with a deadline (a batch_timeout) is never renewed past it.
+            deadline = t.batches.c.deadline_at
             conn.execute(
                 t.batches.update()
                 .where(
@@ -103,7 +121,12 @@ class QueueStore(engine.BaseStore):
                     t.batches.c.state == BatchState.LEASED.value,
                     t.batches.c.lease_owner == worker_id,
                 )
-                .values(lease_expires_at=now + lease_s)
+                .values(
+                    lease_expires_at=sa.case(
+                        (deadline.is_not(None) & (deadline < now + lease_s), deadline),
+                        else_=now + lease_s,
+                    )
+                )
             )
             return True
 
@@ -283,14 +306,19 @@ def _leasing_workers(conn: Connection, job_id: str) -> int:
 
 
 def _take_batches(
-    conn: Connection, job_id: str, worker_id: str, max_batches: int, expires_at: float
+    conn: Connection, job: Job, worker_id: str, max_batches: int, now: float, expires_at: float
 ) -> list[LeasedBatch]:
     """Lease up to `max_batches` queued batches, oldest first.
 
     SKIP LOCKED passes over rows another lease is taking right now, and PostgreSQL re-checks
     `state = queued` on a row that changed since the statement began, so two leases never
     take the same batch and neither waits for the other.
+
+    With a `batch_timeout`, each batch gets a deadline: the worker runs them one after the
+    other, each for at most the timeout, so the i-th (from 0) ends by (i + 1) timeouts from
+    now, plus a grace for the worker's own report.
     """
+    job_id = job.job_id
     candidates = conn.execute(
         sa.select(
             t.batches.c.seq, t.batches.c.batch_id, t.batches.c.attempts, t.batches.c.payload_size
@@ -312,20 +340,31 @@ def _take_batches(
             break
     candidates = candidates[:kept]
     seqs = [c.seq for c in candidates]
-    conn.execute(
-        t.batches.update()
-        .where(
-            t.batches.c.job_id == job_id,
-            t.batches.c.seq.in_(seqs),
-            t.batches.c.state == BatchState.QUEUED.value,
-        )
-        .values(
-            state=BatchState.LEASED.value,
-            lease_owner=worker_id,
-            lease_expires_at=expires_at,
-            attempts=t.batches.c.attempts + 1,
-        )
+    values = {
+        "state": BatchState.LEASED.value,
+        "lease_owner": worker_id,
+        "lease_expires_at": expires_at,
+        "attempts": t.batches.c.attempts + 1,
+    }
+    taken = t.batches.update().where(
+        t.batches.c.job_id == job_id,
+        t.batches.c.state == BatchState.QUEUED.value,
     )
+    if job.batch_timeout_s is None:
+        conn.execute(taken.where(t.batches.c.seq.in_(seqs)).values(**values))
+    else:
+        conn.execute(
+            taken.where(t.batches.c.seq == sa.bindparam("s")).values(
+                **values, deadline_at=sa.bindparam("deadline")
+            ),
+            [
+                {
+                    "s": seq,
+                    "deadline": now + (i + 1) * job.batch_timeout_s + DEADLINE_GRACE_S,
+                }
+                for i, seq in enumerate(seqs)
+            ],
+        )
     payloads = _payloads(conn, job_id, seqs)
     return [LeasedBatch(c.batch_id, payloads[c.seq], c.attempts + 1, c.seq) for c in candidates]
 

@@ -58,6 +58,10 @@ class Job:
     metadata: dict[str, str] | None = None
     # {"url": ..., "events": [...]}: where the job's status changes are sent.
     webhook: dict[str, Any] | None = None
+    batch_timeout_s: int | None = None
+    max_failed_batches: int | None = None
+    # {"path"} as submitted, with "files" and "errors" once the results are written there.
+    output: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -92,6 +96,9 @@ class Job:
             enqueue_owner=m["enqueue_owner"],
             metadata=_json_or_none(m["metadata_json"]),
             webhook=_json_or_none(m["webhook_json"]),
+            batch_timeout_s=m["batch_timeout_s"],
+            max_failed_batches=m["max_failed_batches"],
+            output=None if m["output_json"] is None else json.loads(m["output_json"]),
         )
 
 
@@ -130,6 +137,11 @@ class BatchResult:
     duration_s: float
     error: str | None = None
     traceback: str | None = None
+    # Why the attempt failed: predict_error, batch_timeout, result_too_large,
+    # result_not_serialisable.
+    error_kind: str = "predict_error"
+    # What `predict` returned, as the batch's JSON lines (`cortex.results`); None: nothing.
+    lines: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +153,9 @@ class LeaseResult:
     done: bool = False
     # Set when this very request ended the job (no hook to run): its final status.
     final_status: JobStatus | None = None
+    # This request ended the job's last batch and its results must be written to its output
+    # location before it completes (`cortex.outputs`).
+    write_output: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

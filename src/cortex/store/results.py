@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cortex.jobs import BatchState
-from cortex.store import jobrows
+from cortex.store import budget, jobrows
 from cortex.store import tables as t
 from cortex.store.records import BatchResult, Job, LeaseResult
 
@@ -43,6 +43,13 @@ def record_results(conn: Connection, job: Job, worker_id: str, results: list[Bat
         )
     }
     succeeded = [(r, held[r.batch_id]) for r in latest.values() if r.ok and r.batch_id in held]
+    kept = [
+        {"job_id": job.job_id, "seq": row.seq, "lines": r.lines, "size": len(r.lines)}
+        for r, row in succeeded
+        if r.lines
+    ]
+    if kept:  # with the success itself: a report applied once writes its results once
+        conn.execute(t.batch_results.insert(), kept)
     if succeeded:
         conn.execute(
             _SUCCEED,
@@ -62,7 +69,7 @@ def record_results(conn: Connection, job: Job, worker_id: str, results: list[Bat
             end_attempt(
                 conn,
                 held[result.batch_id],
-                "predict_error",
+                result.error_kind,
                 result.error,
                 result.traceback,
                 result.duration_s,
@@ -89,7 +96,11 @@ _SUCCEED = (
 def leased_rows() -> sa.Select[Any]:
     """Batch rows with what `end_attempt` needs to know."""
     return sa.select(
-        t.batches.c.job_id, t.batches.c.seq, t.batches.c.attempts, t.jobs.c.max_attempts
+        t.batches.c.job_id,
+        t.batches.c.seq,
+        t.batches.c.attempts,
+        t.jobs.c.max_attempts,
+        t.jobs.c.max_failed_batches,
     ).join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
 
 
@@ -129,16 +140,27 @@ def end_attempt(
         conn.execute(
             t.jobs.update().where(t.jobs.c.job_id == row.job_id).values(failed=t.jobs.c.failed + 1)
         )
+        if row.max_failed_batches is not None:
+            budget.check(conn, row.job_id, row.max_failed_batches)
     return int(updated.rowcount)
 
 
 def maybe_complete(conn: Connection, job_id: str, worker_id: str) -> LeaseResult:
-    """Nothing to lease: decide whether the job is complete, and who runs the hook."""
+    """Nothing to lease: decide whether the job is complete, and who runs the hook.
+
+    A job that is complete goes on in steps, each a compare-and-set on `completion_state`:
+    with an output location, "writing" (the server writes the results there, then
+    `finish_output` moves on to "written"); then the hook's claim ("claimed", one worker runs
+    `on_job_complete`) or, without a hook, the final status ("done"). A job whose failure
+    budget is spent runs no hook."""
     job = jobrows.get(conn, job_id)
     if job.status.terminal:
         return LeaseResult(batches=[], done=True)
     if not job.enqueue_done:
         return LeaseResult(batches=[])
+    spent = budget.spent(job)
+    if spent:
+        budget.mark_not_run(conn, job_id)  # batches enqueued after the budget was spent
     active = conn.execute(
         sa.select(t.batches.c.seq)
         .where(t.batches.c.job_id == job_id, t.batches.c.state.in_(ACTIVE))
@@ -147,23 +169,33 @@ def maybe_complete(conn: Connection, job_id: str, worker_id: str) -> LeaseResult
     if active is not None:
         # Other workers still hold batches; one may fail and come back, so stay.
         return LeaseResult(batches=[])
-    if job.completion_state is not None:
+    state = job.completion_state
+    if state == "writing":
+        return LeaseResult(batches=[])  # the server is writing the results out
+    if state in ("claimed", "done"):
         return LeaseResult(batches=[], done=job.completion_worker != worker_id)
-    if job.has_hook is None:
-        return LeaseResult(batches=[])  # no worker has loaded the predictor yet
-    if job.has_hook:
-        # The compare-and-set on completion_state makes this worker the only one to run it.
-        claimed = conn.execute(
+    if job.output is not None and state is None:
+        began = conn.execute(
             t.jobs.update()
             .where(t.jobs.c.job_id == job_id, t.jobs.c.completion_state.is_(None))
-            .values(completion_state="claimed", completion_worker=worker_id)
+            .values(completion_state="writing")
         )
-        if claimed.rowcount == 1:
-            return LeaseResult(batches=[], run_hook=True)
-        return LeaseResult(batches=[], done=True)
-    conn.execute(
+        return LeaseResult(batches=[], write_output=began.rowcount == 1)
+    if spent or job.has_hook is False:
+        conn.execute(
+            t.jobs.update()
+            .where(t.jobs.c.job_id == job_id)
+            .values(completion_state="done", completion_worker=worker_id)
+        )
+        return LeaseResult(batches=[], done=True, final_status=jobrows.finalize(conn, job))
+    if job.has_hook is None:
+        return LeaseResult(batches=[])  # no worker has loaded the predictor yet
+    # The compare-and-set on completion_state makes this worker the only one to run it.
+    claimed = conn.execute(
         t.jobs.update()
-        .where(t.jobs.c.job_id == job_id)
-        .values(completion_state="done", completion_worker=worker_id)
+        .where(t.jobs.c.job_id == job_id, t.jobs.c.completion_state == state)
+        .values(completion_state="claimed", completion_worker=worker_id)
     )
-    return LeaseResult(batches=[], done=True, final_status=jobrows.finalize(conn, job))
+    if claimed.rowcount == 1:
+        return LeaseResult(batches=[], run_hook=True)
+    return LeaseResult(batches=[], done=True)

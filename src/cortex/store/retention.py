@@ -16,6 +16,7 @@ from cortex.store import tables as t
 _CHUNK_ROWS: tuple[tuple[sa.Table, tuple[str, ...], int], ...] = (
     (t.log_chunks, ("id",), 64),
     (t.batch_payloads, ("job_id", "seq"), 256),
+    (t.batch_results, ("job_id", "seq"), 256),
     (t.batches, ("job_id", "seq"), 5000),
     (t.workers, ("worker_id",), 5000),
     (t.worker_replies, ("worker_id", "channel"), 5000),

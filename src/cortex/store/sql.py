@@ -4,9 +4,10 @@
 helpers that run inside its transactions: `engine` (the engine, its transactions, SQLite's
 settings), `apis` (deploys), `submissions` (creating jobs, enqueuing their batches), `jobrows`
 (reading, locking and listing jobs, their status transitions), `workerrows`, `queue` (leases,
-results, expiry, completion), `protocol` (the worker requests' numbers and kept answers, state
-reports, log shipments), `batchrows` (payloads, failed batches, pruning) and `retention`
-(deleting ended jobs).
+results, expiry, completion), `deadlines` (batch_timeout's backstop), `budget` (failure
+budgets), `protocol` (the worker requests' numbers and kept answers, state reports, log
+shipments), `batchrows` (payloads, failed batches, pruning), `resultrows` (collected results,
+the output step of completion) and `retention` (deleting ended jobs).
 
 State transitions are written once; the dialects differ only where they must. On SQLite
 every write transaction runs under one process-wide lock, because SQLite has one writer anyway
@@ -32,10 +33,12 @@ from __future__ import annotations
 from cortex.store import (
     apis,
     batchrows,
+    deadlines,
     jobrows,
     outbox,
     protocol,
     queue,
+    resultrows,
     retention,
     submissions,
     workerrows,
@@ -62,8 +65,10 @@ class Store(
     outbox.OutboxStore,
     workerrows.WorkerStore,
     queue.QueueStore,
+    deadlines.DeadlineStore,
     protocol.ProtocolStore,
     batchrows.BatchStore,
+    resultrows.ResultStore,
     retention.RetentionStore,
 ):
     """Every piece of state: APIs, jobs, the batch queue and workers."""

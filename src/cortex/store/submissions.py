@@ -36,6 +36,27 @@ class Extras:
 NO_EXTRAS = Extras()
 
 
+@dataclasses.dataclass(frozen=True)
+class JobLimits:
+    """What a submission may add to a job: a time limit per batch, a failure budget, and where
+    its results go."""
+
+    batch_timeout_s: int | None = None
+    max_failed_batches: int | None = None
+    output_path: str | None = None
+
+
+def _limit_values(limits: JobLimits | None) -> dict[str, Any]:
+    if limits is None:
+        return {}
+    output = None if limits.output_path is None else {"path": limits.output_path}
+    return {
+        "batch_timeout_s": limits.batch_timeout_s,
+        "max_failed_batches": limits.max_failed_batches,
+        "output_json": None if output is None else json.dumps(output),
+    }
+
+
 class SubmissionStore(engine.BaseStore):
     """`Store`'s job creation and enqueuing."""
 
@@ -53,6 +74,7 @@ class SubmissionStore(engine.BaseStore):
         replica_id: str,
         retry_of: str | None = None,
         extras: Extras = NO_EXTRAS,
+        limits: JobLimits | None = None,
     ) -> Job:
         """Store a job, all of its batches and its workers' rows in one transaction, then mark
         it running (a retry of failed batches, whose payloads are already stored).
@@ -75,6 +97,7 @@ class SubmissionStore(engine.BaseStore):
                 worker_token=worker_token,
                 retry_of=retry_of,
                 extras=extras,
+                **_limit_values(limits),
             )
             total = 0
             chunk: list[str] = []
@@ -114,6 +137,7 @@ class SubmissionStore(engine.BaseStore):
         dataset: dict[str, Any],
         replica_id: str,
         extras: Extras = NO_EXTRAS,
+        limits: JobLimits | None = None,
     ) -> Job:
         """Store a job whose dataset (a file dataset, or an item list being written by the
         request) `replica_id` enqueues from now on (`append_batches`, then `finish_enqueue`).
@@ -132,6 +156,7 @@ class SubmissionStore(engine.BaseStore):
                 dataset_json=json.dumps(dataset),
                 enqueue_owner=replica_id,
                 extras=extras,
+                **_limit_values(limits),
             )
             return jobrows.get(conn, job_id)
 

@@ -82,6 +82,14 @@ jobs = sa.Table(
     # are `total_batch_count`), and the replica whose enqueuer writes them.
     sa.Column("enqueued_items", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("enqueue_owner", sa.String(64), nullable=True),
+    # Seconds one `predict` may run before its worker is replaced and the batch's attempt
+    # ends as `batch_timeout` (null: no limit).
+    sa.Column("batch_timeout_s", sa.Integer, nullable=True),
+    # Failed batches the job tolerates: one more stops it (null: no budget).
+    sa.Column("max_failed_batches", sa.Integer, nullable=True),
+    # Where the job's results go ({"path"}), and once written the files ({"files",
+    # "errors"}); null: results are kept in the store only.
+    sa.Column("output_json", sa.Text, nullable=True),
     # The submission's `metadata` ({str: str}, also in `job_metadata` for filtering) and the
     # webhook its status changes are sent to ({"url", "events"}), as JSON.
     sa.Column("metadata_json", sa.Text, nullable=True),
@@ -107,6 +115,9 @@ batches = sa.Table(
     sa.Column("error_traceback", sa.Text, nullable=True),
     # Characters of the payload (in batch_payloads): a lease sizes its answer without it.
     sa.Column("payload_size", sa.Integer, nullable=False, server_default="0"),
+    # With a batch_timeout: when the lease ends whatever the heartbeats say (the server's
+    # backstop for a worker too wedged to time out its own `predict`).
+    sa.Column("deadline_at", sa.Float, nullable=True),
     sa.Index("ix_batches_job_state_seq", "job_id", "state", "seq"),
     sa.Index("ix_batches_lease", "state", "lease_expires_at"),
 )
@@ -120,6 +131,18 @@ batch_payloads = sa.Table(
     sa.Column("job_id", sa.String(32), primary_key=True),
     sa.Column("seq", sa.Integer, primary_key=True),
     sa.Column("payload", sa.Text, nullable=False),
+)
+
+# What `predict` returned for a batch, written in the transaction that records the batch's
+# success (so a report sent again never writes it twice): the batch's JSON lines, ready to be
+# streamed (`{"batch_id", "index", "result"}` a line), and their size in bytes.
+batch_results = sa.Table(
+    "batch_results",
+    metadata,
+    sa.Column("job_id", sa.String(32), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("lines", sa.Text, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
 )
 
 # What a job's workers printed or logged, and the server's lines about the job, stored in the

@@ -89,11 +89,22 @@ class StoreQueue(queue.WorkerQueue):
                     r.get("duration_s", 0.0),
                     r.get("error"),
                     r.get("traceback"),
+                    r.get("error_kind") or "predict_error",
+                    r.get("lines") if r["ok"] else None,
                 )
                 for r in body["results"]
             ]
             max_batches = max(0, min(body["max_batches"], self.max_lease_batches))
-            leased = store.lease(job_id, worker_id, results, max_batches, self.lease_s, seq)
+            leased = store.lease(
+                job_id,
+                worker_id,
+                results,
+                max_batches,
+                self.lease_s,
+                seq,
+                hold=bool(body.get("hold")) and not max_batches,
+                leaving=bool(body.get("leaving")),
+            )
             batches = [
                 {
                     "batch_id": b.batch_id,
@@ -105,7 +116,10 @@ class StoreQueue(queue.WorkerQueue):
                 for b in leased.batches
             ]
             self.last_response_bytes = sum(len(b.payload) for b in leased.batches)
-            return {"batches": batches, "run_hook": leased.run_hook, "done": leased.done}
+            answer = {"batches": batches, "run_hook": leased.run_hook, "done": leased.done}
+            if leased.run_hook:
+                answer["job_summary"] = store.summary(job_id)
+            return answer
         if op == "payload":
             held = store.stored_payload(job_id, body["batch_id"])
             if held is None:

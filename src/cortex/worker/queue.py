@@ -129,10 +129,26 @@ class WorkerQueue:
             logship.drain()
         self._request("state", {"worker_id": self.worker_id, "state": state, **fields}, LOOP)
 
-    def lease(self, results: list[dict[str, Any]], max_batches: int) -> dict[str, Any]:
+    def lease(
+        self,
+        results: list[dict[str, Any]],
+        max_batches: int,
+        hold: bool = False,
+        leaving: bool = False,
+    ) -> dict[str, Any]:
         """Report `results` and lease up to `max_batches` more: `{batches: [{batch_id,
-        attempt, payload}], run_hook, done}`."""
-        body = {"worker_id": self.worker_id, "results": results, "max_batches": max_batches}
+        attempt, payload}], run_hook, done, job_summary}`. With `hold` (and `max_batches`
+        0), only report: the batches this worker still holds stay its own. With `leaving`,
+        this is the worker's last report: the batches it did not start go back."""
+        body: dict[str, Any] = {
+            "worker_id": self.worker_id,
+            "results": results,
+            "max_batches": max_batches,
+        }
+        if hold:
+            body["hold"] = True
+        if leaving:
+            body["leaving"] = True
         result: dict[str, Any] = self._request("lease", body, LOOP)
         return result
 

@@ -9,6 +9,7 @@ CORTEX_WORKER_TOKEN and CORTEX_PROJECT_DIR.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import logging
 import os
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 
 from cortex import predictor as predictor_mod
 from cortex.worker import logship, models, ranges
+from cortex.worker import results as outputs
 from cortex.worker.queue import HttpQueue, JobGone, Refused, Unreachable, WorkerQueue
 
 log = logging.getLogger("cortex")
@@ -36,6 +38,7 @@ EXIT_OK = 0  # nothing left to do, or the job is gone
 EXIT_FAILED = 1  # the predictor failed to load, or on_job_complete raised
 EXIT_REFUSED = 2  # the server refused a request: a failure, whose reason is in the job's log
 EXIT_UNREACHABLE = 3  # the server stayed unreachable for longer than the retry period
+EXIT_BATCH_TIMEOUT = outputs.EXIT_BATCH_TIMEOUT  # a predict ran past the batch_timeout
 
 
 def _configure_logging() -> None:
@@ -94,7 +97,7 @@ def run(queue: WorkerQueue, project_dir: Path) -> int:
             return EXIT_FAILED
         queue.set_state("running", has_hook=predictor.has_hook)
         log.info("polling for batches...")
-        return work(queue, predictor)
+        return work(queue, predictor, job_spec.get("batch_timeout"))
     finally:
         beat.stopped.set()
 
@@ -109,24 +112,33 @@ def _models(info: dict[str, Any], project_dir: Path) -> list[dict[str, Any]]:
     return found
 
 
-def work(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
+def work(
+    queue: WorkerQueue, predictor: predictor_mod.Predictor, batch_timeout_s: float | None = None
+) -> int:
     """Lease, predict and report until the server says there is nothing left (or, to this
     worker alone, to run `on_job_complete`); returns the worker's exit code."""
     results: list[dict[str, Any]] = []
+    result_bytes = 0
     avg_s: float | None = None
     batch_bytes = 0.0
     idle_s = 0.01
+    watchdog = None
+    if batch_timeout_s:
+        watchdog = outputs.Watchdog(
+            float(batch_timeout_s), functools.partial(_timed_out, queue, results, batch_timeout_s)
+        )
     while True:
         want = 1 if avg_s is None else int(_PREFETCH_WORK_S / max(avg_s, 1e-6))
         if batch_bytes:  # and no more than about _PREFETCH_BYTES of payloads a request
             want = min(want, int(_PREFETCH_BYTES / batch_bytes))
         want = max(1, min(_MAX_PREFETCH, want))
         reply = queue.lease(results, want)
-        results = []
+        results.clear()
+        result_bytes = 0
         if reply["batches"]:
             batch_bytes = queue.last_response_bytes / len(reply["batches"])
         if reply.get("run_hook"):
-            return _run_hook(queue, predictor)
+            return _run_hook(queue, predictor, reply.get("job_summary"))
         batches = reply["batches"]
         if not batches:
             if reply.get("done"):
@@ -140,16 +152,27 @@ def work(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
             batch_id = batch["batch_id"]
             with logship.in_batch(batch_id):
                 if "payload_ref" in batch:
+                    started = time.perf_counter()
                     try:
                         payload = _read_payload(queue, batch_id, batch["payload_ref"]["ref"])
                     except ranges.Unreadable as err:
                         log.error("failed to read batch %s: %s", batch_id, err)
-                        results.append(_failed(batch_id, 0.0, _error_line(err), None))
+                        results.append(
+                            _failure(
+                                batch_id, started, outputs.PAYLOAD_UNREADABLE, _error_line(err), ""
+                            )
+                        )
                         continue
-                    result = _predict(predictor, payload, batch_id)
                 else:
-                    result = _predict(predictor, batch["payload"], batch_id)
+                    payload = batch["payload"]
+                result = _predict(predictor, payload, batch_id, watchdog)
             results.append(result)
+            result_bytes += len(result.get("lines") or "")
+            if result_bytes >= outputs.REPORT_BYTES:
+                # Big results go now, the other batches this worker holds staying its own.
+                queue.lease(results, 0, hold=True)
+                results.clear()
+                result_bytes = 0
             duration = result["duration_s"]
             avg_s = duration if avg_s is None else 0.8 * avg_s + 0.2 * duration
 
@@ -176,33 +199,79 @@ def _read_payload(queue: WorkerQueue, batch_id: str, segments: list[ranges.Segme
 _UNREACHABLE: set[str] = set()
 
 
-def _failed(batch_id: str, duration: float, error: str, trace: str | None) -> dict[str, Any]:
+def _predict(
+    predictor: predictor_mod.Predictor,
+    payload: Any,
+    batch_id: str,
+    watchdog: outputs.Watchdog | None = None,
+) -> dict[str, Any]:
+    log.info("processing batch %s", batch_id)
+    started = time.perf_counter()
+    try:
+        if watchdog is None:
+            value = predictor.predict(payload, batch_id)
+        else:
+            value = watchdog.run(batch_id, lambda: predictor.predict(payload, batch_id))
+        text = None if value is None else outputs.lines(batch_id, payload, value)
+    except outputs.ResultError as err:
+        log.error("failed to keep the result of batch %s: %s", batch_id, err)
+        return _failure(batch_id, started, err.kind, str(err), "")
+    except Exception as err:
+        trace = traceback.format_exc()
+        log.error("failed to process batch %s\n%s", batch_id, trace.rstrip())
+        return _failure(batch_id, started, outputs.PREDICT_ERROR, _error_line(err), trace)
+    done = {"batch_id": batch_id, "ok": True, "duration_s": time.perf_counter() - started}
+    if text is not None:
+        done["lines"] = text
+    return done
+
+
+def _failure(batch_id: str, started: float, kind: str, error: str, trace: str) -> dict[str, Any]:
     return {
         "batch_id": batch_id,
         "ok": False,
-        "duration_s": duration,
+        "duration_s": time.perf_counter() - started,
         "error": error,
+        "error_kind": kind,
         "traceback": trace,
     }
 
 
-def _predict(predictor: predictor_mod.Predictor, payload: Any, batch_id: str) -> dict[str, Any]:
-    log.info("processing batch %s", batch_id)
-    started = time.perf_counter()
+def _timed_out(
+    queue: WorkerQueue,
+    results: list[dict[str, Any]],
+    batch_timeout_s: float,
+    batch_id: str,
+    stack: str,
+) -> None:
+    """On the watchdog's thread, while the main thread is stuck in `predict`: report what is
+    done and this batch's failure (an attempt, `batch_timeout`), give back the batches not
+    started, and end the process, so that the launcher starts a fresh worker."""
+    message = f"predict ran longer than the job's batch_timeout of {batch_timeout_s:g} s"
+    log.error("batch %s: %s; this worker stops and is replaced\n%s", batch_id, message, stack)
+    failure = {
+        "batch_id": batch_id,
+        "ok": False,
+        "duration_s": float(batch_timeout_s),
+        "error": message,
+        "error_kind": outputs.BATCH_TIMEOUT,
+        "traceback": f"where predict was when it was abandoned:\n{stack}",
+    }
     try:
-        predictor.predict(payload, batch_id)
-    except Exception as err:
-        duration = time.perf_counter() - started
-        trace = traceback.format_exc()
-        log.error("failed to process batch %s\n%s", batch_id, trace.rstrip())
-        return _failed(batch_id, duration, _error_line(err), trace)
-    return {"batch_id": batch_id, "ok": True, "duration_s": time.perf_counter() - started}
+        queue.lease([*results, failure], 0, leaving=True)
+        logship.drain()
+    except BaseException as err:  # the server's lease expiry ends the batch then
+        log.error("could not report the timed out batch: %s", err)
+    finally:
+        os._exit(EXIT_BATCH_TIMEOUT)
 
 
-def _run_hook(queue: WorkerQueue, predictor: predictor_mod.Predictor) -> int:
+def _run_hook(
+    queue: WorkerQueue, predictor: predictor_mod.Predictor, summary: dict[str, Any] | None
+) -> int:
     log.info("executing on_job_complete")
     try:
-        predictor.on_job_complete()
+        predictor.on_job_complete(summary or {})
     except Exception as err:
         trace = traceback.format_exc()
         log.error("on_job_complete failed\n%s", trace.rstrip())

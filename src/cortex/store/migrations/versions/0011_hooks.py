@@ -13,8 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-# Chained after 0009 on its branch; re-chain after 0010 when both are merged.
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
