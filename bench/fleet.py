@@ -1,0 +1,607 @@
+"""A fleet simulator: many light workers speaking the real worker protocol to real servers.
+
+`.venv/bin/python bench/fleet.py --workers 50,200,500 --store sqlite,postgres --replicas 1,2`
+
+Each simulated worker is a thread with the worker runtime's own `HttpQueue` (the requests,
+sequence numbers and retries of `python -m cortex.worker`): it reports `initializing`, reads
+the spec, reports `running`, then leases one batch at a time, "predicts" by sleeping a fixed
+think time (`--think-ms`, default 1000: a GPU worker with 1-second batches), and reports the
+result with its next lease, as a real worker does. Heartbeats go at the server's period
+(`heartbeat_s` from the spec) from a few heartbeat threads, through the same queue objects,
+and a client reads the job's status 10 times a second. Worker starts are spread over one
+think time, so the fleet does not lease in lock step.
+
+The servers are real `cortex serve` processes: one on SQLite, or 1 or 2 replicas on a fresh
+PostgreSQL database (127.0.0.1:5432 as user postgres, or CORTEX_BENCH_POSTGRES=<admin url>),
+the workers spread over the replicas. Each size runs one job of trivial batches; the
+simulated workers are added to it as worker rows of the replica they talk to (as a launcher
+would), and the job's one real worker (the server starts it) waits in its predictor's
+`__init__` and takes no batches.
+
+Measured over a window of `--duration` seconds after a warm-up: leases and batches per
+second, latencies (p50, p99) of leases, heartbeats and status reads, and CPU: the servers'
+(psutil, user + system), PostgreSQL's (the backends connected to the bench's database; the
+server's shared background processes are not counted) and the simulator's own. On SQLite the
+store runs inside the server: its share is the fraction of the server's py-spy samples (50 Hz,
+active threads) that are in SQLAlchemy's calls into the database driver. Then, with leasing
+paused, two calibrations give the cost of one heartbeat and one status read; the cost of a
+lease (with one result and one batch) is what is left of the window's CPU, per lease. With
+`--per-batch`, a second window leases 8 batches at a time to split a lease's cost into a part
+per request and a part per batch. `--write` puts the tables into bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import sqlalchemy as sa
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from scale import ADMIN_URL, Server, machine, write_readme  # noqa: E402
+
+from cortex.client import Client  # noqa: E402
+from cortex.settings import Settings  # noqa: E402
+from cortex.store import Store, sql  # noqa: E402
+from cortex.worker.queue import HttpQueue, JobGone  # noqa: E402
+
+HEADING = "## Fleet: simulated workers against real servers"
+API = "fleet"
+# The job's one real worker waits here: the simulated workers take every batch.
+PREDICTOR = """
+import time
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        time.sleep(24 * 3600)
+
+    def predict(self, payload):
+        pass
+"""
+CONFIG = f"- name: {API}\n  kind: BatchAPI\n  predictor: {{type: python, path: predictor.py}}\n"
+HEARTBEAT_THREADS = 8
+STATUS_PER_S = 10
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+@dataclass
+class Fleet:
+    """The simulated workers of one job, and what they saw."""
+
+    think_s: float
+    batches_per_lease: int = 1
+    stopped: threading.Event = field(default_factory=threading.Event)
+    # Set: workers lease; clear: they wait before their next lease (calibrations).
+    leasing: threading.Event = field(default_factory=threading.Event)
+    heartbeat_scale: float = 1.0  # the heartbeat period is multiplied by this
+    leases: list[tuple[float, float, int]] = field(default_factory=list)  # (end, ms, batches)
+    heartbeats: list[tuple[float, float]] = field(default_factory=list)
+    statuses: list[tuple[float, float]] = field(default_factory=list)
+    running: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def worker(self, queue: HttpQueue, start_delay_s: float) -> None:
+        try:
+            queue.set_state("initializing", pid=os.getpid())
+            queue.spec()
+            queue.set_state("running", has_hook=False)
+            self.running.append(queue.worker_id)
+            self.stopped.wait(start_delay_s)
+            results: list[dict[str, Any]] = []
+            while not self.stopped.is_set():
+                if not self.leasing.is_set():
+                    self.leasing.wait(0.5)
+                    continue
+                sent = time.perf_counter()
+                reply = queue.lease(results, self.batches_per_lease)
+                done = time.perf_counter()
+                batches = reply["batches"]
+                self.leases.append((done, (done - sent) * 1000, len(batches)))
+                results = []
+                if batches:
+                    think = self.think_s * len(batches)
+                    self.stopped.wait(think)
+                    each = think / len(batches)
+                    results = [
+                        {"batch_id": b["batch_id"], "ok": True, "duration_s": each} for b in batches
+                    ]
+                elif reply.get("done"):
+                    return
+                else:
+                    self.stopped.wait(0.25)
+        except JobGone:
+            pass
+        except Exception as err:  # counted and reported: a simulator must not hide failures
+            self.errors.append(f"{queue.worker_id}: {err.__class__.__name__}: {err}")
+
+    def heartbeat(self, queues: list[HttpQueue], period_s: float) -> None:
+        next_at = time.perf_counter()
+        while not self.stopped.is_set():
+            for queue in queues:
+                if self.stopped.is_set():
+                    return
+                sent = time.perf_counter()
+                try:
+                    queue.heartbeat()
+                except JobGone:
+                    return
+                except Exception as err:
+                    self.errors.append(f"heartbeat: {err}")
+                done = time.perf_counter()
+                self.heartbeats.append((done, (done - sent) * 1000))
+                next_at += period_s * self.heartbeat_scale / len(queues)
+                self.stopped.wait(max(0.0, next_at - time.perf_counter()))
+
+    def status(self, urls: list[str], job_id: str, per_s: float) -> None:
+        clients = [httpx.Client(base_url=url, timeout=30) for url in urls]
+        try:
+            n = 0
+            next_at = time.perf_counter()
+            while not self.stopped.is_set():
+                sent = time.perf_counter()
+                clients[n % len(clients)].get(f"/{API}", params={"jobID": job_id})
+                done = time.perf_counter()
+                self.statuses.append((done, (done - sent) * 1000))
+                n += 1
+                next_at += 1 / per_s if per_s else 0
+                self.stopped.wait(max(0.0, next_at - time.perf_counter()))
+        finally:
+            for client in clients:
+                client.close()
+
+
+# -- CPU accounting -----------------------------------------------------------------------------
+
+
+class Cpu:
+    """CPU seconds (user + system) of the servers, the store's backends and this process."""
+
+    def __init__(self, servers: list[Server], pg: sa.Engine | None, database: str) -> None:
+        self.servers = [psutil.Process(s.process.pid) for s in servers]
+        self.pg = pg
+        self.database = database
+        self.me = psutil.Process()
+
+    def _backends(self) -> dict[int, float]:
+        if self.pg is None:
+            return {}
+        with self.pg.connect() as conn:
+            pids = conn.execute(
+                sa.text("SELECT pid FROM pg_stat_activity WHERE datname = :d"),
+                {"d": self.database},
+            ).scalars()
+            found = {}
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    times = psutil.Process(pid).cpu_times()
+                    found[pid] = times.user + times.system
+        return found
+
+    def lock_waits(self) -> int:
+        """Backends of the bench's database waiting for a lock now."""
+        if self.pg is None:
+            return 0
+        with self.pg.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = :d AND wait_event_type = 'Lock'"
+                    ),
+                    {"d": self.database},
+                ).scalar_one()
+            )
+
+    def snapshot(self) -> dict[str, Any]:
+        def secs(proc: psutil.Process) -> float:
+            times = proc.cpu_times()
+            return float(times.user + times.system)
+
+        return {
+            "at": time.perf_counter(),
+            "server": sum(secs(p) for p in self.servers),
+            "store": self._backends(),
+            "me": secs(self.me),
+        }
+
+    @staticmethod
+    def used(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+        """CPU seconds of each part between two snapshots, and the wall time."""
+        store = sum(t - before["store"].get(pid, 0.0) for pid, t in after["store"].items())
+        return {
+            "wall": after["at"] - before["at"],
+            "server": after["server"] - before["server"],
+            "store": store,
+            "me": after["me"] - before["me"],
+        }
+
+
+@contextlib.contextmanager
+def sampled(pid: int, seconds: float, folder: Path) -> Iterator[dict[str, float]]:
+    """py-spy samples of the server for `seconds`: the share of active samples in the store
+    (SQLAlchemy's calls into the database driver) and in the store layer as a whole."""
+    out = folder / f"spy-{time.time_ns()}.txt"
+    share: dict[str, float] = {}
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    proc = subprocess.Popen(
+        [
+            *(spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds)))),
+            *("--rate", "50", "--format", "raw", "--nonblocking", "--output", str(out)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield share
+    finally:
+        try:
+            proc.wait(seconds + 30)
+            total = driver = layer = 0
+            for line in out.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                n = int(count)
+                total += n
+                if any(f in stack for f in ("do_execute", "do_commit", "do_rollback", "fetch")):
+                    driver += n
+                if "sqlalchemy/" in stack or "cortex/store/" in stack:
+                    layer += n
+            share.update(driver=driver / total if total else 0.0, layer=layer / total)
+        except (OSError, ValueError, subprocess.TimeoutExpired, ZeroDivisionError):
+            proc.kill()
+
+
+# -- one configuration --------------------------------------------------------------------------
+
+
+def window(fleet: Fleet, cpu: Cpu, seconds: float, spy_pid: int | None, folder: Path) -> dict:
+    marks = len(fleet.leases), len(fleet.heartbeats), len(fleet.statuses)
+    before = cpu.snapshot()
+    share: dict[str, float] = {}
+    waits: list[int] = []
+    with contextlib.ExitStack() as stack:
+        if spy_pid is not None:
+            share = stack.enter_context(sampled(spy_pid, seconds, folder))
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:  # lock waits, 5 times a second
+            waits.append(cpu.lock_waits())
+            time.sleep(max(0.0, min(0.2, end - time.perf_counter())))
+    after = cpu.snapshot()
+    used = Cpu.used(before, after)
+    leases = fleet.leases[marks[0] :]
+    heartbeats = fleet.heartbeats[marks[1] :]
+    statuses = fleet.statuses[marks[2] :]
+    wall = used["wall"]
+    return {
+        **used,
+        "spy": dict(share),
+        "lock waiters": sum(waits) / max(1, len(waits)),
+        "leases": len(leases),
+        "batches": sum(b for _, _, b in leases),
+        "heartbeats": len(heartbeats),
+        "statuses": len(statuses),
+        "leases/s": len(leases) / wall,
+        "batches/s": sum(b for _, _, b in leases) / wall,
+        "lease p50": pct([ms for _, ms, _ in leases], 0.5),
+        "lease p99": pct([ms for _, ms, _ in leases], 0.99),
+        "heartbeat p50": pct([ms for _, ms in heartbeats], 0.5),
+        "heartbeat p99": pct([ms for _, ms in heartbeats], 0.99),
+        "status p50": pct([ms for _, ms in statuses], 0.5),
+        "status p99": pct([ms for _, ms in statuses], 0.99),
+    }
+
+
+def run_size(
+    servers: list[Server],
+    store: Store,
+    cpu: Cpu,
+    workers: int,
+    args: argparse.Namespace,
+    folder: Path,
+    calibrate: bool,
+) -> dict[str, Any]:
+    think_s = args.think_ms / 1000
+    batches = int(workers * (args.duration * 3 + 30) / think_s / args.jobs) + 1000
+    replica_ids = [httpx.get(f"{s.url}/healthz").json()["replica_id"] for s in servers]
+    job_ids: list[str] = []
+    queues: list[HttpQueue] = []
+    for j in range(args.jobs):
+        with Client(servers[j % len(servers)].url) as client:
+            body = {"workers": 1, "item_list": {"items": list(range(batches)), "batch_size": 1}}
+            job_id = client.submit(API, body)["job_id"]
+        job_ids.append(job_id)
+        job = store.get_job(job_id)
+        assert job is not None
+        for r, server in enumerate(servers):
+            # Worker n of the fleet: job n % jobs, replica n % replicas.
+            count = len(range(j, workers, args.jobs)[r :: len(servers)])
+            for worker_id in store.add_workers(job_id, count, replica_ids[r]):
+                queues.append(HttpQueue(server.url, job_id, worker_id, job.worker_token, 60.0))
+    fleet = Fleet(think_s)
+    fleet.leasing.set()
+    rng = random.Random(0)
+    threads = [
+        threading.Thread(target=fleet.worker, args=(q, rng.uniform(0, think_s)), daemon=True)
+        for q in queues
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    while len(fleet.running) < workers and time.monotonic() < deadline and not fleet.errors:
+        time.sleep(0.05)
+    if len(fleet.running) < workers:
+        raise SystemExit(f"only {len(fleet.running)} of {workers} workers started: {fleet.errors}")
+    heartbeat_s = float(queues[0].spec()["heartbeat_s"])
+    helpers = [
+        threading.Thread(
+            target=fleet.heartbeat, args=(queues[i::HEARTBEAT_THREADS], heartbeat_s), daemon=True
+        )
+        for i in range(min(HEARTBEAT_THREADS, len(queues)))
+    ]
+    helpers.append(
+        threading.Thread(
+            target=fleet.status,
+            args=([s.url for s in servers], job_ids[0], STATUS_PER_S),
+            daemon=True,
+        )
+    )
+    for thread in helpers:
+        thread.start()
+    time.sleep(think_s + args.warmup)
+    spy_pid = servers[0].process.pid if not args.no_spy else None
+    result: dict[str, Any] = {"workers": workers, "demand/s": workers / think_s, "jobs": args.jobs}
+    result["steady"] = window(fleet, cpu, args.duration, spy_pid, folder)
+    if args.per_batch:
+        fleet.batches_per_lease = 8
+        time.sleep(8 * think_s + 1)
+        result["eight"] = window(fleet, cpu, args.duration, None, folder)
+        fleet.batches_per_lease = 1
+    if calibrate:
+        fleet.leasing.clear()
+        time.sleep(think_s * 8 + 1)  # the last leases come back
+        fleet.heartbeat_scale = 0.1  # ten times the heartbeats
+        time.sleep(1)
+        result["heartbeats_only"] = window(fleet, cpu, min(args.duration, 5), None, folder)
+        fleet.heartbeat_scale = 1.0
+    fleet.stopped.set()
+    with Client(servers[0].url) as client:
+        for job_id in job_ids:
+            client.stop_job(API, job_id)
+    for thread in threads + helpers:
+        thread.join(30)
+    for queue in queues:
+        queue.close()
+    result["errors"] = list(fleet.errors)
+    return result
+
+
+def idle(cpu: Cpu, seconds: float) -> dict[str, float]:
+    before = cpu.snapshot()
+    time.sleep(seconds)
+    return Cpu.used(before, cpu.snapshot())
+
+
+def run_config(
+    store_kind: str, replicas: int, args: argparse.Namespace, root: Path
+) -> dict[str, Any]:
+    folder = root / f"{store_kind}-{replicas}"
+    folder.mkdir()
+    admin = database = None
+    store_url = ""
+    if store_kind == "postgres":
+        admin = sa.create_engine(
+            sa.make_url(sql.engine_url(ADMIN_URL)), isolation_level="AUTOCOMMIT"
+        )
+        database = f"cortex_fleet_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
+        store_url = (
+            sa.make_url(sql.engine_url(ADMIN_URL))
+            .set(drivername="postgresql", database=database)
+            .render_as_string(hide_password=False)
+        )
+        subprocess.run(
+            [sys.executable, "-m", "cortex.cli", "migrate", "--store", store_url],
+            check=True,
+            capture_output=True,
+        )
+    servers: list[Server] = []
+    store: Store | None = None
+    try:
+        for r in range(replicas):
+            servers.append(Server(folder / f"replica-{r}", store_url))
+        url = store_url or Settings(data_dir=folder / "replica-0").resolved_store_url
+        store = Store(url)
+        with Client(servers[0].url) as client:
+            client.deploy(root / "project" / "cortex.yaml")
+        cpu = Cpu(servers, admin, database or "")
+        result: dict[str, Any] = {"store": store_kind, "replicas": replicas}
+        result["idle"] = idle(cpu, 3)
+        result["sizes"] = []
+        for n, workers in enumerate(args.workers):
+            print(f"{store_kind}, {replicas} replica(s), {workers} workers...", file=sys.stderr)
+            calibrate = n == len(args.workers) - 1
+            result["sizes"].append(run_size(servers, store, cpu, workers, args, folder, calibrate))
+        result["status_only"] = status_cost(servers, cpu)
+        return result
+    finally:
+        if store is not None:
+            store.close()
+        for server in servers:
+            server.stop()
+        if admin is not None:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+            admin.dispose()
+
+
+def status_cost(servers: list[Server], cpu: Cpu, seconds: float = 3.0) -> dict[str, float]:
+    """Status reads as fast as one client sends them, with nothing else running."""
+    with Client(servers[0].url) as client:
+        job = client.submit(API, {"workers": 1, "item_list": {"items": [1], "batch_size": 1}})
+    fleet = Fleet(1.0)
+    thread = threading.Thread(
+        target=fleet.status, args=([s.url for s in servers], job["job_id"], 0), daemon=True
+    )
+    before = cpu.snapshot()
+    thread.start()
+    time.sleep(seconds)
+    fleet.stopped.set()
+    thread.join()
+    used = Cpu.used(before, cpu.snapshot())
+    with Client(servers[0].url) as client:
+        client.stop_job(API, job["job_id"])
+    return {**used, "statuses": len(fleet.statuses)}
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def costs(config: dict[str, Any]) -> dict[str, float]:
+    """Milliseconds of CPU per request, from the largest fleet's windows: server and store."""
+    idle_s = config["idle"]
+    status = config["status_only"]
+    last = config["sizes"][-1]
+    per: dict[str, float] = {}
+    for part in ("server", "store"):
+        rate = idle_s[part] / idle_s["wall"]
+        st = (status[part] - rate * status["wall"]) / max(1, status["statuses"])
+        hb_only = last["heartbeats_only"]
+        hb = (hb_only[part] - rate * hb_only["wall"]) / max(1, hb_only["heartbeats"])
+        steady = last["steady"]
+        left = steady[part] - rate * steady["wall"]
+        left -= hb * steady["heartbeats"] + st * steady["statuses"]
+        lease = left / max(1, steady["leases"])
+        per[f"{part} status"] = st * 1000
+        per[f"{part} heartbeat"] = hb * 1000
+        per[f"{part} lease"] = lease * 1000
+        if part == "store" and config["store"] == "sqlite":  # inside the server: sampled
+            share = steady["spy"].get("driver", float("nan"))
+            per["store status"] = per["server status"] * share
+            per["store heartbeat"] = per["server heartbeat"] * share
+            per["store lease"] = per["server lease"] * share
+        if "eight" in last:
+            eight = last["eight"]
+            left8 = eight[part] - rate * eight["wall"]
+            left8 -= hb * eight["heartbeats"] + st * eight["statuses"]
+            per8 = left8 / max(1, eight["leases"])
+            per[f"{part} per batch"] = (per8 - lease) / 7 * 1000
+            per[f"{part} per lease request"] = lease * 1000 - per[f"{part} per batch"]
+    return per
+
+
+def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        HEADING,
+        "",
+        f"`bench/fleet.py --workers {','.join(map(str, args.workers))} --think-ms "
+        f"{args.think_ms:g} --duration {args.duration:g}` ({time.strftime('%Y-%m-%d')}; "
+        f"{machine()}). Leasing one batch at a time with a think time of {args.think_ms:g} ms, "
+        "heartbeats at the server's period, 10 status reads a second. CPU in cores (CPU seconds "
+        "per second): the servers, the store (PostgreSQL's backends; on SQLite the share of the "
+        "server's py-spy samples in the driver's calls), and the simulator itself.",
+        "",
+        "| store | replicas | workers (jobs) | leases/s (demand) | batches/s | "
+        "lease p50 / p99 ms | heartbeat p50 / p99 ms | status p50 / p99 ms | server cores | "
+        "store cores | lock waiters | simulator cores |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for config in results:
+        for size in config["sizes"]:
+            s = size["steady"]
+            wall = s["wall"]
+            store_cores = (
+                s["store"] / wall
+                if config["store"] == "postgres"
+                else s["spy"].get("driver", float("nan")) * s["server"] / wall
+            )
+            lines.append(
+                f"| {config['store']} | {config['replicas']} | "
+                f"{size['workers']} ({size['jobs']}) | "
+                f"{s['leases/s']:.0f} ({size['demand/s']:.0f}) | {s['batches/s']:.0f} | "
+                f"{s['lease p50']:.1f} / {s['lease p99']:.1f} | "
+                f"{s['heartbeat p50']:.1f} / {s['heartbeat p99']:.1f} | "
+                f"{s['status p50']:.1f} / {s['status p99']:.1f} | {s['server'] / wall:.2f} | "
+                f"{store_cores:.2f} | {s['lock waiters']:.1f} | {s['me'] / wall:.2f} |"
+            )
+    lines += ["", "Cost per request, ms of CPU (the largest fleet; idle CPU subtracted):", ""]
+    names = list(costs(results[0]))
+    lines.append("| store | replicas | " + " | ".join(names) + " |")
+    lines.append("|---|---:|" + "---:|" * len(names))
+    for config in results:
+        per = costs(config)
+        lines.append(
+            f"| {config['store']} | {config['replicas']} | "
+            + " | ".join(f"{per.get(n, float('nan')):.2f}" for n in names)
+            + " |"
+        )
+    errors = sum(len(size["errors"]) for config in results for size in config["sizes"])
+    lines += ["", f"Simulated workers' errors: {errors}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", default="50,200,500")
+    parser.add_argument("--store", default="sqlite,postgres")
+    parser.add_argument("--replicas", default="1,2", help="PostgreSQL only; SQLite runs one")
+    parser.add_argument("--think-ms", type=float, default=1000.0)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds after start-up")
+    parser.add_argument("--jobs", type=int, default=1, help="the fleet spread over this many")
+    parser.add_argument("--per-batch", action="store_true", help="also lease 8 at a time")
+    parser.add_argument("--no-spy", action="store_true", help="no py-spy samples")
+    parser.add_argument("--json", type=Path, help="write the raw results here")
+    parser.add_argument("--write", action="store_true", help="update bench/README.md")
+    args = parser.parse_args()
+    args.workers = [int(n) for n in args.workers.split(",")]
+    configs = []
+    for kind in args.store.split(","):
+        if kind not in ("sqlite", "postgres"):
+            raise SystemExit(f"--store: sqlite or postgres, not {kind!r}")
+        for replicas in [1] if kind == "sqlite" else [int(r) for r in args.replicas.split(",")]:
+            configs.append((kind, replicas))
+    root = Path(tempfile.mkdtemp(prefix="cortex-bench-fleet-"))
+    (root / "project").mkdir()
+    (root / "project" / "predictor.py").write_text(PREDICTOR)
+    (root / "project" / "cortex.yaml").write_text(CONFIG)
+    results = []
+    try:
+        for kind, replicas in configs:
+            results.append(run_config(kind, replicas, args, root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    section = tables(results, args)
+    print(section)
+    if args.write:
+        write_readme(section, HEADING)
+
+
+if __name__ == "__main__":
+    main()
