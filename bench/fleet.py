@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -80,6 +81,23 @@ HEARTBEAT_THREADS = 8
 STATUS_PER_S = 10
 
 
+class Retries(logging.Handler):
+    """Counts the worker queue's "retrying" warnings (a request sent again after a dropped
+    connection or a 5xx) instead of printing them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+RETRIES = Retries()
+logging.getLogger("cortex").addHandler(RETRIES)
+logging.getLogger("cortex").propagate = False
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -94,13 +112,18 @@ class Fleet:
     think_s: float
     batches_per_lease: int = 1
     stopped: threading.Event = field(default_factory=threading.Event)
-    # Set: workers lease; clear: they wait before their next lease (calibrations).
-    leasing: threading.Event = field(default_factory=threading.Event)
+    # "lease": workers lease and ship a log line per batch; "logs": they only ship a line per
+    # think time; "pause": nothing but heartbeats (the calibrations).
+    mode: str = "lease"
+    ship_logs: bool = True
     heartbeat_scale: float = 1.0  # the heartbeat period is multiplied by this
     leases: list[tuple[float, float, int]] = field(default_factory=list)  # (end, ms, batches)
     heartbeats: list[tuple[float, float]] = field(default_factory=list)
     statuses: list[tuple[float, float]] = field(default_factory=list)
+    shipments: list[tuple[float, float]] = field(default_factory=list)
     running: list[str] = field(default_factory=list)
+    in_flight: list[int] = field(default_factory=lambda: [0])  # leases sent, not answered
+    counting: threading.Lock = field(default_factory=threading.Lock)
     errors: list[str] = field(default_factory=list)
 
     def worker(self, queue: HttpQueue, start_delay_s: float) -> None:
@@ -112,17 +135,28 @@ class Fleet:
             self.stopped.wait(start_delay_s)
             results: list[dict[str, Any]] = []
             while not self.stopped.is_set():
-                if not self.leasing.is_set():
-                    self.leasing.wait(0.5)
+                if self.mode == "logs":
+                    self.stopped.wait(self.think_s - self._ship(queue, [None]))
+                    continue
+                if self.mode != "lease":
+                    self.stopped.wait(0.25)
                     continue
                 sent = time.perf_counter()
-                reply = queue.lease(results, self.batches_per_lease)
+                with self.counting:
+                    self.in_flight[0] += 1
+                try:
+                    reply = queue.lease(results, self.batches_per_lease)
+                finally:
+                    with self.counting:
+                        self.in_flight[0] -= 1
                 done = time.perf_counter()
                 batches = reply["batches"]
                 self.leases.append((done, (done - sent) * 1000, len(batches)))
                 results = []
                 if batches:
                     think = self.think_s * len(batches)
+                    if self.ship_logs:  # a worker's "processing batch" lines
+                        think -= self._ship(queue, [b["batch_id"] for b in batches])
                     self.stopped.wait(think)
                     each = think / len(batches)
                     results = [
@@ -136,6 +170,16 @@ class Fleet:
             pass
         except Exception as err:  # counted and reported: a simulator must not hide failures
             self.errors.append(f"{queue.worker_id}: {err.__class__.__name__}: {err}")
+
+    def _ship(self, queue: HttpQueue, batch_ids: list[str | None]) -> float:
+        """Ship a log line per batch, as the worker's log shipper would; its time in seconds."""
+        now = time.time()
+        lines = [[now, "log", "INFO", b, f"cortex: processing batch {b}"] for b in batch_ids]
+        sent = time.perf_counter()
+        queue.ship_logs(lines, 0)
+        took = time.perf_counter() - sent
+        self.shipments.append((time.perf_counter(), took * 1000))
+        return took
 
     def heartbeat(self, queues: list[HttpQueue], period_s: float) -> None:
         next_at = time.perf_counter()
@@ -246,6 +290,9 @@ def sampled(pid: int, seconds: float, folder: Path) -> Iterator[dict[str, float]
     out = folder / f"spy-{time.time_ns()}.txt"
     share: dict[str, float] = {}
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():  # the `bench` extra brings it (with Ray)
+        yield share
+        return
     proc = subprocess.Popen(
         [
             *(spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds)))),
@@ -277,7 +324,7 @@ def sampled(pid: int, seconds: float, folder: Path) -> Iterator[dict[str, float]
 
 
 def window(fleet: Fleet, cpu: Cpu, seconds: float, spy_pid: int | None, folder: Path) -> dict:
-    marks = len(fleet.leases), len(fleet.heartbeats), len(fleet.statuses)
+    marks = len(fleet.leases), len(fleet.heartbeats), len(fleet.statuses), len(fleet.shipments)
     before = cpu.snapshot()
     share: dict[str, float] = {}
     waits: list[int] = []
@@ -293,6 +340,7 @@ def window(fleet: Fleet, cpu: Cpu, seconds: float, spy_pid: int | None, folder: 
     leases = fleet.leases[marks[0] :]
     heartbeats = fleet.heartbeats[marks[1] :]
     statuses = fleet.statuses[marks[2] :]
+    shipments = fleet.shipments[marks[3] :]
     wall = used["wall"]
     return {
         **used,
@@ -302,6 +350,9 @@ def window(fleet: Fleet, cpu: Cpu, seconds: float, spy_pid: int | None, folder: 
         "batches": sum(b for _, _, b in leases),
         "heartbeats": len(heartbeats),
         "statuses": len(statuses),
+        "shipments": len(shipments),
+        "logs p50": pct([ms for _, ms in shipments], 0.5),
+        "logs p99": pct([ms for _, ms in shipments], 0.99),
         "leases/s": len(leases) / wall,
         "batches/s": sum(b for _, _, b in leases) / wall,
         "lease p50": pct([ms for _, ms, _ in leases], 0.5),
@@ -339,8 +390,8 @@ def run_size(
             count = len(range(j, workers, args.jobs)[r :: len(servers)])
             for worker_id in store.add_workers(job_id, count, replica_ids[r]):
                 queues.append(HttpQueue(server.url, job_id, worker_id, job.worker_token, 60.0))
-    fleet = Fleet(think_s)
-    fleet.leasing.set()
+    fleet = Fleet(think_s, ship_logs=not args.no_logs)
+    retries = RETRIES.count
     rng = random.Random(0)
     threads = [
         threading.Thread(target=fleet.worker, args=(q, rng.uniform(0, think_s)), daemon=True)
@@ -373,18 +424,25 @@ def run_size(
     spy_pid = servers[0].process.pid if not args.no_spy else None
     result: dict[str, Any] = {"workers": workers, "demand/s": workers / think_s, "jobs": args.jobs}
     result["steady"] = window(fleet, cpu, args.duration, spy_pid, folder)
-    if args.per_batch:
+    if args.per_batch and calibrate:
         fleet.batches_per_lease = 8
         time.sleep(8 * think_s + 1)
         result["eight"] = window(fleet, cpu, args.duration, None, folder)
         fleet.batches_per_lease = 1
     if calibrate:
-        fleet.leasing.clear()
-        time.sleep(think_s * 8 + 1)  # the last leases come back
+        fleet.mode = "pause"
+        time.sleep(think_s * fleet.batches_per_lease)  # the last leases come back
+        deadline = time.monotonic() + 60
+        while fleet.in_flight[0] > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
         fleet.heartbeat_scale = 0.1  # ten times the heartbeats
         time.sleep(1)
         result["heartbeats_only"] = window(fleet, cpu, min(args.duration, 5), None, folder)
         fleet.heartbeat_scale = 1.0
+        if fleet.ship_logs:
+            fleet.mode = "logs"
+            time.sleep(think_s + 1)
+            result["logs_only"] = window(fleet, cpu, min(args.duration, 5), None, folder)
     fleet.stopped.set()
     with Client(servers[0].url) as client:
         for job_id in job_ids:
@@ -394,6 +452,7 @@ def run_size(
     for queue in queues:
         queue.close()
     result["errors"] = list(fleet.errors)
+    result["retries"] = RETRIES.count - retries
     return result
 
 
@@ -480,35 +539,42 @@ def status_cost(servers: list[Server], cpu: Cpu, seconds: float = 3.0) -> dict[s
 
 
 def costs(config: dict[str, Any]) -> dict[str, float]:
-    """Milliseconds of CPU per request, from the largest fleet's windows: server and store."""
+    """Milliseconds of CPU per request, from the largest fleet's windows, for the servers and
+    the store: each calibration window's CPU less the idle rate and what is known already,
+    per request of its kind; a lease is what is left of the steady window."""
     idle_s = config["idle"]
-    status = config["status_only"]
     last = config["sizes"][-1]
     per: dict[str, float] = {}
     for part in ("server", "store"):
         rate = idle_s[part] / idle_s["wall"]
-        st = (status[part] - rate * status["wall"]) / max(1, status["statuses"])
-        hb_only = last["heartbeats_only"]
-        hb = (hb_only[part] - rate * hb_only["wall"]) / max(1, hb_only["heartbeats"])
-        steady = last["steady"]
-        left = steady[part] - rate * steady["wall"]
-        left -= hb * steady["heartbeats"] + st * steady["statuses"]
-        lease = left / max(1, steady["leases"])
-        per[f"{part} status"] = st * 1000
-        per[f"{part} heartbeat"] = hb * 1000
-        per[f"{part} lease"] = lease * 1000
-        if part == "store" and config["store"] == "sqlite":  # inside the server: sampled
-            share = steady["spy"].get("driver", float("nan"))
-            per["store status"] = per["server status"] * share
-            per["store heartbeat"] = per["server heartbeat"] * share
-            per["store lease"] = per["server lease"] * share
+        known: dict[str, float] = {}
+
+        def left(
+            w: dict[str, Any], part: str = part, rate: float = rate, known: dict[str, float] = known
+        ) -> float:
+            return float(w[part] - rate * w["wall"] - sum(known[k] * w[k] for k in known if k in w))
+
+        status = config["status_only"]
+        known["statuses"] = left(status) / max(1, status["statuses"])
+        hb = last["heartbeats_only"]
+        known["heartbeats"] = left(hb) / max(1, hb["heartbeats"])
+        if "logs_only" in last:
+            logs = last["logs_only"]
+            known["shipments"] = left(logs) / max(1, logs["shipments"])
+        lease = left(last["steady"]) / max(1, last["steady"]["leases"])
+        per[f"{part}: status"] = known["statuses"] * 1000
+        per[f"{part}: heartbeat"] = known["heartbeats"] * 1000
+        per[f"{part}: log shipment"] = known.get("shipments", float("nan")) * 1000
+        per[f"{part}: lease (1 result, 1 batch)"] = lease * 1000
         if "eight" in last:
-            eight = last["eight"]
-            left8 = eight[part] - rate * eight["wall"]
-            left8 -= hb * eight["heartbeats"] + st * eight["statuses"]
-            per8 = left8 / max(1, eight["leases"])
-            per[f"{part} per batch"] = (per8 - lease) / 7 * 1000
-            per[f"{part} per lease request"] = lease * 1000 - per[f"{part} per batch"]
+            per8 = left(last["eight"]) / max(1, last["eight"]["leases"])
+            per[f"{part}: per batch"] = (per8 - lease) / 7 * 1000
+            per[f"{part}: per lease request"] = lease * 1000 - per[f"{part}: per batch"]
+    if config["store"] == "sqlite":  # the store is inside the server: its sampled share
+        share = last["steady"]["spy"].get("driver", float("nan"))
+        for name in list(per):
+            if name.startswith("server: "):
+                per["store: " + name.removeprefix("server: ")] = per[name] * share
     return per
 
 
@@ -526,7 +592,7 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "| store | replicas | workers (jobs) | leases/s (demand) | batches/s | "
         "lease p50 / p99 ms | heartbeat p50 / p99 ms | status p50 / p99 ms | server cores | "
         "store cores | lock waiters | simulator cores |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for config in results:
         for size in config["sizes"]:
@@ -543,22 +609,21 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 f"{s['leases/s']:.0f} ({size['demand/s']:.0f}) | {s['batches/s']:.0f} | "
                 f"{s['lease p50']:.1f} / {s['lease p99']:.1f} | "
                 f"{s['heartbeat p50']:.1f} / {s['heartbeat p99']:.1f} | "
+                f"{s['logs p50']:.1f} / {s['logs p99']:.1f} | "
                 f"{s['status p50']:.1f} / {s['status p99']:.1f} | {s['server'] / wall:.2f} | "
                 f"{store_cores:.2f} | {s['lock waiters']:.1f} | {s['me'] / wall:.2f} |"
             )
     lines += ["", "Cost per request, ms of CPU (the largest fleet; idle CPU subtracted):", ""]
-    names = list(costs(results[0]))
-    lines.append("| store | replicas | " + " | ".join(names) + " |")
-    lines.append("|---|---:|" + "---:|" * len(names))
-    for config in results:
-        per = costs(config)
-        lines.append(
-            f"| {config['store']} | {config['replicas']} | "
-            + " | ".join(f"{per.get(n, float('nan')):.2f}" for n in names)
-            + " |"
-        )
+    header = [f"{c['store']}, {c['replicas']} replica(s)" for c in results]
+    lines.append("| request | " + " | ".join(header) + " |")
+    lines.append("|---|" + "---:|" * len(header))
+    per = [costs(config) for config in results]
+    for name in per[0]:
+        values = " | ".join(f"{p.get(name, float('nan')):.2f}" for p in per)
+        lines.append(f"| {name} | {values} |")
     errors = sum(len(size["errors"]) for config in results for size in config["sizes"])
-    lines += ["", f"Simulated workers' errors: {errors}."]
+    retries = sum(size["retries"] for config in results for size in config["sizes"])
+    lines += ["", f"Simulated workers' errors: {errors}; requests sent again: {retries}."]
     return "\n".join(lines) + "\n"
 
 
@@ -571,7 +636,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds after start-up")
     parser.add_argument("--jobs", type=int, default=1, help="the fleet spread over this many")
-    parser.add_argument("--per-batch", action="store_true", help="also lease 8 at a time")
+    parser.add_argument("--per-batch", action="store_true", help="also 8 a lease (largest fleet)")
+    parser.add_argument("--no-logs", action="store_true", help="ship no log lines")
     parser.add_argument("--no-spy", action="store_true", help="no py-spy samples")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--write", action="store_true", help="update bench/README.md")

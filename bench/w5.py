@@ -267,12 +267,36 @@ def report(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+HEADING = "## W5: a real model against the limit and Ray Data"
+
+
+def section(result: dict[str, Any], lines: list[str]) -> str:
+    runs = ", ".join(
+        f"{o:.2f}/{lim:.2f}"
+        for o, lim in zip(result["ours_runs_s"], result["limit_runs_s"], strict=True)
+    )
+    return "\n".join(
+        [
+            HEADING,
+            "",
+            f"The last run of `bench/w5.py` ({time.strftime('%Y-%m-%d')}, median of "
+            f"{result['runs']}; each run ours/limit in seconds: {runs}):",
+            "",
+            "```",
+            *lines,
+            "```",
+            "",
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3, help="of the service and the limit")
     parser.add_argument("--no-ray", action="store_true", help="only the service and the limit")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--write", action="store_true", help="update bench/README.md")
     parser.add_argument("--limit", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.limit:  # the limit's own process (see `limit`)
@@ -283,7 +307,13 @@ def main() -> None:
         print(f"W5 real model     skipped: {lacking}")
         return
     result = run(args.rows, args.runs, with_ray=not args.no_ray)
-    print("\n".join(report(result)))
+    lines = report(result)
+    print("\n".join(lines))
+    if args.write:
+        sys.path.insert(0, str(HERE))
+        from scale import write_readme
+
+        write_readme(section(result, lines), HEADING)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
