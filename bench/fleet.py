@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import random
@@ -58,6 +59,7 @@ sys.path.insert(0, str(HERE))
 from scale import ADMIN_URL, Server, machine, write_readme  # noqa: E402
 
 from cortex.client import Client  # noqa: E402
+from cortex.errors import CortexError  # noqa: E402
 from cortex.settings import Settings  # noqa: E402
 from cortex.store import Store, sql  # noqa: E402
 from cortex.worker.queue import HttpQueue, JobGone  # noqa: E402
@@ -445,8 +447,11 @@ def run_size(
             result["logs_only"] = window(fleet, cpu, min(args.duration, 5), None, folder)
     fleet.stopped.set()
     with Client(servers[0].url) as client:
+        # How the jobs stood at the end (a job may have ended meanwhile: expired leases, say).
+        result["job_status"] = [client.get_job(API, j)["job_status"]["status"] for j in job_ids]
         for job_id in job_ids:
-            client.stop_job(API, job_id)
+            with contextlib.suppress(CortexError):
+                client.stop_job(API, job_id)
     for thread in threads + helpers:
         thread.join(30)
     for queue in queues:
@@ -530,7 +535,7 @@ def status_cost(servers: list[Server], cpu: Cpu, seconds: float = 3.0) -> dict[s
     fleet.stopped.set()
     thread.join()
     used = Cpu.used(before, cpu.snapshot())
-    with Client(servers[0].url) as client:
+    with Client(servers[0].url) as client, contextlib.suppress(CortexError):
         client.stop_job(API, job["job_id"])
     return {**used, "statuses": len(fleet.statuses)}
 
@@ -584,13 +589,15 @@ def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         f"`bench/fleet.py --workers {','.join(map(str, args.workers))} --think-ms "
         f"{args.think_ms:g} --duration {args.duration:g}` ({time.strftime('%Y-%m-%d')}; "
-        f"{machine()}). Leasing one batch at a time with a think time of {args.think_ms:g} ms, "
+        f"{machine()}). Leasing one batch at a time with a think time of {args.think_ms:g} ms "
+        "and a log line shipped per batch, "
         "heartbeats at the server's period, 10 status reads a second. CPU in cores (CPU seconds "
         "per second): the servers, the store (PostgreSQL's backends; on SQLite the share of the "
         "server's py-spy samples in the driver's calls), and the simulator itself.",
         "",
         "| store | replicas | workers (jobs) | leases/s (demand) | batches/s | "
-        "lease p50 / p99 ms | heartbeat p50 / p99 ms | status p50 / p99 ms | server cores | "
+        "lease p50 / p99 ms | heartbeat p50 / p99 ms | log shipment p50 / p99 ms | "
+        "status p50 / p99 ms | server cores | "
         "store cores | lock waiters | simulator cores |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -641,8 +648,12 @@ def main() -> None:
     parser.add_argument("--no-spy", action="store_true", help="no py-spy samples")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--write", action="store_true", help="update bench/README.md")
+    parser.add_argument("--report", type=Path, help="only the tables of an earlier --json run")
     args = parser.parse_args()
     args.workers = [int(n) for n in args.workers.split(",")]
+    if args.report:
+        report(json.loads(args.report.read_text()), args)
+        return
     configs = []
     for kind in args.store.split(","):
         if kind not in ("sqlite", "postgres"):
@@ -657,12 +668,14 @@ def main() -> None:
     try:
         for kind, replicas in configs:
             results.append(run_config(kind, replicas, args, root))
+            if args.json:  # as it goes: a long run that fails later keeps what it measured
+                args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        import json
+    report(results, args)
 
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     section = tables(results, args)
     print(section)
     if args.write:
