@@ -235,7 +235,10 @@ def run(rows: int, runs: int, with_ray: bool = True) -> dict[str, Any]:
         result["limit_s"], result["ours_s"] = statistics.median(limits), statistics.median(ours)
         if with_ray:
             result["ray_init_s"], result["ray_s"], checks["ray"] = ray_data(model_path, data_path)
-        result["ratio"] = result["ours_s"] / result["limit_s"]
+        # Each service run is compared with the limit's run just before it (the machine's load
+        # drifts between runs); the target is judged on the median of those ratios.
+        result["ratios"] = [o / lim for o, lim in zip(ours, limits, strict=True)]
+        result["ratio"] = statistics.median(result["ratios"])
         wrong = [name for name, counts in checks.items() if counts != expected]
         if wrong:
             raise SystemExit(
@@ -249,13 +252,17 @@ def run(rows: int, runs: int, with_ray: bool = True) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> list[str]:
-    ours, lim = result["ours_s"], result["limit_s"]
+    ours, lim, ratio = result["ours_s"], result["limit_s"], result["ratio"]
     lines = [
-        f"W5 real model     ours {ours:8.3f}  limit {lim:8.3f}  ratio {ours / lim:6.2f}  "
+        f"W5 real model     ours {ours:8.3f}  limit {lim:8.3f}  ratio {ratio:6.2f}  "
         f"(s end to end, {result['rows']:,} rows, a 50-tree random forest)",
     ]
-    met = "met" if ours <= TARGET_RATIO * lim else "not met"
-    lines.append(f"  target: at most {TARGET_RATIO} x the limit: {ours / lim:.2f} x, {met}")
+    met = "met" if ratio <= TARGET_RATIO else "not met"
+    each = ", ".join(f"{r:.2f}" for r in result["ratios"])
+    lines.append(
+        f"  target: at most {TARGET_RATIO} x the limit: {ratio:.2f} x (median of each run's "
+        f"ratio: {each}; ratio of the medians {ours / lim:.2f}), {met}"
+    )
     if "ray_s" in result:
         ray = result["ray_s"]
         met = "met" if ours < ray else "not met"
