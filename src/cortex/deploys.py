@@ -79,7 +79,7 @@ class Deploys:
                 key, project_dir, lambda done: self._built(api.name, spec_id, done), extra=extra
             )
             log.info("api %s: building environment %s", api.name, key)
-        return result, api.name, {"spec_id": spec_id, "cached": cached, **status.to_json()}
+        return result, api.name, {"spec_id": spec_id, **status.to_json(), "cached": cached}
 
     def _built(self, name: str, spec_id: str, status: environments.Status) -> None:
         """A deploy's build ended: the version serves, or the one before it goes on serving."""

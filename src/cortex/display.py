@@ -12,7 +12,15 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from cortex import schemas
 from cortex.jobs import JobStatus
+
+# What the functions below show: a record of the client, or the same JSON as a dict.
+Shown = schemas.Record | dict[str, Any]
+
+
+def _plain(data: Shown) -> dict[str, Any]:
+    return data.to_json() if isinstance(data, schemas.Record) else data
 
 
 def _ts(value: str | None) -> float | None:
@@ -54,7 +62,8 @@ def start_time(value: str | None) -> str:
     return datetime.datetime.fromtimestamp(ts).astimezone().strftime("%d %b %Y %H:%M:%S %Z")
 
 
-def job_duration(status: dict[str, Any]) -> str:
+def job_duration(status: Shown) -> str:
+    status = _plain(status)
     start = _ts(status.get("start_time"))
     if start is None:
         return "-"
@@ -76,7 +85,8 @@ def _table(*columns: str) -> Table:
     return table
 
 
-def apis_table(data: dict[str, Any]) -> RenderableType:
+def apis_table(data: Shown) -> RenderableType:
+    data = _plain(data)
     apis = data.get("batch_apis", [])
     if not apis:
         return Text("no apis are deployed")
@@ -94,7 +104,8 @@ def apis_table(data: dict[str, Any]) -> RenderableType:
     return table
 
 
-def jobs_table(api: dict[str, Any]) -> RenderableType:
+def jobs_table(api: Shown) -> RenderableType:
+    api = _plain(api)
     jobs = api["job_statuses"]
     parts: list[RenderableType] = []
     if not jobs:
@@ -128,7 +139,8 @@ def jobs_table(api: dict[str, Any]) -> RenderableType:
     return Group(*parts)
 
 
-def job_view(data: dict[str, Any]) -> RenderableType:
+def job_view(data: Shown) -> RenderableType:
+    data = _plain(data)
     job = data["job_status"]
     code = JobStatus(job["status"])
     metrics = job["batch_metrics"]
@@ -216,8 +228,9 @@ class Rate:
         return None if not rate else left / rate
 
 
-def progress_detail(job: dict[str, Any], rate: float | None) -> str:
+def progress_detail(job: Shown, rate: float | None) -> str:
     """The words beside a job's progress bar: counts by state, rate, time left."""
+    job = _plain(job)
     counts = job.get("batch_counts") or {}
     metrics = job["batch_metrics"]
     total = job["total_batch_count"]
@@ -237,8 +250,9 @@ def progress_detail(job: dict[str, Any], rate: float | None) -> str:
     return ", ".join(parts)
 
 
-def progress_line(job: dict[str, Any], rate: float | None) -> str:
+def progress_line(job: Shown, rate: float | None) -> str:
     """One plain line of a job's progress, for output that is not a terminal."""
+    job = _plain(job)
     metrics = job["batch_metrics"]
     done = metrics["succeeded"] + metrics["failed"]
     total = job["total_batch_count"]
@@ -247,8 +261,9 @@ def progress_line(job: dict[str, Any], rate: float | None) -> str:
     return f"job {job['job_id']}: {status.text}, {of_total} batches ({progress_detail(job, rate)})"
 
 
-def final_line(job: dict[str, Any]) -> str:
+def final_line(job: Shown) -> str:
     """How a followed job ended, in one line."""
+    job = _plain(job)
     metrics = job["batch_metrics"]
     status = JobStatus(job["status"])
     line = (
@@ -262,13 +277,14 @@ def final_line(job: dict[str, Any]) -> str:
     return line
 
 
-def failed_table(batches: list[dict[str, Any]], traceback_lines: int = 3) -> RenderableType:
+def failed_table(batches: list[Shown], traceback_lines: int = 3) -> RenderableType:
     """A job's failed batches: id, attempts, error, and the last lines of the traceback (the
     ones that say where)."""
     if not batches:
         return Text("no failed batches")
     table = _table("batch id", "attempts", "error")
-    for batch in batches:
+    for shown in batches:
+        batch = _plain(shown)
         error = batch.get("error") or ""
         trace = (batch.get("traceback") or "").rstrip().splitlines()
         if trace:

@@ -2,6 +2,11 @@
 
 The HTTP layer turns a `CortexError` into `{"kind", "message"}` with the error's status code
 (the spec answers every error with 400); the CLI prints the message on one line.
+
+Every error belongs to one family a caller can catch: `InvalidRequest`, `NotFound`,
+`Conflict`, `Unauthorized`, `Forbidden`, `ServerError`, `ConnectionFailed` and `WaitTimeout`.
+The Python client raises, for an error answer, the family of the server's `kind` (by the
+status code for a kind it does not know), carrying that kind, message and status code.
 """
 
 from __future__ import annotations
@@ -29,14 +34,36 @@ class InvalidRequest(CortexError):
     kind = "request.invalid"
 
 
-class BodyTooLarge(CortexError):
+class BodyTooLarge(InvalidRequest):
     kind = "request.body_too_large"
     status_code = 413
 
 
 class NotFound(CortexError):
+    """What the request names does not exist: an API, a job, a route."""
+
     kind = "request.not_found"
     status_code = 404
+
+
+class Conflict(CortexError):
+    """The request does not fit the current state: stopping a job that has ended."""
+
+    kind = "request.conflict"
+    status_code = 409
+
+
+class ServerError(CortexError):
+    """The server failed to answer (a 5xx); the client reports it with the status code."""
+
+    kind = "server.error"
+    status_code = 500
+
+
+class WaitTimeout(CortexError, TimeoutError):
+    """`Client.wait` gave up waiting; the job goes on."""
+
+    kind = "client.wait_timeout"
 
 
 class JobMissing(NotFound):
@@ -49,7 +76,7 @@ class JobMissing(NotFound):
         super().__init__(f"job {job_id} does not exist")
 
 
-class StaleRequest(CortexError):
+class StaleRequest(Conflict):
     """A worker request older than the last one the server acted on for that worker: a copy
     that arrived late. Nobody waits for its answer; it changes nothing."""
 
@@ -67,40 +94,43 @@ class Forbidden(CortexError):
     status_code = 403
 
 
-class InvalidSpec(CortexError):
+class InvalidSpec(InvalidRequest):
     """A cortex.yaml that does not validate; the message names the field."""
 
     kind = "spec.invalid"
 
 
-class ApiNotDeployed(CortexError):
+class ApiNotDeployed(NotFound):
     kind = "resources.api_not_deployed"
+    status_code = 400  # the spec's
 
     def __init__(self, api_name: str) -> None:
         super().__init__(f"{api_name} is not deployed")
 
 
-class JobNotFound(CortexError):
+class JobNotFound(NotFound):
     kind = "batchapi.job_not_found"
+    status_code = 400  # the spec's
 
     def __init__(self, api_name: str, job_id: str) -> None:
         super().__init__(f"unable to find batch job {job_id} ({api_name} api)")
 
 
-class JobNotInProgress(CortexError):
+class JobNotInProgress(Conflict):
     kind = "batchapi.job_is_not_in_progress"
+    status_code = 400  # the spec's
 
     def __init__(self) -> None:
         super().__init__("cannot stop batch job because it is not in progress")
 
 
-class InvalidSubmission(CortexError):
+class InvalidSubmission(InvalidRequest):
     """A job submission that fails the spec's validation; `kind` is the spec's kind."""
 
     kind = "batchapi.invalid_submission"
 
 
-class InsufficientGpus(CortexError):
+class InsufficientGpus(InvalidRequest):
     """A job asks for more GPUs than this server has free."""
 
     kind = "batchapi.insufficient_gpus"
@@ -112,7 +142,7 @@ class ConnectionFailed(CortexError):
     kind = "client.connection_failed"
 
 
-class IllegalTransition(CortexError):
+class IllegalTransition(Conflict):
     """A job status change the state machine does not allow (a bug or a lost race)."""
 
     kind = "batchapi.illegal_transition"
@@ -135,3 +165,39 @@ class InUse(CortexError):
     """A data folder (or SQLite store) that another running server holds."""
 
     kind = "server.in_use"
+
+
+_FAMILIES: tuple[type[CortexError], ...] = (
+    NotFound,
+    Conflict,
+    Unauthorized,
+    Forbidden,
+    InvalidRequest,
+    ServerError,
+)
+_BY_STATUS: dict[int, type[CortexError]] = {
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+}
+
+
+def _kinds(cls: type[CortexError], table: dict[str, type[CortexError]]) -> None:
+    for sub in cls.__subclasses__():
+        family = next((f for f in sub.__mro__ if f in _FAMILIES), None)
+        if family is not None and "kind" in vars(sub):
+            table.setdefault(sub.kind, family)
+        _kinds(sub, table)
+
+
+def from_answer(status_code: int, kind: str, message: str) -> CortexError:
+    """The error an error answer stands for: the family of its kind, else of its status."""
+    table: dict[str, type[CortexError]] = {}
+    _kinds(CortexError, table)
+    family = table.get(kind) or _BY_STATUS.get(status_code)
+    if family is None:
+        family = ServerError if status_code >= 500 else InvalidRequest
+    error = family(message, kind=kind)
+    error.status_code = status_code
+    return error

@@ -10,7 +10,7 @@ from typing import Any
 import click
 from rich.console import RenderableType
 
-from cortex import display
+from cortex import display, schemas
 from cortex.cli.base import (
     EXIT_FAILED,
     EXIT_OK,
@@ -45,24 +45,25 @@ def deploy(config: Path, url: str, output: str, no_wait: bool) -> None:
     exit code 1), showing the installer's progress.
     """
     failed = False
+    shown: list[dict[str, Any]] = []
     with _client(url) as client:
-        results = client.deploy(config)
-        for result in results:
+        for result in client.deploy(config):
             if output != "json":
-                click.echo(result["message"])
-            env = result.get("environment") or {}
-            if no_wait or env.get("state") != "building":
+                click.echo(result.message)
+            answer = result.to_json()
+            shown.append(answer)
+            if no_wait or result.environment.state != "building":
                 continue
-            env = _follow_build(client, result["api_name"], quiet=output == "json")
-            result["environment"] = env
-            failed = failed or env["state"] == "failed"
+            env = _follow_build(client, result.api_name, quiet=output == "json")
+            answer["environment"] = env.to_json()  # how the build ended
+            failed = failed or env.state == "failed"
     if output == "json":
-        _print_json(results)
+        _print_json(shown)
     if failed:
         sys.exit(EXIT_FAILED)
 
 
-def _follow_build(client: Client, api_name: str, *, quiet: bool) -> dict[str, Any]:
+def _follow_build(client: Client, api_name: str, *, quiet: bool) -> schemas.EnvironmentLog:
     """Wait for an API's environment: a spinner with the current step on a terminal, the
     installer's lines as they come when piped; then how it ended, in one line."""
     started = time.monotonic()
@@ -89,11 +90,11 @@ def _follow_build(client: Client, api_name: str, *, quiet: bool) -> dict[str, An
                     click.echo(f"  {line}")
 
         env = client.wait_environment(api_name, echo)
-    took = env.get("duration_s") or (time.monotonic() - started)
-    if env["state"] == "failed":
+    took = env.duration_s or (time.monotonic() - started)
+    if env.state == "failed":
         if not quiet:
             _error_line(f"{api_name}: the environment failed to build after {took:.1f} s:")
-            click.echo(env.get("message") or "", err=True)
+            click.echo(env.message or "", err=True)
     elif not quiet:
         click.echo(f"{api_name}: environment ready in {took:.1f} s")
     return env
@@ -115,17 +116,14 @@ def get(api: str | None, job_id: str | None, url: str, output: str, watch: bool)
     """List APIs, the jobs of API, or one job."""
     with _client(url) as client:
 
-        def fetch() -> tuple[Any, bool]:
+        def fetch() -> tuple[schemas.Record, bool]:
             if api is None:
                 return client.get_all(), False
             if job_id is None:
-                summary = client.get_api(api)["batch_api"]
-                active = any(
-                    JobStatus(job["status"]).in_progress for job in summary["job_statuses"]
-                )
-                return summary, not active
+                summary = client.get_api(api).batch_api
+                return summary, not any(job.in_progress for job in summary.job_statuses)
             data = client.get_job(api, job_id)
-            return data, JobStatus(data["job_status"]["status"]).terminal
+            return data, JobStatus(data.job_status.status).terminal
 
         def render() -> tuple[RenderableType, bool]:
             data, final = fetch()
@@ -136,12 +134,12 @@ def get(api: str | None, job_id: str | None, url: str, output: str, watch: bool)
             return display.job_view(data), final
 
         if output == "json":
-            _print_json(fetch()[0])
+            _print_json(fetch()[0].to_json())
         elif watch and api is not None and job_id is not None:
             # One job: its progress bar until it ends, as `submit --wait` shows it.
             final = follow_job(client, api, job_id)
             console.print(render()[0])
-            sys.exit(EXIT_OK if final["status"] == JobStatus.SUCCEEDED.value else EXIT_FAILED)
+            sys.exit(EXIT_OK if final.succeeded else EXIT_FAILED)
         elif watch:
             _watch(render)
         else:
@@ -165,8 +163,8 @@ def delete(api: str, job_id: str | None, url: str, output: str, force: bool) -> 
                     f"deleting {api} stops its running jobs and erases its job history; continue?",
                     abort=True,
                 )
-            result = client.delete_api(api)
+            result = client.delete(api)
     if output == "json":
-        _print_json(result)
+        _print_json(result.to_json())
     else:
-        click.echo(result["message"])
+        click.echo(result.message)

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from cortex import display, errors, exactjson
+from cortex import display, errors, exactjson, schemas
 from cortex.cli.base import (
     EXIT_FAILED,
     EXIT_OK,
@@ -22,7 +22,6 @@ from cortex.cli.base import (
     url_option,
 )
 from cortex.client import Client
-from cortex.jobs import JobStatus
 
 
 @cli.command()
@@ -62,26 +61,26 @@ def submit(
         body["workers"] = workers
         raw = exactjson.dumps(body)
     with _client(url) as client:
-        result = client.submit(api, raw, dry_run=dry_run)
         if dry_run:
-            click.echo(result, nl=False)
+            click.echo(client.submit(api, raw, dry_run=True), nl=False)
             return
+        job = client.submit(api, raw)
         if output == "json" and not (wait or follow):
-            _print_json(result)
+            _print_json(job.to_json())
             return
-        click.echo(f"submitted job {result['job_id']}", err=output == "json")
+        click.echo(f"submitted job {job.job_id}", err=output == "json")
         if not (wait or follow):
-            click.echo(f"follow it with: cortex get {api} {result['job_id']} --watch")
+            click.echo(f"follow it with: cortex get {api} {job.job_id} --watch")
             return
-        final = follow_job(client, api, result["job_id"], logs=follow, quiet=output == "json")
+        final = follow_job(client, api, job.job_id, logs=follow, quiet=output == "json")
     if output == "json":
-        _print_json(final)
-    sys.exit(EXIT_OK if final["status"] == JobStatus.SUCCEEDED.value else EXIT_FAILED)
+        _print_json(final.to_json())
+    sys.exit(EXIT_OK if final.succeeded else EXIT_FAILED)
 
 
 def follow_job(
     client: Client, api: str, job_id: str, *, logs: bool = False, quiet: bool = False
-) -> dict[str, Any]:
+) -> schemas.JobStatus:
     """Show a job's progress until it ends, as `ray job submit` does: a Rich bar with counts,
     rate and ETA on a terminal, a plain line when the counts change otherwise; with `logs`,
     the job's log lines above it. Ctrl-C leaves the job running and says how to get back to
@@ -105,14 +104,17 @@ def follow_job(
     if streamer is not None:
         streamer.finish()
     if not quiet:
-        ok = final["status"] == JobStatus.SUCCEEDED.value
-        click.secho(display.final_line(final), fg=None if ok else "red", err=not ok)
+        click.secho(
+            display.final_line(final),
+            fg=None if final.succeeded else "red",
+            err=not final.succeeded,
+        )
     return final
 
 
 def _follow_on_terminal(
     client: Client, api: str, job_id: str, rate: display.Rate, streamer: _LogStreamer | None
-) -> dict[str, Any]:
+) -> schemas.JobStatus:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     columns = (
@@ -126,13 +128,11 @@ def _follow_on_terminal(
         if streamer is not None:
             streamer.start(lambda line: progress.console.print(line, markup=False))
 
-        def show(job: dict[str, Any]) -> None:
-            metrics = job["batch_metrics"]
-            done = metrics["succeeded"] + metrics["failed"]
-            total = job["total_batch_count"]
+        def show(job: schemas.JobStatus) -> None:
+            done = _done(job)
             progress.update(
                 task,
-                total=total or None,
+                total=job.total_batch_count or None,
                 completed=done,
                 detail=display.progress_detail(job, rate.update(done)),
             )
@@ -142,15 +142,14 @@ def _follow_on_terminal(
 
 def _follow_plain(
     client: Client, api: str, job_id: str, rate: display.Rate, streamer: _LogStreamer | None
-) -> dict[str, Any]:
+) -> schemas.JobStatus:
     if streamer is not None:
         streamer.start(click.echo)
     last: list[tuple[int, int, str]] = []
 
-    def show(job: dict[str, Any]) -> None:
-        metrics = job["batch_metrics"]
-        done = metrics["succeeded"] + metrics["failed"]
-        current = (done, job["total_batch_count"], job["status"])
+    def show(job: schemas.JobStatus) -> None:
+        done = _done(job)
+        current = (done, job.total_batch_count, job.status)
         speed = rate.update(done)
         if not last or last[0] != current:  # a line when something changed, not every poll
             last[:] = [current]
@@ -159,13 +158,19 @@ def _follow_plain(
     return client.wait(api, job_id, on_progress=show)
 
 
+def _done(job: schemas.JobStatus) -> int:
+    """Batches that have ended, either way."""
+    metrics = job.batch_metrics
+    return 0 if metrics is None else metrics.succeeded + metrics.failed
+
+
 class _LogStreamer:
     """The job's log, followed on a thread while the progress shows; the stream ends by
     itself once the job has ended and every line is out."""
 
     def __init__(self, client: Client, api: str, job_id: str) -> None:
         # A client of its own: httpx clients are not shared across threads mid-stream.
-        self._client = Client(client.url)
+        self._client = Client(client.url, token=client.token)
         self._api = api
         self._job_id = job_id
         self._thread: threading.Thread | None = None
@@ -198,15 +203,13 @@ def failed(api: str, job_id: str, url: str, output: str, limit: int) -> None:
     with _client(url) as client:
         batches = client.failed_batches(api, job_id, limit)
     if output == "json":
-        _print_json(batches)
+        _print_json([batch.to_json() for batch in batches])
     elif console.is_terminal:
-        console.print(display.failed_table(batches))
+        console.print(display.failed_table(list(batches)))
     else:  # piped: whole lines, never cut to a table's width
         for batch in batches:
-            click.echo(
-                f"batch {batch['batch_id']} (attempts {batch['attempts']}): {batch['error']}"
-            )
-            for line in (batch.get("traceback") or "").rstrip().splitlines()[-3:]:
+            click.echo(f"batch {batch.batch_id} (attempts {batch.attempts}): {batch.error}")
+            for line in (batch.traceback or "").rstrip().splitlines()[-3:]:
                 click.echo(f"  {line}")
 
 
@@ -222,20 +225,19 @@ def retry(api: str, job_id: str, url: str, output: str, workers: int | None, wai
     with _client(url) as client:
         job = client.retry_failed(api, job_id, workers)
         if output == "json" and not wait:
-            _print_json(job)
+            _print_json(job.to_json())
             return
         click.echo(
-            f"retrying {job['total_batch_count']} failed batches of job {job_id} as job "
-            f"{job['job_id']}",
+            f"retrying {job.total_batch_count} failed batches of job {job_id} as job {job.job_id}",
             err=output == "json",
         )
         if not wait:
-            click.echo(f"follow it with: cortex get {api} {job['job_id']} --watch")
+            click.echo(f"follow it with: cortex get {api} {job.job_id} --watch")
             return
-        final = follow_job(client, api, job["job_id"], quiet=output == "json")
+        final = follow_job(client, api, job.job_id, quiet=output == "json")
     if output == "json":
-        _print_json(final)
-    sys.exit(EXIT_OK if final["status"] == JobStatus.SUCCEEDED.value else EXIT_FAILED)
+        _print_json(final.to_json())
+    sys.exit(EXIT_OK if final.succeeded else EXIT_FAILED)
 
 
 @cli.command()
