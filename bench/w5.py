@@ -246,6 +246,9 @@ def run(rows: int, runs: int, with_ray: bool = True) -> dict[str, Any]:
                 f"{ {n: checks[n] for n in wrong} } != {expected}"
             )
         result["labels_per_class"] = expected
+        # Other work on the machine moves these numbers: say how busy it was.
+        result["load_average"] = os.getloadavg()[0]
+        result["cpus"] = os.cpu_count()
         return result
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -287,7 +290,9 @@ def section(result: dict[str, Any], lines: list[str]) -> str:
             HEADING,
             "",
             f"The last run of `bench/w5.py` ({time.strftime('%Y-%m-%d')}, median of "
-            f"{result['runs']}; each run ours/limit in seconds: {runs}):",
+            f"{result['runs']}; each run ours/limit in seconds: {runs}; load average "
+            f"{result.get('load_average', float('nan')):.1f} on {result.get('cpus')} CPUs "
+            "at the end):",
             "",
             "```",
             *lines,
