@@ -4,17 +4,18 @@
 
 Each simulated worker is a thread with the worker runtime's own `HttpQueue` (the requests,
 sequence numbers and retries of `python -m cortex.worker`): it reports `initializing`, reads
-the spec, reports `running`, then leases one batch at a time, "predicts" by sleeping a fixed
-think time (`--think-ms`, default 1000: a GPU worker with 1-second batches), and reports the
-result with its next lease, as a real worker does. Heartbeats go at the server's period
+the spec, reports `running`, then leases one batch at a time, ships the batch's `processing
+batch` log line (a worker's log shipper would), "predicts" by sleeping a fixed think time
+(`--think-ms`, default 1000: a GPU worker with 1-second batches), and reports the result with
+its next lease, as a real worker does. Heartbeats go at the server's period
 (`heartbeat_s` from the spec) from a few heartbeat threads, through the same queue objects,
 and a client reads the job's status 10 times a second. Worker starts are spread over one
 think time, so the fleet does not lease in lock step.
 
 The servers are real `cortex serve` processes: one on SQLite, or 1 or 2 replicas on a fresh
 PostgreSQL database (127.0.0.1:5432 as user postgres, or CORTEX_BENCH_POSTGRES=<admin url>),
-the workers spread over the replicas. Each size runs one job of trivial batches; the
-simulated workers are added to it as worker rows of the replica they talk to (as a launcher
+the workers spread over the replicas. Each size runs one job of trivial batches (or `--jobs
+N`, the workers dealt out among them); the simulated workers are added to it as worker rows of the replica they talk to (as a launcher
 would), and the job's one real worker (the server starts it) waits in its predictor's
 `__init__` and takes no batches.
 
@@ -24,10 +25,14 @@ second, latencies (p50, p99) of leases, heartbeats and status reads, and CPU: th
 server's shared background processes are not counted) and the simulator's own. On SQLite the
 store runs inside the server: its share is the fraction of the server's py-spy samples (50 Hz,
 active threads) that are in SQLAlchemy's calls into the database driver. Then, with leasing
-paused, two calibrations give the cost of one heartbeat and one status read; the cost of a
+paused, calibrations give the cost of one status read (a client alone), one heartbeat (ten
+times the usual rate) and one log shipment (a line per think time, no leases); the cost of a
 lease (with one result and one batch) is what is left of the window's CPU, per lease. With
 `--per-batch`, a second window leases 8 batches at a time to split a lease's cost into a part
-per request and a part per batch. `--write` puts the tables into bench/README.md.
+per request and a part per batch. On PostgreSQL the window also counts, 5 times a second, the
+bench database's backends waiting for a lock. `--json FILE` keeps the raw results,
+`--report FILE` prints the tables of such a file again, and `--write` puts the tables into
+bench/README.md (`bench/fleetcpu.py` counts the CPU, `bench/fleetreport.py` writes the tables).
 """
 
 from __future__ import annotations
@@ -45,18 +50,18 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import sqlalchemy as sa
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from scale import ADMIN_URL, Server, machine, write_readme  # noqa: E402
+from fleetcpu import Cpu, sampled  # noqa: E402
+from fleetreport import report  # noqa: E402
+from scale import ADMIN_URL, Server  # noqa: E402
 
 from cortex.client import Client  # noqa: E402
 from cortex.errors import CortexError  # noqa: E402
@@ -64,7 +69,6 @@ from cortex.settings import Settings  # noqa: E402
 from cortex.store import Store, sql  # noqa: E402
 from cortex.worker.queue import HttpQueue, JobGone  # noqa: E402
 
-HEADING = "## Fleet: simulated workers against real servers"
 API = "fleet"
 # The job's one real worker waits here: the simulated workers take every batch.
 PREDICTOR = """
@@ -217,109 +221,6 @@ class Fleet:
         finally:
             for client in clients:
                 client.close()
-
-
-# -- CPU accounting -----------------------------------------------------------------------------
-
-
-class Cpu:
-    """CPU seconds (user + system) of the servers, the store's backends and this process."""
-
-    def __init__(self, servers: list[Server], pg: sa.Engine | None, database: str) -> None:
-        self.servers = [psutil.Process(s.process.pid) for s in servers]
-        self.pg = pg
-        self.database = database
-        self.me = psutil.Process()
-
-    def _backends(self) -> dict[int, float]:
-        if self.pg is None:
-            return {}
-        with self.pg.connect() as conn:
-            pids = conn.execute(
-                sa.text("SELECT pid FROM pg_stat_activity WHERE datname = :d"),
-                {"d": self.database},
-            ).scalars()
-            found = {}
-            for pid in pids:
-                with contextlib.suppress(psutil.Error):
-                    times = psutil.Process(pid).cpu_times()
-                    found[pid] = times.user + times.system
-        return found
-
-    def lock_waits(self) -> int:
-        """Backends of the bench's database waiting for a lock now."""
-        if self.pg is None:
-            return 0
-        with self.pg.connect() as conn:
-            return int(
-                conn.execute(
-                    sa.text(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE datname = :d AND wait_event_type = 'Lock'"
-                    ),
-                    {"d": self.database},
-                ).scalar_one()
-            )
-
-    def snapshot(self) -> dict[str, Any]:
-        def secs(proc: psutil.Process) -> float:
-            times = proc.cpu_times()
-            return float(times.user + times.system)
-
-        return {
-            "at": time.perf_counter(),
-            "server": sum(secs(p) for p in self.servers),
-            "store": self._backends(),
-            "me": secs(self.me),
-        }
-
-    @staticmethod
-    def used(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
-        """CPU seconds of each part between two snapshots, and the wall time."""
-        store = sum(t - before["store"].get(pid, 0.0) for pid, t in after["store"].items())
-        return {
-            "wall": after["at"] - before["at"],
-            "server": after["server"] - before["server"],
-            "store": store,
-            "me": after["me"] - before["me"],
-        }
-
-
-@contextlib.contextmanager
-def sampled(pid: int, seconds: float, folder: Path) -> Iterator[dict[str, float]]:
-    """py-spy samples of the server for `seconds`: the share of active samples in the store
-    (SQLAlchemy's calls into the database driver) and in the store layer as a whole."""
-    out = folder / f"spy-{time.time_ns()}.txt"
-    share: dict[str, float] = {}
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(spy).exists():  # the `bench` extra brings it (with Ray)
-        yield share
-        return
-    proc = subprocess.Popen(
-        [
-            *(spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds)))),
-            *("--rate", "50", "--format", "raw", "--nonblocking", "--output", str(out)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield share
-    finally:
-        try:
-            proc.wait(seconds + 30)
-            total = driver = layer = 0
-            for line in out.read_text().splitlines():
-                stack, _, count = line.rpartition(" ")
-                n = int(count)
-                total += n
-                if any(f in stack for f in ("do_execute", "do_commit", "do_rollback", "fetch")):
-                    driver += n
-                if "sqlalchemy/" in stack or "cortex/store/" in stack:
-                    layer += n
-            share.update(driver=driver / total if total else 0.0, layer=layer / total)
-        except (OSError, ValueError, subprocess.TimeoutExpired, ZeroDivisionError):
-            proc.kill()
 
 
 # -- one configuration --------------------------------------------------------------------------
@@ -540,100 +441,6 @@ def status_cost(servers: list[Server], cpu: Cpu, seconds: float = 3.0) -> dict[s
     return {**used, "statuses": len(fleet.statuses)}
 
 
-# -- the report ---------------------------------------------------------------------------------
-
-
-def costs(config: dict[str, Any]) -> dict[str, float]:
-    """Milliseconds of CPU per request, from the largest fleet's windows, for the servers and
-    the store: each calibration window's CPU less the idle rate and what is known already,
-    per request of its kind; a lease is what is left of the steady window."""
-    idle_s = config["idle"]
-    last = config["sizes"][-1]
-    per: dict[str, float] = {}
-    for part in ("server", "store"):
-        rate = idle_s[part] / idle_s["wall"]
-        known: dict[str, float] = {}
-
-        def left(
-            w: dict[str, Any], part: str = part, rate: float = rate, known: dict[str, float] = known
-        ) -> float:
-            return float(w[part] - rate * w["wall"] - sum(known[k] * w[k] for k in known if k in w))
-
-        status = config["status_only"]
-        known["statuses"] = left(status) / max(1, status["statuses"])
-        hb = last["heartbeats_only"]
-        known["heartbeats"] = left(hb) / max(1, hb["heartbeats"])
-        if "logs_only" in last:
-            logs = last["logs_only"]
-            known["shipments"] = left(logs) / max(1, logs["shipments"])
-        lease = left(last["steady"]) / max(1, last["steady"]["leases"])
-        per[f"{part}: status"] = known["statuses"] * 1000
-        per[f"{part}: heartbeat"] = known["heartbeats"] * 1000
-        per[f"{part}: log shipment"] = known.get("shipments", float("nan")) * 1000
-        per[f"{part}: lease (1 result, 1 batch)"] = lease * 1000
-        if "eight" in last:
-            per8 = left(last["eight"]) / max(1, last["eight"]["leases"])
-            per[f"{part}: per batch"] = (per8 - lease) / 7 * 1000
-            per[f"{part}: per lease request"] = lease * 1000 - per[f"{part}: per batch"]
-    if config["store"] == "sqlite":  # the store is inside the server: its sampled share
-        share = last["steady"]["spy"].get("driver", float("nan"))
-        for name in list(per):
-            if name.startswith("server: "):
-                per["store: " + name.removeprefix("server: ")] = per[name] * share
-    return per
-
-
-def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    lines = [
-        HEADING,
-        "",
-        f"`bench/fleet.py --workers {','.join(map(str, args.workers))} --think-ms "
-        f"{args.think_ms:g} --duration {args.duration:g}` ({time.strftime('%Y-%m-%d')}; "
-        f"{machine()}). Leasing one batch at a time with a think time of {args.think_ms:g} ms "
-        "and a log line shipped per batch, "
-        "heartbeats at the server's period, 10 status reads a second. CPU in cores (CPU seconds "
-        "per second): the servers, the store (PostgreSQL's backends; on SQLite the share of the "
-        "server's py-spy samples in the driver's calls), and the simulator itself.",
-        "",
-        "| store | replicas | workers (jobs) | leases/s (demand) | batches/s | "
-        "lease p50 / p99 ms | heartbeat p50 / p99 ms | log shipment p50 / p99 ms | "
-        "status p50 / p99 ms | server cores | "
-        "store cores | lock waiters | simulator cores |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for config in results:
-        for size in config["sizes"]:
-            s = size["steady"]
-            wall = s["wall"]
-            store_cores = (
-                s["store"] / wall
-                if config["store"] == "postgres"
-                else s["spy"].get("driver", float("nan")) * s["server"] / wall
-            )
-            lines.append(
-                f"| {config['store']} | {config['replicas']} | "
-                f"{size['workers']} ({size['jobs']}) | "
-                f"{s['leases/s']:.0f} ({size['demand/s']:.0f}) | {s['batches/s']:.0f} | "
-                f"{s['lease p50']:.1f} / {s['lease p99']:.1f} | "
-                f"{s['heartbeat p50']:.1f} / {s['heartbeat p99']:.1f} | "
-                f"{s['logs p50']:.1f} / {s['logs p99']:.1f} | "
-                f"{s['status p50']:.1f} / {s['status p99']:.1f} | {s['server'] / wall:.2f} | "
-                f"{store_cores:.2f} | {s['lock waiters']:.1f} | {s['me'] / wall:.2f} |"
-            )
-    lines += ["", "Cost per request, ms of CPU (the largest fleet; idle CPU subtracted):", ""]
-    header = [f"{c['store']}, {c['replicas']} replica(s)" for c in results]
-    lines.append("| request | " + " | ".join(header) + " |")
-    lines.append("|---|" + "---:|" * len(header))
-    per = [costs(config) for config in results]
-    for name in per[0]:
-        values = " | ".join(f"{p.get(name, float('nan')):.2f}" for p in per)
-        lines.append(f"| {name} | {values} |")
-    errors = sum(len(size["errors"]) for config in results for size in config["sizes"])
-    retries = sum(size["retries"] for config in results for size in config["sizes"])
-    lines += ["", f"Simulated workers' errors: {errors}; requests sent again: {retries}."]
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="50,200,500")
@@ -673,13 +480,6 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report(results, args)
-
-
-def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    section = tables(results, args)
-    print(section)
-    if args.write:
-        write_readme(section, HEADING)
 
 
 if __name__ == "__main__":
