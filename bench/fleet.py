@@ -15,9 +15,9 @@ think time, so the fleet does not lease in lock step.
 The servers are real `cortex serve` processes: one on SQLite, or 1 or 2 replicas on a fresh
 PostgreSQL database (127.0.0.1:5432 as user postgres, or CORTEX_BENCH_POSTGRES=<admin url>),
 the workers spread over the replicas. Each size runs one job of trivial batches (or `--jobs
-N`, the workers dealt out among them); the simulated workers are added to it as worker rows of the replica they talk to (as a launcher
-would), and the job's one real worker (the server starts it) waits in its predictor's
-`__init__` and takes no batches.
+N`, the workers dealt out among them); the simulated workers are added to it as worker rows
+of the replica they talk to (as a launcher would), and the job's one real worker (the server
+starts it) waits in its predictor's `__init__` and takes no batches.
 
 Measured over a window of `--duration` seconds after a warm-up: leases and batches per
 second, latencies (p50, p99) of leases, heartbeats and status reads, and CPU: the servers'
