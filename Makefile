@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-ray test-tf check lint typecheck unit clean bench bench-quick
+.PHONY: run test test-ray test-tf check lint typecheck unit clean bench bench-quick bench-fleet
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,12 +48,23 @@ typecheck: $(VENV)/.test
 
 check: test
 
+$(VENV)/.bench: pyproject.toml | $(VENV)/.test
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
 ## Measure the service's overhead against the limit (bench/README.md): 3 runs, or 1 quick run.
-bench: $(VENV)/.test
+## W5 (a real model against the limit and Ray Data) needs the `bench` extra, installed here.
+bench: $(VENV)/.bench
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/w5.py --write
 
 bench-quick: $(VENV)/.test
 	$(BIN)/python bench/bench.py --quick
+
+## Simulated workers (threads speaking the worker protocol) against SQLite and PostgreSQL with
+## 1 and 2 replicas: throughput, latencies and CPU per request (bench/README.md, docs/scale.md).
+bench-fleet: $(VENV)/.bench
+	$(BIN)/python bench/fleet.py --per-batch
 
 clean:
 	rm -rf $(VENV) .cortex .pytest_cache .mypy_cache .ruff_cache

@@ -45,7 +45,7 @@ START, END = "<!-- overhead:start -->", "<!-- overhead:end -->"
 
 
 class Server:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, env: dict[str, str] | None = None) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -58,6 +58,7 @@ class Server:
             "CORTEX_LOG_LEVEL": "warning",
             # W3 posts 200,000 items of 200 characters (about 46 MB) in one request.
             "CORTEX_MAX_BODY_BYTES": str(128 << 20),
+            **(env or {}),
         }
         self.log = open(folder / "server.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
@@ -99,7 +100,9 @@ class Server:
         self.log.close()
 
 
-def submit_and_wait(server: Server, body: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+def submit_and_wait(
+    server: Server, body: dict[str, Any], config: dict[str, Any], api: str = "bench"
+) -> dict[str, Any]:
     """POST a job and wait for it to end; the total runs from the POST to the job's end_time
     as the server recorded it (same machine, same clock), so polling slowly (every 50 ms, not
     to load the server being measured) costs no precision. The body is encoded before the clock
@@ -108,12 +111,12 @@ def submit_and_wait(server: Server, body: dict[str, Any], config: dict[str, Any]
     content = orjson.dumps({**body, "config": config})
     started_wall = time.time()
     started = time.perf_counter()
-    job = server.http.post("/bench", content=content, headers={"Content-Type": "application/json"})
+    job = server.http.post(f"/{api}", content=content, headers={"Content-Type": "application/json"})
     job.raise_for_status()
     accepted = time.perf_counter()
     job_id = job.json()["job_id"]
     while True:
-        status = server.http.get("/bench", params={"jobID": job_id}).json()["job_status"]
+        status = server.http.get(f"/{api}", params={"jobID": job_id}).json()["job_status"]
         if status["status"] not in ("status_enqueuing", "status_running"):
             break
         time.sleep(0.05)

@@ -238,10 +238,11 @@ def table(results: dict[str, dict[str, float]], args: argparse.Namespace, pg: st
     return "\n".join(lines) + "\n"
 
 
-def write_readme(section: str) -> None:
+def write_readme(section: str, heading: str = HEADING) -> None:
+    """Put `section` in bench/README.md in place of the one under `heading` (or at the end)."""
     path = Path(__file__).with_name("README.md")
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text).rstrip() + "\n"
     else:
