@@ -21,8 +21,7 @@ import s3fs
 import yaml
 
 from helpers import start_server, stop_server, wait_for, wait_for_status
-from integration.test_datasets import BUCKET, S3
-from integration.test_datasets import s3 as s3  # the moto server fixture, shared
+from s3server import BUCKET, S3
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "image-classifier"
 API = "image-classifier"

@@ -18,8 +18,7 @@ from onnx import TensorProto, helper
 
 from cortex.client import Client
 from helpers import Server, start_server, stop_server, wait_for_status
-from integration.test_datasets import BUCKET, S3
-from integration.test_datasets import s3 as s3  # the moto server fixture
+from s3server import BUCKET, S3
 
 BUILD_S = 180.0
 
