@@ -110,7 +110,6 @@ class Lifecycle:
     def ended(self, job_id: str, status: JobStatus, message: str | None) -> None:
         """Say that a job reached its final status (written already, by whoever ended it),
         and let the reconciler act on it."""
-        self.launcher.unreserve(job_id)  # what its workers were promised and did not take
         level = "INFO" if status in (JobStatus.SUCCEEDED, JobStatus.STOPPED) else "WARNING"
         suffix = f": {message}" if message else ""
         self.job_event(job_id, f"job status: {status.value}{suffix}", level)

@@ -1,8 +1,9 @@
 """The service: builds the capability modules over one store and launcher, and holds them.
 
 Each part owns one capability: `lifecycle` (reading, stopping and ending jobs), `deploys`
-(API versions, environments, projects), `launching` (starting workers here), `submissions`
-(creating jobs, enqueuing) and `workers` (the worker API). The routes and the reconciler call
+(API versions, environments, projects), `launching` (starting workers here), `pool` (the
+capacity, and placing workers into it), `submissions` (creating jobs, enqueuing)
+and `workers` (the worker API). The routes and the reconciler call
 them; none of them reaches into another's state."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from cortex.deploys import Deploys
 from cortex.launchers import Launcher
 from cortex.launching import Launching
 from cortex.lifecycle import Lifecycle
+from cortex.pool import Pool
 from cortex.settings import Settings
 from cortex.store import Store
 from cortex.store.logs import LogStore
@@ -33,9 +35,8 @@ class Service:
         self.launching = Launching(
             settings, store, launcher, self.logs, replica_id, self.lifecycle, self.deploys
         )
-        self.submissions = Submissions(
-            settings, store, launcher, replica_id, self.lifecycle, self.launching
-        )
+        self.pool = Pool(settings, store, launcher, self.lifecycle, self.launching, replica_id)
+        self.submissions = Submissions(settings, store, replica_id, self.lifecycle, self.pool)
         self.workers = WorkerApi(settings, store, self.lifecycle, self.launching.preparation)
 
     @property

@@ -3,7 +3,6 @@ batches of another job), and the threads that enqueue file datasets."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import secrets
@@ -12,10 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from cortex import datasets, enqueuer, errors, jobspec, spec
-from cortex.jobs import JobStatus, new_job_id, new_worker_id
-from cortex.launchers import Launcher
-from cortex.launching import Launching
+from cortex.jobs import JobStatus, new_job_id
 from cortex.lifecycle import Lifecycle
+from cortex.pool import Pool
 from cortex.settings import Settings
 from cortex.store import ApiRecord, Job, Store, engine
 
@@ -35,17 +33,15 @@ class Submissions:
         self,
         settings: Settings,
         store: Store,
-        launcher: Launcher,
         replica_id: str,
         lifecycle: Lifecycle,
-        launching: Launching,
+        pool: Pool,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.launcher = launcher
         self.replica_id = replica_id
         self.lifecycle = lifecycle
-        self.launching = launching
+        self.pool = pool
         # The jobs whose file datasets this replica is enqueuing now, a thread each.
         self._enqueuers: dict[str, threading.Thread] = {}
         self._enqueuers_lock = threading.Lock()
@@ -57,10 +53,10 @@ class Submissions:
         self._check_workers(submission.workers)
         job_id = new_job_id()
         # An unknown API is reported before the items are checked.
-        with self._reserved(self.lifecycle.get_api(api_name), job_id, submission.workers, dry_run):
-            if submission.file_dataset is not None:
-                return self._submit_files(job_id, api_name, submission, dry_run)
-            return self._submit_items(job_id, api_name, submission, dry_run)
+        self._check_fits(self.lifecycle.get_api(api_name))
+        if submission.file_dataset is not None:
+            return self._submit_files(job_id, api_name, submission, dry_run)
+        return self._submit_items(job_id, api_name, submission, dry_run)
 
     def _submit_items(
         self, job_id: str, api_name: str, submission: jobspec.Submission, dry_run: bool
@@ -89,7 +85,9 @@ class Submissions:
                 f"partitioning {len(item_list.items)} items found in job submission into "
                 f"{len(payloads)} batches of size {item_list.batch_size}",
             )
-            self.launching.launch_workers(job, job.workers)
+            # Its first worker starts while the batches are written (slow start: more once
+            # the predictor has loaded, up to the batches there are).
+            self.pool.schedule_now()
             return self._write_items(job, payloads, len(item_list.items), item_list.batch_size)
         finally:
             with self._enqueuers_lock:
@@ -109,6 +107,8 @@ class Submissions:
             worker_token=secrets.token_urlsafe(32),
             dataset=dataset,
             replica_id=self.replica_id,
+            priority=submission.priority,
+            min_workers=submission.min_workers,
         )
 
     def _write_items(self, job: Job, payloads: list[str], items: int, batch_size: int) -> Job:
@@ -136,6 +136,7 @@ class Submissions:
             raise
         if done is None:  # stopped (or timed out) meanwhile
             return self.store.get_job(job.job_id) or job
+        self.pool.request()
         self.lifecycle.wake()  # workers may be waiting only for enqueue_done
         return done
 
@@ -226,7 +227,9 @@ class Submissions:
                 self.lifecycle.job_event(job_id, f"enqueued {written.total_batch_count} batches")
                 if not launched[0]:
                     launched[0] = True
-                    self._ensure_workers(written)
+                    self.pool.schedule_now()  # the first worker, at once
+                else:
+                    self.pool.request()  # more batches: maybe more workers
 
             done = enqueuer.run(
                 self.store,
@@ -242,7 +245,7 @@ class Submissions:
                 self.lifecycle.job_event(
                     job_id, f"completed enqueuing a total of {done.total_batch_count} batches"
                 )
-                self._ensure_workers(done)
+                self.pool.request()
                 self.lifecycle.wake()  # workers may be waiting only for enqueue_done
             else:
                 self.lifecycle.ended(job_id, done.status, done.error_message)
@@ -265,12 +268,6 @@ class Submissions:
             with self._enqueuers_lock:
                 self._enqueuers.pop(job_id, None)
 
-    def _ensure_workers(self, job: Job) -> None:
-        """Start the job's workers unless some are alive (a resumed enqueuing may find the
-        ones it started before)."""
-        if not any(w.state.alive for w in self.store.list_workers(job.job_id)):
-            self.launching.launch_workers(job, job.workers)
-
     def _check_workers(self, workers: int) -> None:
         if workers > self.settings.max_workers:
             raise errors.InvalidSubmission(
@@ -279,22 +276,11 @@ class Submissions:
                 kind="batchapi.too_many_workers",
             )
 
-    @contextlib.contextmanager
-    def _reserved(
-        self, api: ApiRecord, job_id: str, workers: int, dry_run: bool = False
-    ) -> Iterator[None]:
-        """Refuse a job that the launcher cannot place now (GPUs on the local launcher), or
-        hold what its workers will take while it is created. What they do not take is given
-        back when the job ends; everything, if it is not created (or only a dry run)."""
-        compute = spec.APISpec.model_validate(api.spec).compute
-        self.launcher.reserve(job_id, compute, workers)
-        try:
-            yield
-        except BaseException:
-            self.launcher.unreserve(job_id)
-            raise
-        if dry_run:
-            self.launcher.unreserve(job_id)
+    def _check_fits(self, api: ApiRecord) -> None:
+        """Refuse a job one worker of which could never fit in the pool (GPUs or more than
+        the whole capacity of a server that cannot grow). A job that fits but finds the pool
+        busy is accepted: its workers wait as pending."""
+        self.pool.check_fits(spec.APISpec.model_validate(api.spec).compute)
 
     def retry_failed(self, api_name: str, job_id: str, workers: int | None = None) -> Job:
         """A new job, linked to `job_id` by `retry_of`, that runs only its failed batches.
@@ -315,8 +301,8 @@ class Submissions:
         workers = workers or old.workers
         self._check_workers(workers)
         new_id = new_job_id()
-        with self._reserved(self.lifecycle.get_api(api_name), new_id, workers):
-            return self._retry(old, new_id, workers)
+        self._check_fits(self.lifecycle.get_api(api_name))
+        return self._retry(old, new_id, workers)
 
     def _retry(self, old: Job, new_id: str, workers: int) -> Job:
         job_id = old.job_id
@@ -329,13 +315,13 @@ class Submissions:
             max_attempts=old.max_attempts,
             worker_token=secrets.token_urlsafe(32),
             payloads=self.store.failed_payloads(job_id),
-            replica_id=self.replica_id,
+            replica_id=None,  # its workers are the scheduler's to place
             retry_of=job_id,
+            priority=old.priority,
+            min_workers=old.min_workers,
         )
         self.lifecycle.job_event(
             job.job_id, f"retrying the {job.total_batch_count} failed batches of job {job_id}"
         )
-        self.launching.start_workers(
-            job, [new_worker_id(job.job_id, i) for i in range(job.workers)]
-        )
+        self.pool.schedule_now()
         return job

@@ -33,6 +33,9 @@ def job_spec_json(job: Job, api_spec: dict[str, Any]) -> dict[str, Any]:
         "sqs_dead_letter_queue": None,
         "max_attempts": job.max_attempts,
         "retry_of": job.retry_of,
+        # Additive: scheduling (docs/design.md, "Scheduling").
+        "priority": job.priority,
+        "min_workers": job.min_workers,
     }
 
 
@@ -44,6 +47,13 @@ def job_status_json(
     worker_counts: dict[str, int] | None,
 ) -> dict[str, Any]:
     average = job.succeeded_time_s / job.succeeded if job.succeeded else None
+    if worker_counts is not None and job.pending_workers:
+        # Pending: workers placed whose processes have not started, and workers the job
+        # wants that do not fit in the pool yet.
+        worker_counts = {
+            **worker_counts,
+            "pending": worker_counts.get("pending", 0) + job.pending_workers,
+        }
     status: dict[str, Any] = {
         **job_spec_json(job, api_spec),
         "status": job.status.value,
@@ -59,6 +69,8 @@ def job_status_json(
             "average_time_per_batch": average,
         },
         "worker_counts": worker_counts,
+        # Additive: why workers of the job are pending, if some wait for capacity.
+        "pending_reason": job.pending_reason if job.status.in_progress else None,
         # Additive: the dataset as submitted: its kind, and a file dataset's paths, globs and
         # batch size (an item list's items are not kept).
         "dataset": job.dataset,

@@ -144,6 +144,8 @@ def test_a_job_outlives_the_replica_that_accepted_it(
         job_id = _submit(via_a, api.name, items)
         replicas.jobs.append(job_id)
         wait_for(lambda: _succeeded(via_b, api.name, job_id) >= 3, 30, "batches to succeed")
+        # The leader (A) places the second worker once the first has loaded the predictor.
+        wait_for(lambda: len(a.worker_processes(job_id)) == 2, 15, "A to start both workers")
 
         os.kill(a.process.pid, signal.SIGKILL)
         a.process.wait()

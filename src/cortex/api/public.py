@@ -120,6 +120,38 @@ def get_all(service: ServiceDep, base_url: BaseUrl) -> dict[str, Any]:
     }
 
 
+class Amounts(pydantic.BaseModel):
+    cpu: float = pydantic.Field(description="CPU cores")
+    mem: int = pydantic.Field(description="memory, bytes")
+    gpu: int = pydantic.Field(description="GPUs")
+
+
+class JobShare(pydantic.BaseModel):
+    job_id: str
+    api_name: str | None = pydantic.Field(None, description="None for an ended job")
+    priority: int | None = None
+    workers: int = pydantic.Field(description="live workers holding capacity")
+    draining: int = pydantic.Field(description="of those, asked to finish a batch and exit")
+    reserved: Amounts = pydantic.Field(description="what its live workers hold")
+    pending: int | None = pydantic.Field(None, description="workers it wants that do not fit yet")
+    pending_reason: str | None = None
+
+
+class Capacity(pydantic.BaseModel):
+    """The worker pool: what it has, what live workers hold, and each job's share."""
+
+    total: Amounts = pydantic.Field(description="the launcher's capacity, or --capacity")
+    used: Amounts = pydantic.Field(description="held by live workers")
+    free: Amounts
+    jobs: list[JobShare]
+
+
+@router.get("/capacity", response_model=Capacity)
+def get_capacity(service: ServiceDep) -> dict[str, Any]:
+    """The worker pool's capacity, in use and free, and each job's reservations."""
+    return service.pool.usage()
+
+
 @router.get("/get/{api_name}")
 def get_one(api_name: str, service: ServiceDep, base_url: BaseUrl) -> dict[str, Any]:
     return {"batch_api": _api_summary(service, api_name, base_url, _JOBS_PER_API)}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from cortex import gpus, spec
+from cortex import capacity, gpus
 from cortex.launchers.base import WorkerExit, WorkerLaunch
 
 # The worker's memory limit in its environment, for a later server that adopts it.
@@ -49,11 +49,12 @@ class LocalLauncher:
         self._lock = threading.Lock()
         self.gpus = gpus.Pool(devices)
 
-    def reserve(self, job_id: str, compute: spec.Compute, workers: int) -> None:
-        self.gpus.reserve(job_id, compute.gpu, workers)
+    # This machine does not grow: a worker that does not fit it never will.
+    fixed_capacity = True
 
-    def unreserve(self, job_id: str) -> None:
-        self.gpus.unreserve(job_id)
+    def capacity(self) -> capacity.Resources:
+        """This machine: its CPUs, its memory, the GPUs this launcher hands out."""
+        return capacity.local({}, len(self.gpus.devices))
 
     def start(self, launch: WorkerLaunch) -> int | None:
         env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
@@ -65,7 +66,7 @@ class LocalLauncher:
             env[_MEM_LIMIT_ENV] = str(launch.compute.mem_bytes)
         if launch.compute.gpu:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(
-                self.gpus.take(launch.worker_id, launch.compute.gpu, launch.job_id)
+                self.gpus.take(launch.worker_id, launch.compute.gpu)
             )
         elif self.gpus.devices:
             env["CUDA_VISIBLE_DEVICES"] = ""

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cortex.jobs import BatchState, JobStatus, WorkerState
-from cortex.store import batchrows, engine, jobrows, protocol
+from cortex.store import batchrows, engine, jobrows, pool, protocol
 from cortex.store import results as outcomes
 from cortex.store import tables as t
 from cortex.store.records import BatchResult, HookResult, Job, LeasedBatch, LeaseResult
@@ -56,7 +56,7 @@ class QueueStore(engine.BaseStore):
             _release_lost(conn, job_id, worker_id)
             # Workers lease while a file dataset is still being enqueued: they start on the
             # first durable batches. Completion waits for `enqueue_done` (outcomes.maybe_complete).
-            if max_batches > 0 and job.status.in_progress:
+            if max_batches > 0 and job.status.in_progress and not _draining(conn, worker_id):
                 left = job.total_batch_count - job.succeeded - job.failed - len(results)
                 if left < max_batches * job.workers:
                     # Near the end, a fair share of what is left: one worker's prefetch must
@@ -66,9 +66,7 @@ class QueueStore(engine.BaseStore):
                 if leased:
                     return _answer(conn, worker_id, seq, LeaseResult(batches=leased))
             if results:
-                return _answer(
-                    conn, worker_id, seq, outcomes.maybe_complete(conn, job_id, worker_id)
-                )
+                return _answer(conn, worker_id, seq, _nothing_leased(conn, job_id, worker_id))
         # Nothing to lease: whether the job is complete is decided under the exclusive lock,
         # so two workers ending the last two batches at once cannot both miss it. The first
         # transaction kept no answer, so `seq` is still this request's to answer (unless a copy
@@ -79,7 +77,7 @@ class QueueStore(engine.BaseStore):
                 kept = protocol.claim(conn, job_id, worker_id, protocol.LOOP, seq, "lease")
                 if kept is not None:
                     return _replay(conn, job, worker_id, kept)
-            return _answer(conn, worker_id, seq, outcomes.maybe_complete(conn, job_id, worker_id))
+            return _answer(conn, worker_id, seq, _nothing_leased(conn, job_id, worker_id))
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> bool:
         """Extend every lease the worker holds and note that it was seen; False if the job
@@ -193,6 +191,26 @@ class QueueStore(engine.BaseStore):
 
 
 # -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
+def _draining(conn: Connection, worker_id: str) -> bool:
+    return bool(
+        conn.execute(
+            sa.select(t.workers.c.draining).where(t.workers.c.worker_id == worker_id)
+        ).scalar()
+    )
+
+
+def _nothing_leased(conn: Connection, job_id: str, worker_id: str) -> LeaseResult:
+    """Nothing was leased (under the job's exclusive lock): whether the job is complete and
+    who runs its hook; otherwise whether this worker should leave (asked to drain, or more
+    workers than batches left: `pool.surplus`), which ends its work like a done job does."""
+    result = outcomes.maybe_complete(conn, job_id, worker_id)
+    if result.done or result.run_hook or result.batches:
+        return result
+    if pool.surplus(conn, jobrows.get(conn, job_id), worker_id):
+        return LeaseResult(batches=[], done=True)
+    return result
 
 
 def _finish_hook(

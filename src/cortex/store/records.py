@@ -55,6 +55,11 @@ class Job:
     dataset: dict[str, Any] | None = None
     enqueued_items: int = 0
     enqueue_owner: str | None = None
+    priority: int = 0
+    min_workers: int = 0
+    # Workers it wants and cannot have yet, and why (the scheduler's last pass).
+    pending_workers: int = 0
+    pending_reason: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -87,6 +92,10 @@ class Job:
             dataset=None if m["dataset_json"] is None else json.loads(m["dataset_json"]),
             enqueued_items=m["enqueued_items"],
             enqueue_owner=m["enqueue_owner"],
+            priority=m["priority"],
+            min_workers=m["min_workers"],
+            pending_workers=m["pending_workers"],
+            pending_reason=m["pending_reason"],
         )
 
 
@@ -102,6 +111,7 @@ class WorkerRecord:
     updated_at: float
     replica_id: str | None = None
     seen_at: float | None = None
+    draining: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

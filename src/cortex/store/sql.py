@@ -33,6 +33,7 @@ from cortex.store import (
     apis,
     batchrows,
     jobrows,
+    pool,
     protocol,
     queue,
     retention,
@@ -62,6 +63,7 @@ class Store(
     queue.QueueStore,
     protocol.ProtocolStore,
     batchrows.BatchStore,
+    pool.PoolStore,
     retention.RetentionStore,
 ):
     """Every piece of state: APIs, jobs, the batch queue and workers."""

@@ -32,15 +32,17 @@ class SubmissionStore(engine.BaseStore):
         max_attempts: int,
         worker_token: str,
         payloads: Iterable[str],
-        replica_id: str,
+        replica_id: str | None,
         retry_of: str | None = None,
+        priority: int = 0,
+        min_workers: int = 0,
     ) -> Job:
         """Store a job, all of its batches and its workers' rows in one transaction, then mark
         it running (a retry of failed batches, whose payloads are already stored).
 
-        If the payloads iterator raises, nothing is written. Its `workers` rows are pending and
-        owned by `replica_id`, which starts them: if that replica dies before it does, the rows
-        are there for the leader to find (see `cluster.lost_workers`).
+        If the payloads iterator raises, nothing is written. The service leaves its workers to
+        the scheduler (`cortex.pool`), which places them as capacity allows; with `replica_id`,
+        rows for all of them are written here, owned by that replica, holding no capacity.
         """
         now = time.time()
         with self.write() as conn:
@@ -55,6 +57,8 @@ class SubmissionStore(engine.BaseStore):
                 max_attempts=max_attempts,
                 worker_token=worker_token,
                 retry_of=retry_of,
+                priority=priority,
+                min_workers=min_workers,
             )
             total = 0
             chunk: list[str] = []
@@ -76,7 +80,8 @@ class SubmissionStore(engine.BaseStore):
                     status=JobStatus.RUNNING.value,
                 )
             )
-            workerrows.insert(conn, job_id, range(workers), replica_id, now)
+            if replica_id is not None:
+                workerrows.insert(conn, job_id, range(workers), replica_id, now)
             return jobrows.get(conn, job_id)
 
     def create_enqueuing_job(
@@ -91,6 +96,8 @@ class SubmissionStore(engine.BaseStore):
         worker_token: str,
         dataset: dict[str, Any],
         replica_id: str,
+        priority: int = 0,
+        min_workers: int = 0,
     ) -> Job:
         """Store a job whose dataset (a file dataset, or an item list being written by the
         request) `replica_id` enqueues from now on (`append_batches`, then `finish_enqueue`).
@@ -108,6 +115,8 @@ class SubmissionStore(engine.BaseStore):
                 worker_token=worker_token,
                 dataset_json=json.dumps(dataset),
                 enqueue_owner=replica_id,
+                priority=priority,
+                min_workers=min_workers,
             )
             return jobrows.get(conn, job_id)
 

@@ -1,0 +1,182 @@
+"""The worker pool: its capacity, the scheduling passes that place workers into it, and what
+it looks like (`GET /capacity`).
+
+Only the replica that holds the leader lease runs passes (the reconciler sets `leads`): on a
+short period, when something changed (a job submitted, a worker exited, a job ended), and at
+once on the leader itself when it accepts a job, so that a lone server starts a job's first
+worker in the request that created it, as before. The workers a pass places are the leader's
+to start and watch. The rules are `cortex.scheduling`'s; the accounting is `store.pool`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cortex import capacity, errors, spec
+from cortex.capacity import Resources
+from cortex.launchers import Launcher
+from cortex.launching import Launching
+from cortex.lifecycle import Lifecycle
+from cortex.settings import Settings
+from cortex.store import Store
+
+log = logging.getLogger("cortex.server")
+
+# A pass runs at least this often on the leader, even when nothing asked for one: capacity
+# that Ray gains, a lease that expired, all show up within this.
+_PERIOD_S = 1.0
+
+
+class Pool:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        launcher: Launcher,
+        lifecycle: Lifecycle,
+        launching: Launching,
+        replica_id: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.launcher = launcher
+        self.lifecycle = lifecycle
+        self.launching = launching
+        self.replica_id = replica_id
+        self._overrides = capacity.parse(settings.capacity)
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._last_pass = 0.0
+        # Jobs that were told (in their log) that they wait, and why.
+        self._told: dict[str, str] = {}
+        self.leads: Callable[[], bool] = lambda: False
+
+    def capacity(self) -> Resources:
+        """The pool's total: what the launcher reports (this machine; the Ray cluster now),
+        each resource replaced by the server's `--capacity` where it names it."""
+        found = self.launcher.capacity()
+        over = self._overrides
+        return Resources(
+            cpu=float(over.get("cpu", found.cpu)),
+            mem=int(over.get("mem", found.mem)),
+            gpu=int(over.get("gpu", found.gpu)),
+        )
+
+    def per_worker(self, spec_id: str) -> Resources:
+        """What one worker of an API version takes from the pool."""
+        api_spec = self.store.get_spec_json(spec_id)
+        return capacity.per_worker(spec.APISpec.model_validate(api_spec).compute)
+
+    def request(self) -> None:
+        """Something changed: the leader runs a pass on its next tick."""
+        self._wanted.set()
+
+    def tick(self) -> None:
+        """The reconciler's task: a pass if one was asked for or the period passed."""
+        if not self.leads():
+            return
+        if self._wanted.is_set() or time.monotonic() - self._last_pass >= _PERIOD_S:
+            self.schedule()
+
+    def schedule_now(self) -> None:
+        """A pass now where this replica leads (a job was just accepted); else ask for one."""
+        if self.leads():
+            self.schedule()
+        else:
+            self.request()
+            self.lifecycle.wake()
+
+    def schedule(self) -> None:
+        """One pass: place what fits, ask lower-priority workers to drain, start the placed
+        workers, and say in each job's log what it waits for."""
+        with self._lock:
+            self._wanted.clear()
+            self._last_pass = time.monotonic()
+            plan, placed = self.store.schedule(self.capacity(), self.replica_id, self._spec_sizes())
+        for worker_id in plan.drain:
+            job_id = worker_id.rsplit("-", 1)[0]
+            self.lifecycle.job_event(
+                job_id,
+                f"worker {worker_id} will finish its current batch and exit: its capacity "
+                "goes to a job of higher priority",
+            )
+        for job_id, (count, reason) in plan.waiting.items():
+            if self._told.get(job_id) != reason:
+                self._told[job_id] = reason
+                plural = "s" if count != 1 else ""
+                self.lifecycle.job_event(job_id, f"{count} worker{plural} pending: {reason}")
+        for job_id in list(self._told):
+            if job_id not in plan.waiting:
+                del self._told[job_id]
+        for job_id, worker_ids in placed.items():
+            job = self.store.get_job(job_id)
+            if job is not None:
+                self.launching.start_workers(job, worker_ids)
+
+    def _spec_sizes(self) -> Callable[[str], Resources]:
+        sizes: dict[str, Resources] = {}
+
+        def size(spec_id: str) -> Resources:
+            if spec_id not in sizes:
+                sizes[spec_id] = self.per_worker(spec_id)
+            return sizes[spec_id]
+
+        return size
+
+    def usage(self) -> dict[str, Any]:
+        """`GET /capacity`: the total, what live workers hold and what is free, per resource,
+        and each job's share."""
+        total = self.capacity()
+        used = Resources()
+        jobs: dict[str, dict[str, Any]] = {}
+        for worker in self.store.pool_usage():
+            used += worker.resources
+            share = jobs.setdefault(
+                worker.job_id, {"workers": 0, "draining": 0, "reserved": Resources()}
+            )
+            share["workers"] += 1
+            share["draining"] += int(worker.draining)
+            share["reserved"] += worker.resources
+        for job in self.store.in_progress_jobs():
+            share = jobs.setdefault(
+                job.job_id, {"workers": 0, "draining": 0, "reserved": Resources()}
+            )
+            share.update(
+                api_name=job.api_name,
+                priority=job.priority,
+                pending=job.pending_workers,
+                pending_reason=job.pending_reason,
+            )
+        return {
+            "total": total.to_json(),
+            "used": used.to_json(),
+            "free": (total - used).to_json(),
+            "jobs": [
+                {"job_id": job_id, **share, "reserved": share["reserved"].to_json()}
+                for job_id, share in sorted(jobs.items())
+            ],
+        }
+
+    def check_fits(self, compute: spec.Compute) -> None:
+        """Refuse a job whose one worker could never fit in the pool (raised as a 400). Only
+        where the pool cannot grow: a Ray cluster's autoscaler may add what is missing."""
+        if not self.launcher.fixed_capacity:
+            return
+        need = capacity.per_worker(compute)
+        total = self.capacity()
+        if need.gpu > total.gpu:
+            raise errors.InsufficientGpus(
+                f"one worker of this job needs {need.gpu} GPUs; this server has {total.gpu} "
+                "(set CORTEX_GPUS to declare them)"
+            )
+        missing = need.short_of(total)
+        if missing:
+            raise errors.InsufficientCapacity(
+                "one worker of this API needs more than this server's whole capacity: "
+                + ", ".join(m.replace("(free", "(capacity") for m in missing)
+                + " (set --capacity or CORTEX_CAPACITY to declare more)"
+            )
