@@ -316,7 +316,7 @@ class Reconciler:
                 )
                 return
             death.counted = True
-        self.lifecycle.job_event(job.job_id, f"{reason}; a replacement will start", "WARNING")
+        self.lifecycle.job_event(job.job_id, f"{reason}; starting a replacement", "WARNING")
         # The scheduler places it: the job has batches left and one worker fewer.
         self.service.pool.request()
 

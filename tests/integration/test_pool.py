@@ -4,6 +4,10 @@ given back by every way a worker ends."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +20,8 @@ from helpers import (
     DeployedApi,
     Server,
     deploy_fixture,
+    job_worker_processes,
+    kill_processes,
     start_server,
     stop_server,
     wait_for,
@@ -93,11 +99,20 @@ def test_jobs_queue_for_capacity_and_each_gets_a_worker_before_any_gets_a_second
     pool_server: Server, one_cpu: DeployedApi
 ) -> None:
     with pool_server.client() as client, Sampler(pool_server) as sampler:
-        jobs = [_submit(client, one_cpu.name, [{"sleep": 0.3}] * 4, 2) for _ in range(3)]
-        # The third waits, and says why.
+        jobs = [_submit(client, one_cpu.name, [{"sleep": 0.5}] * 6, 2) for _ in range(3)]
+        # The third waits, and says why; `cortex get` shows it.
         third = client.get_job(one_cpu.name, jobs[2])["job_status"]
         assert third["worker_counts"]["pending"] >= 1
         assert third["pending_reason"].startswith("waiting for capacity")
+        shown = subprocess.run(
+            [sys.executable, "-m", "cortex.cli", "get", one_cpu.name, jobs[2]],
+            env={**os.environ, "CORTEX_URL": pool_server.url, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert "pending" in shown.stdout
         usage = _capacity(pool_server)
         assert usage["total"]["cpu"] == 2 and usage["used"]["cpu"] <= 2
         for job_id in jobs:
@@ -198,3 +213,38 @@ def test_an_unfittable_worker_is_refused(pool_server: Server, tmp_path: Path) ->
     assert response.status_code == 400
     assert response.json()["kind"] == "batchapi.insufficient_capacity"
     assert "cpu=3 (capacity 2)" in response.json()["message"]
+
+
+def test_a_restarted_server_resumes_the_accounting(tmp_path: Path) -> None:
+    srv = start_server(tmp_path / "server", CORTEX_CAPACITY="cpu=2")
+    port = int(srv.url.rsplit(":", 1)[1])
+    try:
+        with srv.client() as client:
+            api = deploy_fixture(client, "recorder", tmp_path, compute={"cpu": 1})
+            first = _submit(client, api.name, [{"sleep": 0.5}] * 12, 2)
+            wait_for(lambda: len(srv.worker_processes(first)) == 2, 20, "both workers")
+        srv.process.send_signal(signal.SIGKILL)
+        srv.process.wait()
+        srv = start_server(srv.data_dir, port=port, CORTEX_CAPACITY="cpu=2")
+        with srv.client() as client:
+            # The adopted workers still hold the whole pool: the new job waits for them.
+            second = _submit(client, api.name, [{"sleep": 0.1}] * 4, 2)
+            assert client.get_job(api.name, second)["job_status"]["worker_counts"]["pending"]
+            most = 0
+
+            def ended() -> bool:
+                nonlocal most
+                live = job_worker_processes(first) + job_worker_processes(second)
+                most = max(most, len(live))
+                return all(
+                    client.get_job(api.name, j)["job_status"]["status"] == "status_succeeded"
+                    for j in (first, second)
+                )
+
+            wait_for(ended, 60, "both jobs to succeed")
+        assert most <= 2
+        attempts = _attempts(api, first)
+        assert len(set(attempts)) == 12
+    finally:
+        stop_server(srv)
+        kill_processes(job_worker_processes(first))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from cortex.client import Client
@@ -207,3 +208,47 @@ def test_workers_lost_with_their_replica_are_replaced_by_the_leader(
         assert any(w.replica_id == b_id for w in workers)
         assert all(p.is_running() for p in cut_off)  # alive, still retrying A: unheard of
         kill_processes(cut_off)
+
+
+def _live_workers(job_ids: list[str]) -> int:
+    """Live worker processes of these jobs, wherever they run (one scan of the machine)."""
+    wanted = set(job_ids)
+    found = 0
+    for proc in psutil.process_iter():
+        try:
+            if (
+                proc.status() != psutil.STATUS_ZOMBIE
+                and any("cortex.worker" in part for part in proc.cmdline())
+                and proc.environ().get("CORTEX_JOB_ID") in wanted
+            ):
+                found += 1
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_two_replicas_together_stay_within_capacity(replicas: Any, tmp_path: Path) -> None:
+    a = replicas("a", CORTEX_CAPACITY="cpu=2")
+    b = replicas("b", CORTEX_CAPACITY="cpu=2")
+    wait_for(lambda: [_health(s).get("leader") for s in (a, b)].count(True) == 1, 15)
+    with a.client() as via_a, b.client() as via_b:
+        api = deploy_fixture(via_a, "recorder", tmp_path, compute={"cpu": 1})
+        jobs = [
+            _submit(client, api.name, [{"sleep": 0.3}] * 4)
+            for client in (via_a, via_b, via_a, via_b)
+        ]
+        replicas.jobs.extend(jobs)
+        most = 0
+
+        def all_ended() -> bool:
+            nonlocal most
+            most = max(most, _live_workers(jobs))
+            statuses = [via_b.get_job(api.name, j)["job_status"]["status"] for j in jobs]
+            return all(s not in ("status_enqueuing", "status_running") for s in statuses)
+
+        wait_for(all_ended, 120, "every job to end")
+        for job_id in jobs:
+            status = via_a.get_job(api.name, job_id)["job_status"]
+            assert status["status"] == "status_succeeded"
+            assert status["batch_metrics"]["succeeded"] == 4
+    assert 1 <= most <= 2
