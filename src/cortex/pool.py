@@ -51,8 +51,10 @@ class Pool:
         self._lock = threading.Lock()
         self._wanted = threading.Event()
         self._last_pass = 0.0
-        # Jobs that were told (in their log) that they wait, and why.
-        self._told: dict[str, str] = {}
+        # Jobs that were told (in their log) that they wait: once per wait, not per pass.
+        self._told: set[str] = set()
+        # What one worker of each API version takes (a spec id names one immutable version).
+        self._sizes: dict[str, Resources] = {}
         self.leads: Callable[[], bool] = lambda: False
 
     def capacity(self) -> Resources:
@@ -68,8 +70,14 @@ class Pool:
 
     def per_worker(self, spec_id: str) -> Resources:
         """What one worker of an API version takes from the pool."""
-        api_spec = self.store.get_spec_json(spec_id)
-        return capacity.per_worker(spec.APISpec.model_validate(api_spec).compute)
+        size = self._sizes.get(spec_id)
+        if size is None:
+            api_spec = self.store.get_spec_json(spec_id)
+            size = capacity.per_worker(spec.APISpec.model_validate(api_spec).compute)
+            if len(self._sizes) > 1024:
+                self._sizes.clear()
+            self._sizes[spec_id] = size
+        return size
 
     def request(self) -> None:
         """Something changed: the leader runs a pass on its next tick."""
@@ -96,7 +104,7 @@ class Pool:
         with self._lock:
             self._wanted.clear()
             self._last_pass = time.monotonic()
-            plan, placed = self.store.schedule(self.capacity(), self.replica_id, self._spec_sizes())
+            plan, placed = self.store.schedule(self.capacity(), self.replica_id, self.per_worker)
         for worker_id in plan.drain:
             job_id = worker_id.rsplit("-", 1)[0]
             self.lifecycle.job_event(
@@ -105,27 +113,15 @@ class Pool:
                 "goes to a job of higher priority",
             )
         for job_id, (count, reason) in plan.waiting.items():
-            if self._told.get(job_id) != reason:
-                self._told[job_id] = reason
+            if job_id not in self._told:
+                self._told.add(job_id)
                 plural = "s" if count != 1 else ""
                 self.lifecycle.job_event(job_id, f"{count} worker{plural} pending: {reason}")
-        for job_id in list(self._told):
-            if job_id not in plan.waiting:
-                del self._told[job_id]
+        self._told &= set(plan.waiting)
         for job_id, worker_ids in placed.items():
             job = self.store.get_job(job_id)
             if job is not None:
                 self.launching.start_workers(job, worker_ids)
-
-    def _spec_sizes(self) -> Callable[[str], Resources]:
-        sizes: dict[str, Resources] = {}
-
-        def size(spec_id: str) -> Resources:
-            if spec_id not in sizes:
-                sizes[spec_id] = self.per_worker(spec_id)
-            return sizes[spec_id]
-
-        return size
 
     def usage(self) -> dict[str, Any]:
         """`GET /capacity`: the total, what live workers hold and what is free, per resource,

@@ -107,6 +107,8 @@ def worker_json(worker: WorkerRecord) -> dict[str, Any]:
         "exit_code": worker.exit_code,
         "error": worker.error_message,
         "replica_id": worker.replica_id,
+        # Asked to finish its current batch and exit (preempted, or no longer needed).
+        "draining": worker.draining,
         "started_at": rfc3339(worker.started_at),
         "updated_at": rfc3339(worker.updated_at),
         "last_seen": rfc3339(worker.seen_at),
