@@ -1,11 +1,14 @@
 """The worker pool: its capacity, the scheduling passes that place workers into it, and what
 it looks like (`GET /capacity`).
 
-Only the replica that holds the leader lease runs passes (the reconciler sets `leads`): on a
-short period, when something changed (a job submitted, a worker exited, a job ended), and at
-once on the leader itself when it accepts a job, so that a lone server starts a job's first
-worker in the request that created it, as before. The workers a pass places are the leader's
-to start and watch. The rules are `cortex.scheduling`'s; the accounting is `store.pool`'s.
+A replica runs a pass when something changed on it (it accepted a job, in the request that
+created it, so a job's first worker starts as fast as before; one of its workers loaded the
+predictor or exited; a job ended), and the replica that holds the leader lease (the reconciler
+sets `leads`) also runs one at least every second, which starts the workers that waited for
+capacity whatever freed it. The workers a pass places are its replica's to start and watch.
+Passes are serialised in the store, so replicas never place into the same room; replicas share
+one pool (one machine, or one Ray cluster). The rules are `cortex.scheduling`'s; the accounting
+is `store.pool`'s.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from cortex.store import Store
 log = logging.getLogger("cortex.server")
 
 # A pass runs at least this often on the leader, even when nothing asked for one: capacity
-# that Ray gains, a lease that expired, all show up within this.
+# that Ray gains, a lease that expired, a worker that exited on another replica, all show up
+# within this.
 _PERIOD_S = 1.0
 
 
@@ -84,19 +88,16 @@ class Pool:
         self._wanted.set()
 
     def tick(self) -> None:
-        """The reconciler's task: a pass if one was asked for or the period passed."""
-        if not self.leads():
-            return
-        if self._wanted.is_set() or time.monotonic() - self._last_pass >= _PERIOD_S:
+        """The reconciler's task: a pass if one was asked for, or on the leader if the period
+        passed."""
+        if self._wanted.is_set() or (
+            self.leads() and time.monotonic() - self._last_pass >= _PERIOD_S
+        ):
             self.schedule()
 
     def schedule_now(self) -> None:
-        """A pass now where this replica leads (a job was just accepted); else ask for one."""
-        if self.leads():
-            self.schedule()
-        else:
-            self.request()
-            self.lifecycle.wake()
+        """A pass now (a job was just accepted here)."""
+        self.schedule()
 
     def schedule(self) -> None:
         """One pass: place what fits, ask lower-priority workers to drain, start the placed
@@ -105,6 +106,9 @@ class Pool:
             self._wanted.clear()
             self._last_pass = time.monotonic()
             plan, placed = self.store.schedule(self.capacity(), self.replica_id, self.per_worker)
+            # Each wait is said once in the job's log, not on every pass.
+            new_waits = {j: w for j, w in plan.waiting.items() if j not in self._told}
+            self._told = set(plan.waiting)
         for worker_id in plan.drain:
             job_id = worker_id.rsplit("-", 1)[0]
             self.lifecycle.job_event(
@@ -112,12 +116,9 @@ class Pool:
                 f"worker {worker_id} will finish its current batch and exit: its capacity "
                 "goes to a job of higher priority",
             )
-        for job_id, (count, reason) in plan.waiting.items():
-            if job_id not in self._told:
-                self._told.add(job_id)
-                plural = "s" if count != 1 else ""
-                self.lifecycle.job_event(job_id, f"{count} worker{plural} pending: {reason}")
-        self._told &= set(plan.waiting)
+        for job_id, (count, reason) in new_waits.items():
+            plural = "s" if count != 1 else ""
+            self.lifecycle.job_event(job_id, f"{count} worker{plural} pending: {reason}")
         for job_id, worker_ids in placed.items():
             job = self.store.get_job(job_id)
             if job is not None:

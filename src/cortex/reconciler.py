@@ -81,7 +81,7 @@ class Reconciler:
         # take seconds, which must not delay a tick (timeouts, worker exits).
         self._pruner = pruning.Pruner(service, membership, self._stopped)
         self.lifecycle.on_wake(self._wake.set)
-        # Only the leader places workers (`cortex.pool`).
+        # The leader also places workers on a period (`cortex.pool`).
         self.service.pool.leads = lambda: self.membership.is_leader
 
     def start(self) -> None:

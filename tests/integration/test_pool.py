@@ -234,7 +234,7 @@ def test_a_restarted_server_resumes_the_accounting(tmp_path: Path) -> None:
 
             def ended() -> bool:
                 nonlocal most
-                live = job_worker_processes(first) + job_worker_processes(second)
+                live = job_worker_processes(first, second)
                 most = max(most, len(live))
                 return all(
                     client.get_job(api.name, j)["job_status"]["status"] == "status_succeeded"
