@@ -30,7 +30,7 @@ class Service:
         self.logs = LogStore(store, settings.log_max_bytes)
         # The workers this replica starts are its own to watch (see `cortex.replicas`).
         self.replica_id = replica_id
-        self.lifecycle = Lifecycle(store, launcher, self.logs)
+        self.lifecycle = Lifecycle(store, self.logs)
         self.deploys = Deploys(settings, store, launcher, self.lifecycle)
         self.launching = Launching(
             settings, store, launcher, self.logs, replica_id, self.lifecycle, self.deploys

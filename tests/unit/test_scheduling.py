@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cortex import capacity, scheduling, spec
+from cortex import capacity, errors, jobspec, scheduling, spec
 from cortex.capacity import Resources
 from cortex.scheduling import Demand, Held
 
@@ -158,3 +158,17 @@ def test_a_higher_priority_job_with_no_worker_may_take_a_lower_jobs_last() -> No
         Resources(cpu=1.0), held("job1", 1), [demand("job1", live=1), demand("job2", priority=1)]
     )
     assert plan.drain == ["job1-0"] and plan.starts == {}
+
+
+def test_priority_and_min_workers_are_checked_at_submission() -> None:
+    base = {"workers": 2, "item_list": {"items": [1], "batch_size": 1}}
+    parsed = jobspec.parse_submission({**base, "priority": -3, "min_workers": 2})
+    assert (parsed.priority, parsed.min_workers) == (-3, 2)
+    assert jobspec.parse_submission(base).priority == 0
+    with pytest.raises(errors.InvalidRequest, match="priority: must be an integer"):
+        jobspec.parse_submission({**base, "priority": True})
+    with pytest.raises(errors.InvalidSubmission, match="between 0 and workers") as refused:
+        jobspec.parse_submission({**base, "min_workers": 3})
+    assert refused.value.kind == "batchapi.invalid_min_workers"
+    with pytest.raises(errors.InvalidSubmission, match="priority"):
+        jobspec.parse_submission({**base, "priority": 2**40})
