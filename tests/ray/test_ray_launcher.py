@@ -125,9 +125,15 @@ def test_stop_kills_the_actors_and_their_workers(ray_client: Client, tmp_path: P
     api = deploy_fixture(ray_client, "recorder", tmp_path, compute={"cpu": 1})
     job_id = _submit(ray_client, api.name, [{"sleep": 0.3}] * 200, 2)
     wait_for(lambda: len(_attempts(api, job_id)) >= 4, 90, "batches to run")
-    workers = job_worker_processes(job_id)
+
+    # The second worker starts once the first has loaded the predictor (slow start).
+    def both() -> list[psutil.Process] | None:
+        procs = job_worker_processes(job_id)
+        return procs if len(procs) == 2 else None
+
+    workers = wait_for(both, 90, "both workers")
     actors = [p for p in (w.parent() for w in workers) if p is not None]
-    assert len(workers) == 2 and len(actors) == 2
+    assert len(actors) == 2
 
     ray_client.stop_job(api.name, job_id)
 
