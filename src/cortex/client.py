@@ -138,6 +138,11 @@ class Client:
         result: dict[str, Any] = self._json("GET", "/get")
         return result
 
+    def capacity(self) -> dict[str, Any]:
+        """The worker pool (`GET /capacity`)."""
+        result: dict[str, Any] = self._json("GET", "/capacity")
+        return result
+
     def get_api(self, api_name: str) -> dict[str, Any]:
         result: dict[str, Any] = self._json("GET", f"/get/{api_name}")
         return result

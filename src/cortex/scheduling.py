@@ -6,7 +6,8 @@ The rules (docs/design.md, "Scheduling"):
 
 1. A job wants at most `workers` workers, and never more than it has batches left to lease
    (queued or leased); while its dataset is still being enqueued, at least one. `min_workers`
-   keeps that many while batches are left, even if fewer are leasable.
+   keeps that many while batches are left, even if fewer are leasable. A job with no batch left
+   and no worker (its last batch ended with its worker's death) wants one, to complete it.
 2. Slow start: until one of a job's workers has loaded the predictor (reported `running`), the
    job gets one worker. A predictor that cannot load costs one process, not `workers`; and jobs
    submitted together each get their first worker before any gets a second.
@@ -47,7 +48,10 @@ class Demand:
     def wanted(self) -> int:
         """How many live workers the job should have now (rules 1 and 2)."""
         if self.backlog == 0 and self.enqueue_done:
-            return 0  # nothing left to lease: its last results are on their way
+            # Nothing left to lease. Its last results are on their way (their report decides
+            # the completion), unless the last batch ended with its worker's death: then one
+            # worker must ask, to complete the job and run its hook.
+            return 1 if self.live == 0 else 0
         want = max(self.backlog, self.min_workers, 0 if self.enqueue_done else 1)
         want = min(want, self.max_workers)
         if self.loaded == 0:

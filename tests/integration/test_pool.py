@@ -73,6 +73,16 @@ def _submit(client: Client, api: str, items: list[Any], workers: int, **extra: A
     return str(client.submit(api, body)["job_id"])
 
 
+def _cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cortex.cli", *args],
+        env={**os.environ, "CORTEX_URL": server.url, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def _capacity(server: Server) -> dict[str, Any]:
     with server.http() as http:
         result: dict[str, Any] = http.get("/capacity").json()
@@ -104,13 +114,7 @@ def test_jobs_queue_for_capacity_and_each_gets_a_worker_before_any_gets_a_second
         third = client.get_job(one_cpu.name, jobs[2])["job_status"]
         assert third["worker_counts"]["pending"] >= 1
         assert third["pending_reason"].startswith("waiting for capacity")
-        shown = subprocess.run(
-            [sys.executable, "-m", "cortex.cli", "get", one_cpu.name, jobs[2]],
-            env={**os.environ, "CORTEX_URL": pool_server.url, "COLUMNS": "200"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        shown = _cli(pool_server, "get", one_cpu.name, jobs[2])
         assert shown.returncode == 0, shown.stderr
         assert "pending" in shown.stdout
         usage = _capacity(pool_server)
@@ -213,6 +217,10 @@ def test_an_unfittable_worker_is_refused(pool_server: Server, tmp_path: Path) ->
     assert response.status_code == 400
     assert response.json()["kind"] == "batchapi.insufficient_capacity"
     assert "cpu=3 (capacity 2)" in response.json()["message"]
+    shown = _cli(pool_server, "capacity")
+    assert shown.returncode == 0, shown.stderr
+    total = next(line for line in shown.stdout.splitlines() if line.strip().startswith("total"))
+    assert total.split()[:2] == ["total", "2"]
 
 
 def test_a_restarted_server_resumes_the_accounting(tmp_path: Path) -> None:

@@ -60,7 +60,9 @@ def test_workers_never_exceed_capacity_and_equal_jobs_share_level_by_level() -> 
 
 def test_a_job_never_wants_more_workers_than_batches_left() -> None:
     assert demand("job1", max_workers=8, backlog=3).wanted == 3
-    assert demand("job1", max_workers=8, backlog=0).wanted == 0
+    assert demand("job1", max_workers=8, backlog=0, live=1).wanted == 0
+    # No batch left and no worker: the last batch failed with its worker; one completes it.
+    assert demand("job1", max_workers=8, backlog=0).wanted == 1
     # While enqueuing, one to start on the first batches; min_workers kept while batches left.
     assert demand("job1", backlog=0, enqueue_done=False).wanted == 1
     assert demand("job1", max_workers=8, min_workers=4, backlog=2).wanted == 4
