@@ -97,8 +97,13 @@ class LocalLauncher:
             )
 
     def adopt(self, job_id: str, worker_id: str, pid: int | None) -> bool:
-        if pid is None:  # it never got as far as its process
-            return False
+        if pid is None:
+            # Its pid was never recorded: it never got as far as its process, or the server
+            # died between starting it and recording it. Found by its id, it is adopted: a
+            # worker left running unwatched would hold capacity nobody counts.
+            pid = _find_worker(worker_id)
+            if pid is None:
+                return False
         try:
             proc = psutil.Process(pid)
             ours = any("cortex.worker" in part for part in proc.cmdline())
@@ -209,6 +214,21 @@ def _enforce_memory(proc: _Proc) -> None:
             f"{proc.mem_limit_bytes / (1 << 20):.0f} MiB"
         )
         _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _find_worker(worker_id: str) -> int | None:
+    """The pid of a live worker process with this id, if there is one."""
+    for proc in psutil.process_iter():
+        try:
+            if (
+                proc.status() != psutil.STATUS_ZOMBIE
+                and any("cortex.worker" in part for part in proc.cmdline())
+                and proc.environ().get("CORTEX_WORKER_ID") == worker_id
+            ):
+                return int(proc.pid)
+        except psutil.Error:
+            continue
+    return None
 
 
 def _alive(pid: int) -> bool:

@@ -164,17 +164,19 @@ def _add(
 
 def surplus(conn: Connection, job: Job, worker_id: str) -> bool:
     """Whether a worker that found nothing to lease should leave, and if so mark it draining
-    (in the caller's transaction, under the job's lock): it was asked to drain, or its job has
-    all its batches written and more live workers than batches left (and than
-    `min_workers`). The workers that stay are enough for what is left; should a batch come
-    back (its worker died), the scheduler places a worker for it."""
+    (in the caller's transaction, under the job's lock): it was asked to drain; or its row has
+    ended (it was taken for dead or lost, its batches given back and its capacity freed, yet it
+    still runs: a server killed between starting it and recording its pid); or its job has all
+    its batches written and more live workers than batches left (and than `min_workers`). The
+    workers that stay are enough for what is left; should a batch come back (its worker died),
+    the scheduler places a worker for it."""
     w = t.workers.c
     row = conn.execute(
-        sa.select(w.draining).where(w.worker_id == worker_id, w.job_id == job.job_id)
+        sa.select(w.draining, w.state).where(w.worker_id == worker_id, w.job_id == job.job_id)
     ).first()
     if row is None:
         return False
-    if row.draining:
+    if row.draining or WorkerState(row.state).ended:
         return True
     if not job.enqueue_done:
         return False

@@ -194,11 +194,12 @@ class QueueStore(engine.BaseStore):
 
 
 def _draining(conn: Connection, worker_id: str) -> bool:
-    return bool(
-        conn.execute(
-            sa.select(t.workers.c.draining).where(t.workers.c.worker_id == worker_id)
-        ).scalar()
-    )
+    """Whether the worker must not take more batches: asked to drain, or its row has ended
+    (`pool.surplus`)."""
+    row = conn.execute(
+        sa.select(t.workers.c.draining, t.workers.c.state).where(t.workers.c.worker_id == worker_id)
+    ).first()
+    return row is not None and (bool(row.draining) or WorkerState(row.state).ended)
 
 
 def _nothing_leased(conn: Connection, job_id: str, worker_id: str) -> LeaseResult:
