@@ -126,3 +126,14 @@ def test_surplus_workers_leave_when_batches_run_out(store: Store) -> None:
         "job1", "job1-1", [BatchResult(second.batches[0].batch_id, True, 0.1)], 1, 30, seq=2
     )
     assert last.done and last.final_status is not None
+
+
+def test_a_worker_whose_row_has_ended_gets_no_more_batches(store: Store) -> None:
+    _job(store, "job1", batches=4, workers=2)
+    store.schedule(Resources(cpu=2.0), "r1", lambda _: CPU1)
+    _loaded(store, "job1-0")
+    # Taken for dead (its capacity given back), yet it still runs and asks for work.
+    store.end_worker("job1-0", WorkerState.UNKNOWN, error_message="gone, supposedly")
+    answer = store.lease("job1", "job1-0", [], 2, 30, seq=1)
+    assert answer.batches == [] and answer.done
+    assert store.batch_counts("job1")["queued"] == 4
