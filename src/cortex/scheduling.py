@@ -147,18 +147,27 @@ def _preempt(
     for waiting in order:
         short = waiting.wanted - live[waiting.job_id]
         while short > 0:
-            if waiting.per_worker.fits_in(coming):
-                coming -= waiting.per_worker
-                live[waiting.job_id] += 1
-                short -= 1
-                continue
-            victim = _victim(waiting, candidates, by_job, live)
-            if victim is None:
+            # The victims that would make room for one more worker; none are asked unless
+            # together they do (draining workers that hold the wrong resource helps nobody).
+            chosen: list[Held] = []
+            room = coming
+            while not waiting.per_worker.fits_in(room):
+                victim = _victim(waiting, [c for c in candidates if c not in chosen], by_job, live)
+                if victim is None:
+                    break
+                chosen.append(victim)
+                live[victim.job_id] -= 1
+                room += victim.resources
+            if not waiting.per_worker.fits_in(room):
+                for victim in chosen:
+                    live[victim.job_id] += 1
                 break
-            candidates.remove(victim)
-            live[victim.job_id] -= 1
-            coming += victim.resources
-            drain.append(victim.worker_id)
+            for victim in chosen:
+                candidates.remove(victim)
+                drain.append(victim.worker_id)
+            coming = room - waiting.per_worker
+            live[waiting.job_id] += 1
+            short -= 1
     return drain
 
 

@@ -174,3 +174,12 @@ def test_priority_and_min_workers_are_checked_at_submission() -> None:
     assert refused.value.kind == "batchapi.invalid_min_workers"
     with pytest.raises(errors.InvalidSubmission, match="priority"):
         jobspec.parse_submission({**base, "priority": 2**40})
+
+
+def test_nothing_is_drained_that_would_not_make_room() -> None:
+    # The waiting job needs a GPU; the lower-priority workers hold only CPUs.
+    gpu_job = demand("job2", priority=5, per_worker=Resources(cpu=1.0, gpu=1))
+    plan = scheduling.plan(
+        Resources(cpu=2.0, gpu=0), held("job1", 2), [demand("job1", live=2), gpu_job]
+    )
+    assert plan.drain == [] and plan.waiting["job2"][0] == 2
