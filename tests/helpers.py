@@ -80,15 +80,16 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def job_worker_processes(job_id: str) -> list[psutil.Process]:
-    """Live worker processes of a job wherever they come from (a killed server's included)."""
+def job_worker_processes(*job_ids: str) -> list[psutil.Process]:
+    """Live worker processes of these jobs wherever they come from (a killed server's
+    included), in one scan of the machine."""
     found = []
     for proc in psutil.process_iter():
         try:
             if (
                 proc.status() != psutil.STATUS_ZOMBIE
                 and any("cortex.worker" in part for part in proc.cmdline())
-                and proc.environ().get("CORTEX_JOB_ID") == job_id
+                and proc.environ().get("CORTEX_JOB_ID") in job_ids
             ):
                 found.append(proc)
         except psutil.Error:

@@ -139,6 +139,10 @@ class Client:
         """Every deployed API, each with its newest job."""
         return self._record(schemas.ApiList, "GET", "/get")
 
+    def capacity(self) -> schemas.Capacity:
+        """The worker pool (`GET /capacity`): its capacity, in use and free, each job's share."""
+        return self._record(schemas.Capacity, "GET", "/capacity")
+
     def get_api(self, api_name: str) -> schemas.ApiDetails:
         """One API with its in-progress jobs, topped up with the newest others to 10."""
         return self._record(schemas.ApiDetails, "GET", f"/get/{api_name}")

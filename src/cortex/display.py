@@ -180,6 +180,8 @@ def job_view(data: Shown) -> RenderableType:
         workers = _table(*columns)
         workers.add_row(*values)
         lines.append(workers)
+        if job.get("pending_reason"):
+            lines.append(Text(f"pending: {job['pending_reason']}", style="yellow"))
     if job.get("error"):
         lines += [Text(""), Text(f"error: {job['error']['message']}", style="red")]
         if job["error"].get("traceback"):
@@ -210,6 +212,7 @@ _RUNTIME_KEYS = {
     "batch_counts",
     "batch_metrics",
     "worker_counts",
+    "pending_reason",
     "error",
     "webhook_deliveries",
 }

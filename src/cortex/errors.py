@@ -136,6 +136,12 @@ class InsufficientGpus(InvalidRequest):
     kind = "batchapi.insufficient_gpus"
 
 
+class InsufficientCapacity(CortexError):
+    """One worker of a job needs more CPU or memory than the server's whole capacity."""
+
+    kind = "batchapi.insufficient_capacity"
+
+
 class ConnectionFailed(CortexError):
     """The CLI or a worker could not reach the server."""
 

@@ -1,9 +1,9 @@
 """The GPUs of this machine, and which local workers hold which of them.
 
 The local launcher gives each worker of an API with `compute.gpu: N` its own N devices through
-`CUDA_VISIBLE_DEVICES`; a job that asks for more GPUs than are free is refused at submission.
-An accepted job reserves its devices until its workers take them (or it ends), so that two
-submissions racing for the last GPUs cannot both be accepted.
+`CUDA_VISIBLE_DEVICES`. A job one worker of which needs more GPUs than the server has is
+refused at submission; others are accepted, and the scheduler (`cortex.pool`, which counts the
+server's GPUs as capacity) starts a worker only when its devices are free.
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ class Pool:
     def __init__(self, devices: tuple[str, ...]) -> None:
         self.devices = devices
         self._held: dict[str, tuple[str, ...]] = {}
-        # Devices promised to accepted jobs whose workers have not taken them yet, by job.
-        self._reserved: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def free(self) -> int:
@@ -58,52 +56,18 @@ class Pool:
             return self._free()
 
     def _free(self) -> int:
-        held = sum(len(ids) for ids in self._held.values())
-        return len(self.devices) - held - sum(self._reserved.values())
+        return len(self.devices) - sum(len(ids) for ids in self._held.values())
 
-    def reserve(self, job_id: str, per_worker: int, workers: int) -> None:
-        """Promise a job's workers their GPUs, or refuse the job if they cannot all get them
-        now. Checking and promising is one step: two jobs cannot both get the last devices."""
-        if per_worker == 0:
-            return
-        needed = per_worker * workers
-        total = len(self.devices)
-        if needed > total:
-            raise errors.InsufficientGpus(
-                f"this job needs {needed} GPUs ({workers} workers x {per_worker}); this server "
-                f"has {total} (set CORTEX_GPUS to declare them)"
-            )
+    def take(self, worker_id: str, count: int) -> tuple[str, ...]:
+        """Devices for a worker, from the free ones."""
         with self._lock:
-            free = self._free()
-            if needed > free:
-                raise errors.InsufficientGpus(
-                    f"this job needs {needed} GPUs ({workers} workers x {per_worker}); {free} "
-                    f"of this server's {total} are free, the others are held by other jobs"
-                )
-            self._reserved[job_id] = self._reserved.get(job_id, 0) + needed
-
-    def unreserve(self, job_id: str) -> None:
-        """Give back what a job was promised and its workers did not take (it ended, or was
-        never created)."""
-        with self._lock:
-            self._reserved.pop(job_id, None)
-
-    def take(self, worker_id: str, count: int, job_id: str | None = None) -> tuple[str, ...]:
-        """Devices for a worker: from its job's reservation first, else from the free ones (a
-        replacement worker)."""
-        with self._lock:
-            mine = min(count, self._reserved.get(job_id, 0)) if job_id is not None else 0
-            if count - mine > self._free():
+            if count > self._free():
                 raise errors.InsufficientGpus(
                     f"worker {worker_id} needs {count} GPUs; {self._free()} of this server's "
                     f"{len(self.devices)} are free"
                 )
             held = {d for ids in self._held.values() for d in ids}
             self._held[worker_id] = tuple(d for d in self.devices if d not in held)[:count]
-            if mine and job_id is not None:
-                self._reserved[job_id] -= mine
-                if not self._reserved[job_id]:
-                    del self._reserved[job_id]
             return self._held[worker_id]
 
     def hold(self, worker_id: str, devices: tuple[str, ...]) -> None:

@@ -71,6 +71,10 @@ class Submission(pydantic.BaseModel):
     batch_timeout: int | None = None
     max_failed_batches: int | None = None
     output: Output | None = None
+    # Scheduling (`cortex.scheduling`): higher first for free capacity; the fewest workers
+    # the job keeps while it has batches left.
+    priority: int = 0
+    min_workers: int = 0
 
     model_config = pydantic.ConfigDict(extra="ignore")
 
@@ -124,7 +128,15 @@ def parse_submission(data: Any) -> Submission:
         raise errors.InvalidRequest(spec.format_error(err, "")) from None
     raw = {
         name: data.get(name)
-        for name in ("workers", "timeout", "max_attempts", "batch_timeout", "max_failed_batches")
+        for name in (
+            "workers",
+            "timeout",
+            "max_attempts",
+            "batch_timeout",
+            "max_failed_batches",
+            "priority",
+            "min_workers",
+        )
     }
     if isinstance(data[kind], dict):
         raw[f"{kind}.batch_size"] = data[kind].get("batch_size")
@@ -148,6 +160,16 @@ def parse_submission(data: Any) -> Submission:
     if sub.timeout is not None and sub.timeout > spec.MAX_INT32:
         raise _invalid(
             "batchapi.invalid_timeout", f"timeout: must be at most {spec.MAX_INT32} seconds"
+        )
+    if abs(sub.priority) > spec.MAX_INT32:
+        raise _invalid(
+            "batchapi.invalid_priority",
+            f"priority: must be between -{spec.MAX_INT32} and {spec.MAX_INT32}",
+        )
+    if not 0 <= sub.min_workers <= sub.workers:
+        raise _invalid(
+            "batchapi.invalid_min_workers",
+            f"min_workers: must be between 0 and workers ({sub.workers})",
         )
     if sub.max_attempts < 1:
         raise _invalid("batchapi.invalid_max_attempts", "max_attempts: must be at least 1")

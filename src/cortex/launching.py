@@ -83,10 +83,6 @@ class Launching:
             path.unlink()
         return len(lines)
 
-    def launch_workers(self, job: Job, count: int) -> None:
-        """Start `count` more workers for a job, on this replica."""
-        self.start_workers(job, self.store.add_workers(job.job_id, count, self.replica_id))
-
     def start_workers(self, job: Job, worker_ids: list[str]) -> None:
         """Start the processes of workers whose rows this replica owns; if the job's
         environment is not built on this machine yet, once it is (they stay pending)."""
@@ -133,7 +129,7 @@ class Launching:
                 )
             except Exception as err:
                 log.exception("job %s: cannot start worker %s", job.job_id, worker_id)
-                self.store.update_worker(worker_id, WorkerState.FAILED, error_message=str(err))
+                self._never_started(worker_ids, f"cannot start worker {worker_id}: {err}")
                 self.lifecycle.end_job(
                     job.job_id,
                     JobStatus.UNEXPECTED_ERROR,
@@ -148,6 +144,14 @@ class Launching:
             job.job_id, f"started {started} worker{'s' if started != 1 else ''}"
         )
 
+    def _never_started(self, worker_ids: list[str], reason: str) -> None:
+        """End the rows of workers whose processes will not be started (those started
+        already keep theirs: their exits end them), giving their capacity back."""
+        for worker_id in worker_ids:
+            worker = self.store.get_worker(worker_id)
+            if worker is not None and worker.pid is None:
+                self.store.end_worker(worker_id, WorkerState.FAILED, error_message=reason)
+
     def _start_when_prepared(self, job: Job, worker_ids: list[str], api_spec: spec.APISpec) -> None:
         """The workers stay pending while the job's environment builds (a job submitted
         during a deploy's build waits for it) and its models download; the job fails if
@@ -156,14 +160,13 @@ class Launching:
         def done(outcome: launch.Ready | launch.Failure) -> None:
             current = self.store.get_job(job.job_id)
             if current is None or not current.status.in_progress:
+                # Their rows hold capacity until they end.
+                self._never_started(worker_ids, "the job ended before the worker started")
                 return
             if isinstance(outcome, launch.Ready):
                 self.start_workers(current, worker_ids)
                 return
-            for worker_id in worker_ids:
-                self.store.update_worker(
-                    worker_id, WorkerState.FAILED, error_message=outcome.message
-                )
+            self._never_started(worker_ids, outcome.message)
             self.lifecycle.end_job(
                 job.job_id, JobStatus.WORKER_ERROR, outcome.kind, outcome.message
             )

@@ -8,7 +8,6 @@ from typing import Any
 
 from cortex import errors
 from cortex.jobs import JobStatus
-from cortex.launchers import Launcher
 from cortex.store import ApiRecord, Job, Store, stats
 from cortex.store.logs import LogStore
 from cortex.store.records import WorkerRecord
@@ -18,9 +17,8 @@ log = logging.getLogger("cortex.server")
 
 
 class Lifecycle:
-    def __init__(self, store: Store, launcher: Launcher, logs: LogStore) -> None:
+    def __init__(self, store: Store, logs: LogStore) -> None:
         self.store = store
-        self.launcher = launcher
         self.logs = logs
         self._specs: dict[str, dict[str, Any]] = {}
         # Set by the reconciler (`on_wake`) so that a status change acts at once, not on the
@@ -116,7 +114,6 @@ class Lifecycle:
     def ended(self, job_id: str, status: JobStatus, message: str | None) -> None:
         """Say that a job reached its final status (written already, by whoever ended it),
         and let the reconciler act on it."""
-        self.launcher.unreserve(job_id)  # what its workers were promised and did not take
         level = "INFO" if status in (JobStatus.SUCCEEDED, JobStatus.STOPPED) else "WARNING"
         suffix = f": {message}" if message else ""
         self.job_event(job_id, f"job status: {status.value}{suffix}", level)

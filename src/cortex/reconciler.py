@@ -71,6 +71,8 @@ class Reconciler:
             ("exits", self._record_exits),
             ("store_wide", self._store_wide),
             ("deaths", self._act_on_deaths),
+            # After the exits and deaths that free capacity, before the new workers start.
+            ("schedule", self.service.pool.tick),
             ("enqueuing", self._resume_enqueuing),
             ("stop_ended", self._stop_ended),
             ("checkpoint", self.service.store.checkpoint),
@@ -82,6 +84,8 @@ class Reconciler:
         # So do webhooks: a receiver may take its time answering.
         self._deliverer = webhooks.Deliverer(service, self._stopped)
         self.lifecycle.on_wake(self._wake_all)
+        # The leader also places workers on a period (`cortex.pool`).
+        self.service.pool.leads = lambda: self.membership.is_leader
 
     def start(self) -> None:
         # Registered before recovering, so that no leader takes this replica's workers for
@@ -110,7 +114,10 @@ class Reconciler:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            self._wake.wait(self.settings.reconcile_s)
+            if self._wake.wait(self.settings.reconcile_s):
+                # Woken by a change (a job, a worker's state, an end): room or need may have
+                # changed with it.
+                self.service.pool.request()
             self._wake.clear()
             try:
                 self.tick()
@@ -283,6 +290,7 @@ class Reconciler:
         before = store.end_worker(
             worker_id, state, exit_code=ended.exit_code, error_message=message
         )
+        self.service.pool.request()  # its capacity is free
         if before is None or state is WorkerState.SUCCEEDED or finished:
             # Recorded already (this exit seen again, or the leader marked the worker lost
             # first), or nothing left undone.
@@ -347,7 +355,8 @@ class Reconciler:
                 return
             death.counted = True
         self.lifecycle.job_event(job.job_id, f"{reason}; starting a replacement", "WARNING")
-        self.service.launching.launch_workers(job, 1)
+        # The scheduler places it: the job has batches left and one worker fewer.
+        self.service.pool.request()
 
     def _stop_async(self, job_id: str) -> None:
         with self._lock:
@@ -366,9 +375,10 @@ class Reconciler:
         threading.Thread(target=stop, name=f"cortex-stop-{job_id}", daemon=True).start()
 
     def recover(self) -> None:
-        """At start-up: adopt the workers this replica started before it restarted, and start
-        new workers for a running job that lost its workers meanwhile and has none left on
-        any replica. Other replicas' workers are theirs to watch (or the leader's)."""
+        """At start-up: adopt the workers this replica started before it restarted, and end
+        the rows of those that are gone (giving their capacity back); the scheduler places new
+        workers for jobs that need them. Other replicas' workers are theirs to watch (or the
+        leader's)."""
         store = self.service.store
         mine = (None, self.service.replica_id)  # None: started before there were replicas
         for job in store.in_progress_jobs():
@@ -413,7 +423,7 @@ class Reconciler:
                 )
                 continue
             if not alive and job.status is JobStatus.RUNNING:
+                # The scheduler places new ones as capacity allows (`cortex.pool`).
                 self.lifecycle.job_event(
-                    job.job_id, "no live workers after a restart; starting new ones"
+                    job.job_id, "no live workers after a restart; new ones will start"
                 )
-                self.service.launching.launch_workers(job, job.workers)

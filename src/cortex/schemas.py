@@ -101,6 +101,8 @@ class JobSpec(Record):
     metadata: dict[str, str] = _field(
         "the submission's metadata: string keys and values; {} if none", default_factory=dict
     )
+    priority: int = _field("higher first for free capacity (docs/design.md, Scheduling)", default=0)
+    min_workers: int = _field("the fewest workers the job keeps while batches are left", default=0)
 
 
 class Webhook(Record):
@@ -175,6 +177,7 @@ class JobStatus(JobSpec):
     batch_counts: BatchCounts = _field("every batch by state")
     batch_metrics: BatchMetrics | None = _field("the spec's batch counters")
     worker_counts: WorkerCounts | None = _field("workers by state; null unless in progress")
+    pending_reason: str | None = _field("why workers of the job wait for capacity, if some do")
     dataset: dict[str, Any] | None = _field(
         "the dataset as submitted: its kind, and a file dataset's paths, globs and batch size"
     )
@@ -299,6 +302,7 @@ class Worker(Record):
     exit_code: int | None = _field("how it exited")
     error: str | None = _field("what ended it, if it failed")
     replica_id: str | None = _field("the server replica that started it")
+    draining: bool = _field("asked to finish its batch and exit (preempted, or not needed)")
     started_at: str | None = _field("RFC 3339")
     updated_at: str | None = _field("RFC 3339")
     last_seen: str | None = _field("when it was last heard from, RFC 3339")
@@ -309,3 +313,33 @@ class JobWorkers(Record):
 
     job_id: str = _field("the job")
     workers: list[Worker] = _field("oldest first")
+
+
+class Amounts(Record):
+    """Amounts of the pool's resources."""
+
+    cpu: float = _field("CPU cores")
+    mem: int = _field("memory, bytes")
+    gpu: int = _field("GPUs")
+
+
+class JobShare(Record):
+    """One job's share of the worker pool."""
+
+    job_id: str = _field("the job")
+    api_name: str | None = _field("its API; null for an ended job", default=None)
+    priority: int | None = _field("its priority", default=None)
+    workers: int = _field("live workers holding capacity")
+    draining: int = _field("of those, asked to finish a batch and exit")
+    reserved: Amounts = _field("what its live workers hold")
+    pending: int | None = _field("workers it wants that do not fit yet", default=None)
+    pending_reason: str | None = _field("why they wait", default=None)
+
+
+class Capacity(Record):
+    """The worker pool: what it has, what live workers hold, and each job's share."""
+
+    total: Amounts = _field("the launcher's capacity, or --capacity")
+    used: Amounts = _field("held by live workers")
+    free: Amounts = _field("total less used")
+    jobs: list[JobShare] = _field("each job holding or wanting capacity")

@@ -1,10 +1,10 @@
 """The service: builds the capability modules over one store and launcher, and holds them.
 
 Each part owns one capability: `lifecycle` (reading, stopping and ending jobs), `deploys`
-(API versions, environments, projects), `launching` (starting workers here), `submissions`
-(creating jobs, enqueuing), `idempotent` (submissions with an Idempotency-Key) and `workers`
-(the worker API). The routes and the reconciler call them; none of them reaches into
-another's state."""
+(API versions, environments, projects), `launching` (starting workers here), `pool` (the
+capacity, and placing workers into it), `submissions` (creating jobs, enqueuing), `idempotent`
+(submissions with an Idempotency-Key), `outputs` (writing results) and `workers` (the worker
+API). The routes and the reconciler call them; none of them reaches into another's state."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from cortex.launchers import Launcher
 from cortex.launching import Launching
 from cortex.lifecycle import Lifecycle
 from cortex.outputs import Outputs
+from cortex.pool import Pool
 from cortex.settings import Settings
 from cortex.store import Store
 from cortex.store.logs import LogStore
@@ -31,14 +32,13 @@ class Service:
         self.logs = LogStore(store, settings.log_max_bytes)
         # The workers this replica starts are its own to watch (see `cortex.replicas`).
         self.replica_id = replica_id
-        self.lifecycle = Lifecycle(store, launcher, self.logs)
+        self.lifecycle = Lifecycle(store, self.logs)
         self.deploys = Deploys(settings, store, launcher, self.lifecycle)
         self.launching = Launching(
             settings, store, launcher, self.logs, replica_id, self.lifecycle, self.deploys
         )
-        self.submissions = Submissions(
-            settings, store, launcher, replica_id, self.lifecycle, self.launching
-        )
+        self.pool = Pool(settings, store, launcher, self.lifecycle, self.launching, replica_id)
+        self.submissions = Submissions(settings, store, replica_id, self.lifecycle, self.pool)
         self.idempotent = IdempotentSubmits(store, self.submissions, self.lifecycle)
         self.outputs = Outputs(settings, store, self.lifecycle)
         self.workers = WorkerApi(

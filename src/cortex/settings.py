@@ -32,6 +32,10 @@ class Settings:
     # The GPU ids the local launcher hands out; None: detected (CUDA_VISIBLE_DEVICES, then
     # `nvidia-smi -L`).
     gpus: tuple[str, ...] | None = None
+    # The worker pool's capacity where it differs from what the launcher finds (this
+    # machine's CPUs, memory and GPUs; a Ray cluster's resources): `cpu=8,mem=16Gi,gpu=2`,
+    # each resource optional.
+    capacity: str = ""
     # The address workers (and hooks that chain jobs) use to reach this server; empty means
     # derived from host and port.
     public_url: str = ""
@@ -115,6 +119,9 @@ class Settings:
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{_setting(name)} must be 0 or more, not {value}")
+        from cortex import capacity  # (it reads the machine only when asked)
+
+        capacity.parse(self.capacity)  # a ValueError that names the flag
         if not 0 <= self.port <= 65535:
             raise ValueError(f"{_setting('port')} must be 0 to 65535, not {self.port}")
         if self.heartbeat_s > self.lease_s / 2:

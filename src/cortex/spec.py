@@ -38,6 +38,7 @@ RESERVED_NAMES = frozenset(
     {
         "healthz",
         "readyz",
+        "capacity",
         "docs",
         "redoc",
         "openapi",

@@ -3,7 +3,6 @@ batches of another job), and the threads that enqueue file datasets."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -13,10 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from cortex import datasets, enqueuer, errors, hookspec, jobspec, outputs, spec
-from cortex.jobs import JobStatus, new_job_id, new_worker_id
-from cortex.launchers import Launcher
-from cortex.launching import Launching
+from cortex.jobs import JobStatus, new_job_id
 from cortex.lifecycle import Lifecycle
+from cortex.pool import Pool
 from cortex.settings import Settings
 from cortex.store import ApiRecord, Job, Store, engine
 from cortex.store.submissions import NO_EXTRAS, Extras, JobLimits
@@ -39,17 +37,15 @@ class Submissions:
         self,
         settings: Settings,
         store: Store,
-        launcher: Launcher,
         replica_id: str,
         lifecycle: Lifecycle,
-        launching: Launching,
+        pool: Pool,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.launcher = launcher
         self.replica_id = replica_id
         self.lifecycle = lifecycle
-        self.launching = launching
+        self.pool = pool
         # The jobs whose file datasets this replica is enqueuing now, a thread each.
         self._enqueuers: dict[str, threading.Thread] = {}
         self._enqueuers_lock = threading.Lock()
@@ -70,10 +66,10 @@ class Submissions:
         extras = dataclasses.replace(
             extras, metadata=submission.metadata, webhook=self._webhook(api, submission)
         )
-        with self._reserved(api, job_id, submission.workers, dry_run):
-            if submission.file_dataset is not None:
-                return self._submit_files(job_id, api_name, submission, dry_run, extras)
-            return self._submit_items(job_id, api_name, submission, dry_run, extras)
+        self._check_fits(api)
+        if submission.file_dataset is not None:
+            return self._submit_files(job_id, api_name, submission, dry_run, extras)
+        return self._submit_items(job_id, api_name, submission, dry_run, extras)
 
     def _webhook(self, api: ApiRecord, submission: jobspec.Submission) -> dict[str, Any] | None:
         """The job's webhook: the submission's, else the API's default; refused if this
@@ -124,7 +120,9 @@ class Submissions:
                 f"partitioning {len(item_list.items)} items found in job submission into "
                 f"{len(payloads)} batches of size {item_list.batch_size}",
             )
-            self.launching.launch_workers(job, job.workers)
+            # Its first worker starts while the batches are written (slow start: more once
+            # the predictor has loaded, up to the batches there are).
+            self.pool.schedule_now()
             return self._write_items(job, payloads, len(item_list.items), item_list.batch_size)
         finally:
             with self._enqueuers_lock:
@@ -151,6 +149,8 @@ class Submissions:
             replica_id=self.replica_id,
             extras=extras,
             limits=_limits(submission, self.lifecycle.get_api(api_name)),
+            priority=submission.priority,
+            min_workers=submission.min_workers,
         )
 
     def _write_items(self, job: Job, payloads: list[str], items: int, batch_size: int) -> Job:
@@ -178,6 +178,7 @@ class Submissions:
             raise
         if done is None:  # stopped (or timed out) meanwhile
             return self.store.get_job(job.job_id) or job
+        self.pool.request()
         self.lifecycle.wake()  # workers may be waiting only for enqueue_done
         return done
 
@@ -273,7 +274,9 @@ class Submissions:
                 self.lifecycle.job_event(job_id, f"enqueued {written.total_batch_count} batches")
                 if not launched[0]:
                     launched[0] = True
-                    self._ensure_workers(written)
+                    self.pool.schedule_now()  # the first worker, at once
+                else:
+                    self.pool.request()  # more batches: maybe more workers
 
             done = enqueuer.run(
                 self.store,
@@ -289,7 +292,7 @@ class Submissions:
                 self.lifecycle.job_event(
                     job_id, f"completed enqueuing a total of {done.total_batch_count} batches"
                 )
-                self._ensure_workers(done)
+                self.pool.request()
                 self.lifecycle.wake()  # workers may be waiting only for enqueue_done
             else:
                 self.lifecycle.ended(job_id, done.status, done.error_message)
@@ -312,12 +315,6 @@ class Submissions:
             with self._enqueuers_lock:
                 self._enqueuers.pop(job_id, None)
 
-    def _ensure_workers(self, job: Job) -> None:
-        """Start the job's workers unless some are alive (a resumed enqueuing may find the
-        ones it started before)."""
-        if not any(w.state.alive for w in self.store.list_workers(job.job_id)):
-            self.launching.launch_workers(job, job.workers)
-
     def _check_workers(self, workers: int) -> None:
         if workers > self.settings.max_workers:
             raise errors.InvalidSubmission(
@@ -326,22 +323,11 @@ class Submissions:
                 kind="batchapi.too_many_workers",
             )
 
-    @contextlib.contextmanager
-    def _reserved(
-        self, api: ApiRecord, job_id: str, workers: int, dry_run: bool = False
-    ) -> Iterator[None]:
-        """Refuse a job that the launcher cannot place now (GPUs on the local launcher), or
-        hold what its workers will take while it is created. What they do not take is given
-        back when the job ends; everything, if it is not created (or only a dry run)."""
-        compute = spec.APISpec.model_validate(api.spec).compute
-        self.launcher.reserve(job_id, compute, workers)
-        try:
-            yield
-        except BaseException:
-            self.launcher.unreserve(job_id)
-            raise
-        if dry_run:
-            self.launcher.unreserve(job_id)
+    def _check_fits(self, api: ApiRecord) -> None:
+        """Refuse a job one worker of which could never fit in the pool (GPUs or more than
+        the whole capacity of a server that cannot grow). A job that fits but finds the pool
+        busy is accepted: its workers wait as pending."""
+        self.pool.check_fits(spec.APISpec.model_validate(api.spec).compute)
 
     def retry_failed(self, api_name: str, job_id: str, workers: int | None = None) -> Job:
         """A new job, linked to `job_id` by `retry_of`, that runs only its failed batches.
@@ -362,8 +348,8 @@ class Submissions:
         workers = workers or old.workers
         self._check_workers(workers)
         new_id = new_job_id()
-        with self._reserved(self.lifecycle.get_api(api_name), new_id, workers):
-            return self._retry(old, new_id, workers)
+        self._check_fits(self.lifecycle.get_api(api_name))
+        return self._retry(old, new_id, workers)
 
     def _retry(self, old: Job, new_id: str, workers: int) -> Job:
         job_id = old.job_id
@@ -376,20 +362,20 @@ class Submissions:
             max_attempts=old.max_attempts,
             worker_token=secrets.token_urlsafe(32),
             payloads=self.store.failed_payloads(job_id),
-            replica_id=self.replica_id,
+            replica_id=None,  # its workers are the scheduler's to place
             retry_of=job_id,
             # A retry is found and followed as the job it retries was.
             extras=Extras(metadata=old.metadata, webhook=old.webhook),
             # The retry keeps the limits; its results stay in the store (writing them to the
             # old job's output would replace that job's files).
             limits=JobLimits(old.batch_timeout_s, old.max_failed_batches),
+            priority=old.priority,
+            min_workers=old.min_workers,
         )
         self.lifecycle.job_event(
             job.job_id, f"retrying the {job.total_batch_count} failed batches of job {job_id}"
         )
-        self.launching.start_workers(
-            job, [new_worker_id(job.job_id, i) for i in range(job.workers)]
-        )
+        self.pool.schedule_now()
         return job
 
 

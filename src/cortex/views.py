@@ -41,6 +41,9 @@ def job_spec_json(job: Job, api_spec: dict[str, Any]) -> dict[str, Any]:
         "output": job.output,
         # Additive: the submission's metadata ({} if none); the predictor's job_spec has it.
         "metadata": job.metadata or {},
+        # Additive: scheduling (docs/design.md, "Scheduling").
+        "priority": job.priority,
+        "min_workers": job.min_workers,
     }
 
 
@@ -53,6 +56,13 @@ def job_status_json(
     deliveries: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     average = job.succeeded_time_s / job.succeeded if job.succeeded else None
+    if worker_counts is not None and job.pending_workers:
+        # Pending: workers placed whose processes have not started, and workers the job
+        # wants that do not fit in the pool yet.
+        worker_counts = {
+            **worker_counts,
+            "pending": worker_counts.get("pending", 0) + job.pending_workers,
+        }
     status: dict[str, Any] = {
         **job_spec_json(job, api_spec),
         "status": job.status.value,
@@ -68,6 +78,8 @@ def job_status_json(
             "average_time_per_batch": average,
         },
         "worker_counts": worker_counts,
+        # Additive: why workers of the job are pending, if some wait for capacity.
+        "pending_reason": job.pending_reason if job.status.in_progress else None,
         # Additive: the dataset as submitted: its kind, and a file dataset's paths, globs and
         # batch size (an item list's items are not kept).
         "dataset": job.dataset,
@@ -151,6 +163,8 @@ def worker_json(worker: WorkerRecord) -> dict[str, Any]:
         "exit_code": worker.exit_code,
         "error": worker.error_message,
         "replica_id": worker.replica_id,
+        # Asked to finish its current batch and exit (preempted, or no longer needed).
+        "draining": worker.draining,
         "started_at": rfc3339(worker.started_at),
         "updated_at": rfc3339(worker.updated_at),
         "last_seen": rfc3339(worker.seen_at),

@@ -80,6 +80,12 @@ class WorkerApi:
         )
         if reason is not None:  # this report failed the job
             self.lifecycle.ended(job.job_id, JobStatus.WORKER_ERROR, reason)
+        elif state is WorkerState.RUNNING:
+            self.lifecycle.wake()  # its predictor loads: the job may have more workers now
+
+    def draining(self, worker_id: str) -> bool:
+        """Whether the worker was asked to finish its current batch and exit."""
+        return self.store.worker_draining(worker_id)
 
     def lease(
         self,

@@ -202,7 +202,8 @@ def test_a_refused_request_is_a_failure_not_a_finish(stack: Stack, recorder: Dep
 def test_a_job_not_found_answer_stops_a_worker_quietly(stack: Stack, recorder: DeployedApi) -> None:
     """404 `batchapi.job_not_found` (what the server answers for a job deleted meanwhile) is
     one of the answers that mean the job is gone: the worker stops and exits 0. Here the proxy
-    says it in place of one worker's first lease, so its sibling does all the work."""
+    says it in place of one worker's first lease, so its sibling and the worker the scheduler
+    places in its stead (the job still has batches for two) do the work."""
     gone = (404, {"kind": "batchapi.job_not_found", "message": "said by the test's proxy"})
     stack.proxy.fault = Fault("lease", "request", times=1, action=gone)
     try:
@@ -211,9 +212,8 @@ def test_a_job_not_found_answer_stops_a_worker_quietly(stack: Stack, recorder: D
         _check_exact(stack, recorder, job_id, attempts_exact=True)
     finally:
         stack.proxy.fault = None
-    assert [(w.state, w.exit_code) for w in stack.workers(job_id)] == [
-        (WorkerState.SUCCEEDED, 0)
-    ] * 2
+    workers = [(w.state, w.exit_code) for w in stack.workers(job_id)]
+    assert len(workers) in (2, 3) and set(workers) == {(WorkerState.SUCCEEDED, 0)}
     with stack.server.client() as client:
         text = "\n".join(client.logs(recorder.name, job_id))
     assert "the server ended this worker's job: 404 batchapi.job_not_found" in text

@@ -42,37 +42,42 @@ def _devices(api: DeployedApi, job_id: str) -> list[str]:
     return sorted(json.loads(p.read_text())["env"]["CUDA_VISIBLE_DEVICES"] for p in inits)
 
 
-def test_each_worker_gets_its_own_gpus_and_a_job_asking_too_many_is_refused(
+def test_each_worker_gets_its_own_gpus_and_jobs_wait_for_devices(
     gpu_server: Server, tmp_path: Path
 ) -> None:
     with gpu_server.client() as client:
         api = deploy_fixture(client, "recorder", tmp_path, compute={"gpu": 2})
+        too_big = deploy_fixture(client, "recorder", tmp_path, compute={"gpu": 5})
 
-    code, body = _post(gpu_server, api.name, 3, [1])
+    # One worker that could never fit is refused; a job that fits waits for devices.
+    code, body = _post(gpu_server, too_big.name, 1, [1])
     assert code == 400
     assert body["kind"] == "batchapi.insufficient_gpus"
-    assert "needs 6 GPUs (3 workers x 2); this server has 4" in body["message"]
+    assert "needs 5 GPUs; this server has 4" in body["message"]
 
-    code, first = _post(gpu_server, api.name, 2, [{"await_workers": 2}] * 2 + [1, 2])
+    # Each worker holds its devices for a batch of 3 s after both have started.
+    items: list[object] = [{"await_workers": 2}] * 2 + [{"sleep": 3}] * 2
+    code, first = _post(gpu_server, api.name, 2, items)
     assert code == 200
-    # Its workers hold all four devices until they exit: another GPU job is refused meanwhile.
-    code, body = _post(gpu_server, api.name, 1, [1])
-    assert code == 400 and body["kind"] == "batchapi.insufficient_gpus"
-    assert "0 of this server's 4 are free" in body["message"]
-
     with gpu_server.client() as client:
+        wait_for(
+            lambda: len(list((api.out / first["job_id"]).glob("init-*.json"))) == 2,
+            30,
+            "both workers of the first job to hold two GPUs each",
+        )
+    # Its workers hold all four devices until they exit: another GPU job is accepted, and
+    # its worker waits as pending, with the reason, until they are given back.
+    code, second = _post(gpu_server, api.name, 1, [1])
+    assert code == 200
+    with gpu_server.client() as client:
+        status = client.get_job(api.name, second["job_id"])["job_status"]
+        assert "gpu=2 (free 0)" in status["pending_reason"]
+        assert status["worker_counts"]["pending"] == 1
         status = wait_for_status(client, api.name, first["job_id"])
-    assert status["status"] == "status_succeeded"
-    assert _devices(api, first["job_id"]) == ["0,1", "2,3"]
-
-    # Freed once the workers have exited: the same job fits again.
-    def resubmitted() -> dict | None:
-        code, body = _post(gpu_server, api.name, 2, [1])
-        return body if code == 200 else None
-
-    second = wait_for(resubmitted, 20, "the GPUs to be given back")
-    with gpu_server.client() as client:
+        assert status["status"] == "status_succeeded"
+        assert _devices(api, first["job_id"]) == ["0,1", "2,3"]
         assert wait_for_status(client, api.name, second["job_id"])["status"] == "status_succeeded"
+    assert len(_devices(api, second["job_id"])) == 1
 
 
 def test_a_worker_without_gpus_sees_none(gpu_server: Server, tmp_path: Path) -> None:

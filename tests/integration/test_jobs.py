@@ -106,8 +106,12 @@ def test_stop_ends_the_job_and_its_workers(server: Server, client: Client, tmp_p
         20,
         "a few batches to succeed",
     )
-    running = client.get_job(api.name, job_id)["job_status"]
-    assert running["worker_counts"]["running"] == 2
+    # The second worker starts once the first has loaded the predictor.
+    wait_for(
+        lambda: client.get_job(api.name, job_id)["job_status"]["worker_counts"]["running"] == 2,
+        20,
+        "both workers to run",
+    )
 
     assert client.stop_job(api.name, job_id) == {"message": f"stopped job {job_id}"}
     stopped_at = time.monotonic()

@@ -180,7 +180,9 @@ def test_replicas_export_what_each_counts_and_the_sums_are_exact(
     a, b = two_replicas
     with a.client() as client_a, b.client() as client_b:
         api = deploy_fixture(client_a, "recorder", tmp_path)
-        # Each replica starts the workers of the job it accepts, and they report to it.
+        # Each replica starts the first worker of the job it accepts (later ones are placed by
+        # whichever replica's pass comes first), and a worker reports to the replica that
+        # started it.
         job_a = _submit(client_a, api.name, ["x"] * 4 + ["fail"], max_attempts=1)
         job_b = _submit(client_b, api.name, ["y"] * 6 + ["fail"] * 2, max_attempts=1)
         for client, job_id in ((client_a, job_a), (client_b, job_b)):
@@ -197,7 +199,7 @@ def test_replicas_export_what_each_counts_and_the_sums_are_exact(
     # What a replica timed itself is its own: the sum over replicas is the whole.
     timed_a = value(on_a, "cortex_time_per_batch_count", api_name=api.name)
     timed_b = value(on_b, "cortex_time_per_batch_count", api_name=api.name)
-    assert (timed_a, timed_b) == (4, 6)
+    assert timed_a + timed_b == 10 and timed_a > 0 and timed_b > 0
     # Exactly one replica leads.
     leaders = [*series(on_a, "cortex_replica_leader").values(),
                *series(on_b, "cortex_replica_leader").values()]  # fmt: skip

@@ -144,6 +144,9 @@ def test_a_job_outlives_the_replica_that_accepted_it(
         job_id = _submit(via_a, api.name, items)
         replicas.jobs.append(job_id)
         wait_for(lambda: _succeeded(via_b, api.name, job_id) >= 3, 30, "batches to succeed")
+        # The second worker is placed once the first has loaded the predictor, by the replica
+        # its report reached (B).
+        wait_for(lambda: len(job_worker_processes(job_id)) == 2, 15, "both workers to start")
 
         os.kill(a.process.pid, signal.SIGKILL)
         a.process.wait()
@@ -157,12 +160,13 @@ def test_a_job_outlives_the_replica_that_accepted_it(
             "average_time_per_batch": status["batch_metrics"]["average_time_per_batch"],
         }
         assert len((api.out / job_id / "hook.log").read_text().splitlines()) == 1
-        # A's workers did the whole job through B: none was replaced.
+        # A's worker did its part through B after A died: none was replaced.
         store = Store(pg_url)
         try:
             job = store.get_job(job_id)
             assert job is not None and job.worker_restarts == 0
-            assert [w.replica_id for w in store.list_workers(job_id)] == [a_id, a_id]
+            owners = [w.replica_id for w in store.list_workers(job_id)]
+            assert len(owners) == 2 and owners[0] == a_id
         finally:
             store.close()
         wait_for(lambda: not job_worker_processes(job_id), 15, "A's workers to exit")
@@ -205,3 +209,30 @@ def test_workers_lost_with_their_replica_are_replaced_by_the_leader(
         assert any(w.replica_id == b_id for w in workers)
         assert all(p.is_running() for p in cut_off)  # alive, still retrying A: unheard of
         kill_processes(cut_off)
+
+
+def test_two_replicas_together_stay_within_capacity(replicas: Any, tmp_path: Path) -> None:
+    a = replicas("a", CORTEX_CAPACITY="cpu=2")
+    b = replicas("b", CORTEX_CAPACITY="cpu=2")
+    wait_for(lambda: [_health(s).get("leader") for s in (a, b)].count(True) == 1, 15)
+    with a.client() as via_a, b.client() as via_b:
+        api = deploy_fixture(via_a, "recorder", tmp_path, compute={"cpu": 1})
+        jobs = [
+            _submit(client, api.name, [{"sleep": 0.3}] * 4)
+            for client in (via_a, via_b, via_a, via_b)
+        ]
+        replicas.jobs.extend(jobs)
+        most = 0
+
+        def all_ended() -> bool:
+            nonlocal most
+            most = max(most, len(job_worker_processes(*jobs)))
+            statuses = [via_b.get_job(api.name, j)["job_status"]["status"] for j in jobs]
+            return all(s not in ("status_enqueuing", "status_running") for s in statuses)
+
+        wait_for(all_ended, 120, "every job to end")
+        for job_id in jobs:
+            status = via_a.get_job(api.name, job_id)["job_status"]
+            assert status["status"] == "status_succeeded"
+            assert status["batch_metrics"]["succeeded"] == 4
+    assert 1 <= most <= 2

@@ -146,9 +146,15 @@ def test_stop_kills_the_actors_and_their_workers(ray_client: Client, tmp_path: P
     api = deploy_fixture(ray_client, "recorder", tmp_path, compute={"cpu": 1})
     job_id = _submit(ray_client, api.name, [{"sleep": 0.3}] * 200, 2)
     wait_for(lambda: len(_attempts(api, job_id)) >= 4, 90, "batches to run")
-    workers = job_worker_processes(job_id)
+
+    # The second worker starts once the first has loaded the predictor (slow start).
+    def both() -> list[psutil.Process] | None:
+        procs = job_worker_processes(job_id)
+        return procs if len(procs) == 2 else None
+
+    workers = wait_for(both, 90, "both workers")
     actors = [p for p in (w.parent() for w in workers) if p is not None]
-    assert len(workers) == 2 and len(actors) == 2
+    assert len(actors) == 2
 
     ray_client.stop_job(api.name, job_id)
 
@@ -422,3 +428,23 @@ def test_an_actor_still_waiting_for_a_node_is_adopted_after_a_restart(
             client.stop_job(api.name, job_id)
     finally:
         stop_server(srv)
+
+
+def test_the_pool_is_the_clusters_resources(
+    ray_server: Server, ray_client: Client, tmp_path: Path
+) -> None:
+    with ray_server.http() as http:
+        assert http.get("/capacity").json()["total"]["cpu"] == 3  # the head's 2 and node2's 1
+    api = deploy_fixture(ray_client, "recorder", tmp_path, compute={"cpu": 1})
+    items = [{"await_workers": 3}] * 3 + [{"sleep": 0.5}] * 3
+    job_id = _submit(ray_client, api.name, items, 5)
+
+    def waiting() -> dict[str, Any] | None:
+        status = ray_client.get_job(api.name, job_id)["job_status"]
+        return status if status["pending_reason"] else None
+
+    # Three workers fit the cluster; the other two wait, saying why.
+    status = wait_for(waiting, 120, "workers beyond the cluster's CPUs to wait")
+    assert "cpu=1 (free 0)" in status["pending_reason"]
+    assert wait_for_status(ray_client, api.name, job_id, 120)["status"] == "status_succeeded"
+    assert len(_inits(api, job_id)) == 3

@@ -113,6 +113,12 @@ def get_all(service: ServiceDep, base_url: BaseUrl) -> dict[str, Any]:
     }
 
 
+@router.get("/capacity", response_model=schemas.Capacity)
+def get_capacity(service: ServiceDep) -> dict[str, Any]:
+    """The worker pool's capacity, in use and free, and each job's reservations."""
+    return service.pool.usage()
+
+
 @router.get("/get/{api_name}", response_model=schemas.ApiDetails, response_model_exclude_unset=True)
 def get_one(api_name: str, service: ServiceDep, base_url: BaseUrl) -> dict[str, Any]:
     return {"batch_api": _api_summary(service, api_name, base_url, _JOBS_PER_API)}

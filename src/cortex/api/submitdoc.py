@@ -45,7 +45,27 @@ _S3_DATASET_SCHEMA: dict[str, Any] = {
     },
 }
 _SUBMISSION_FIELDS: dict[str, Any] = {
-    "workers": {**_POSITIVE_INT, "description": "worker processes to start"},
+    "workers": {
+        **_POSITIVE_INT,
+        "description": "the most workers the job runs at once (never more than it has "
+        "batches left; fewer while the pool is busy: the others wait as pending)",
+    },
+    "priority": {
+        "type": "integer",
+        "minimum": -MAX_INT32,
+        "maximum": MAX_INT32,
+        "default": 0,
+        "description": "higher first for free capacity; a waiting job may make workers of "
+        "lower-priority jobs drain at their next batch boundary",
+    },
+    "min_workers": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": MAX_INT32,
+        "default": 0,
+        "description": "the fewest workers the job keeps while it has batches left (at most "
+        "`workers`)",
+    },
     "config": {
         "type": ["object", "null"],
         "description": "merged over the API's predictor.config for this job",

@@ -179,10 +179,21 @@ def payload(body: PayloadBody, job: JobDep, service: ServiceDep) -> Response:
     return Response(b'{"payload":' + data + b"}", media_type="application/json")
 
 
+class HeartbeatReply(pydantic.BaseModel):
+    ok: bool = pydantic.Field(description="False once the job has ended.")
+    drain: bool = pydantic.Field(
+        False,
+        description="The worker should finish the batch it is running, report it, and exit "
+        "without starting the other batches it holds (they go back to the queue unused): its "
+        "capacity goes to a job of higher priority, or its job needs fewer workers.",
+    )
+
+
 @router.post("/heartbeat")
-def heartbeat(body: WorkerBody, job: JobDep, service: ServiceDep) -> dict[str, bool]:
+def heartbeat(body: WorkerBody, job: JobDep, service: ServiceDep) -> HeartbeatReply:
     _own_worker(job, body.worker_id)
-    return {"ok": service.workers.heartbeat(job, body.worker_id)}
+    ok = service.workers.heartbeat(job, body.worker_id)
+    return HeartbeatReply(ok=ok, drain=ok and service.workers.draining(body.worker_id))
 
 
 _STREAMS = frozenset({"stdout", "stderr", "log"})

@@ -11,7 +11,7 @@ import sys
 import click
 
 from cortex import errors
-from cortex.cli import apis, envs, jobs, server  # noqa: F401 (registers the commands)
+from cortex.cli import apis, capacity, envs, jobs, server  # noqa: F401 (registers the commands)
 from cortex.cli.base import EXIT_FAILED, EXIT_USAGE, _error_line, cli
 
 __all__ = ["cli", "main"]

@@ -46,6 +46,13 @@ from cortex.settings import DEFAULT_HOST, DEFAULT_PORT
     "(default: CUDA_VISIBLE_DEVICES, else what `nvidia-smi -L` lists).",
 )
 @click.option(
+    "--capacity",
+    envvar="CORTEX_CAPACITY",
+    default="",
+    help="The worker pool's capacity where it differs from what the launcher finds (this "
+    "machine; the Ray cluster), e.g. cpu=8,mem=16Gi,gpu=2; each resource optional.",
+)
+@click.option(
     "--public-url",
     envvar="CORTEX_PUBLIC_URL",
     default="",
@@ -204,6 +211,7 @@ def serve(
     launcher: str,
     ray_address: str,
     gpus: str | None,
+    capacity: str,
     public_url: str,
     max_body_bytes: int,
     lease_s: float,
@@ -251,6 +259,7 @@ def serve(
             launcher=launcher,
             ray_address=ray_address,
             gpus=None if gpus is None else gpus_mod.parse(gpus),
+            capacity=capacity,
             public_url=public_url,
             max_body_bytes=max_body_bytes,
             lease_s=lease_s,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cortex import spec
+from cortex.capacity import Resources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +59,12 @@ class WorkerExit:
 
 
 class Launcher(Protocol):
-    def reserve(self, job_id: str, compute: spec.Compute, workers: int) -> None:
-        """Before the job is created: refuse a job this launcher cannot place now (raises a
-        `CortexError`, answered as a 400), or hold what its workers will need."""
+    # Whether `capacity` is all there will ever be (a machine), or may grow (a cluster with
+    # an autoscaler): only the first refuses a job whose one worker does not fit.
+    fixed_capacity: bool
 
-    def unreserve(self, job_id: str) -> None:
-        """Give back what `reserve` held and the job's workers did not take."""
+    def capacity(self) -> Resources:
+        """What the workers of this launcher may take in all: CPUs, memory, GPUs."""
 
     def start(self, launch: WorkerLaunch) -> int | None:
         """Start one worker; returns its pid where there is one."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from cortex import gpus, spec
+from cortex import capacity, gpus
 from cortex.launchers.base import WorkerExit, WorkerLaunch
 
 # The worker's memory limit in its environment, for a later server that adopts it.
@@ -49,11 +49,12 @@ class LocalLauncher:
         self._lock = threading.Lock()
         self.gpus = gpus.Pool(devices)
 
-    def reserve(self, job_id: str, compute: spec.Compute, workers: int) -> None:
-        self.gpus.reserve(job_id, compute.gpu, workers)
+    # This machine does not grow: a worker that does not fit it never will.
+    fixed_capacity = True
 
-    def unreserve(self, job_id: str) -> None:
-        self.gpus.unreserve(job_id)
+    def capacity(self) -> capacity.Resources:
+        """This machine: its CPUs, its memory, the GPUs this launcher hands out."""
+        return capacity.local({}, len(self.gpus.devices))
 
     def start(self, launch: WorkerLaunch) -> int | None:
         env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}
@@ -65,7 +66,7 @@ class LocalLauncher:
             env[_MEM_LIMIT_ENV] = str(launch.compute.mem_bytes)
         if launch.compute.gpu:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(
-                self.gpus.take(launch.worker_id, launch.compute.gpu, launch.job_id)
+                self.gpus.take(launch.worker_id, launch.compute.gpu)
             )
         elif self.gpus.devices:
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -96,8 +97,13 @@ class LocalLauncher:
             )
 
     def adopt(self, job_id: str, worker_id: str, pid: int | None) -> bool:
-        if pid is None:  # it never got as far as its process
-            return False
+        if pid is None:
+            # Its pid was never recorded: it never got as far as its process, or the server
+            # died between starting it and recording it. Found by its id, it is adopted: a
+            # worker left running unwatched would hold capacity nobody counts.
+            pid = _find_worker(worker_id)
+            if pid is None:
+                return False
         try:
             proc = psutil.Process(pid)
             ours = any("cortex.worker" in part for part in proc.cmdline())
@@ -216,6 +222,21 @@ def _enforce_memory(proc: _Proc) -> None:
             f"{proc.mem_limit_bytes / (1 << 20):.0f} MiB"
         )
         _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _find_worker(worker_id: str) -> int | None:
+    """The pid of a live worker process with this id, if there is one."""
+    for proc in psutil.process_iter():
+        try:
+            if (
+                proc.status() != psutil.STATUS_ZOMBIE
+                and any("cortex.worker" in part for part in proc.cmdline())
+                and proc.environ().get("CORTEX_WORKER_ID") == worker_id
+            ):
+                return int(proc.pid)
+        except psutil.Error:
+            continue
+    return None
 
 
 def _alive(pid: int) -> bool:

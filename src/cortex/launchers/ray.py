@@ -40,12 +40,14 @@ import logging
 import os
 import signal
 import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cortex import errors, spec
+from cortex import errors
+from cortex.capacity import Resources
 from cortex.launchers.base import WorkerExit, WorkerLaunch
 from cortex.launchers.rayactor import WorkerActor
 
@@ -110,6 +112,10 @@ def check_address(address: str) -> None:
         )
 
 
+# How long the cluster's resources, once read, are taken as they were.
+_CAPACITY_TTL_S = 2.0
+
+
 class RayLauncher:
     def __init__(self, address: str) -> None:
         check_address(address)
@@ -132,13 +138,26 @@ class RayLauncher:
         # Exits seen and not acknowledged yet (see `poll`), by worker id.
         self._exited: dict[str, WorkerExit] = {}
         self._lock = threading.Lock()
+        self._capacity = Resources()
+        self._capacity_at = -_CAPACITY_TTL_S
 
-    def reserve(self, job_id: str, compute: spec.Compute, workers: int) -> None:
-        """Nothing is refused or held: Ray queues an actor until a node has its resources (the
-        worker stays `pending`), and an autoscaler may add that node."""
+    # The cluster grows and shrinks (an autoscaler adds and removes nodes): never refuse a
+    # worker for not fitting what it has now.
+    fixed_capacity = False
 
-    def unreserve(self, job_id: str) -> None:
-        pass
+    def capacity(self) -> Resources:
+        """The cluster's resources as Ray reports them (its live nodes), read again every
+        few seconds: a node an autoscaler adds is capacity from then on."""
+        now = time.monotonic()
+        if now - self._capacity_at >= _CAPACITY_TTL_S:
+            total = ray.cluster_resources()
+            self._capacity = Resources(
+                cpu=float(total.get("CPU", 0.0)),
+                mem=int(total.get("memory", 0)),
+                gpu=int(total.get("GPU", 0)),
+            )
+            self._capacity_at = now
+        return self._capacity
 
     def start(self, launch: WorkerLaunch) -> int | None:
         project = launch.project_dir

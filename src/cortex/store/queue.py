@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cortex.jobs import BatchState, JobStatus, WorkerState
-from cortex.store import batchrows, budget, engine, jobrows, protocol
+from cortex.store import batchrows, budget, engine, jobrows, pool, protocol
 from cortex.store import results as outcomes
 from cortex.store import tables as t
 from cortex.store.records import BatchResult, HookResult, Job, LeasedBatch, LeaseResult
@@ -68,7 +68,13 @@ class QueueStore(engine.BaseStore):
                 _release_lost(conn, job_id, worker_id)
             # Workers lease while a file dataset is still being enqueued: they start on the
             # first durable batches. Completion waits for `enqueue_done` (outcomes.maybe_complete).
-            if max_batches > 0 and not leaving and job.status.in_progress and not budget.spent(job):
+            if (
+                max_batches > 0
+                and not leaving
+                and job.status.in_progress
+                and not budget.spent(job)
+                and not _draining(conn, worker_id)
+            ):
                 left = job.total_batch_count - job.succeeded - job.failed - len(results)
                 if left < max_batches * job.workers:
                     # Near the end, a fair share of what is left: one worker's prefetch must
@@ -82,9 +88,7 @@ class QueueStore(engine.BaseStore):
             if hold or leaving:
                 return _answer(conn, worker_id, seq, LeaseResult(batches=[]))
             if results:
-                return _answer(
-                    conn, worker_id, seq, outcomes.maybe_complete(conn, job_id, worker_id)
-                )
+                return _answer(conn, worker_id, seq, _nothing_leased(conn, job_id, worker_id))
         # Nothing to lease: whether the job is complete is decided under the exclusive lock,
         # so two workers ending the last two batches at once cannot both miss it. The first
         # transaction kept no answer, so `seq` is still this request's to answer (unless a copy
@@ -95,7 +99,7 @@ class QueueStore(engine.BaseStore):
                 kept = protocol.claim(conn, job_id, worker_id, protocol.LOOP, seq, "lease")
                 if kept is not None:
                     return _replay(conn, job, worker_id, kept)
-            return _answer(conn, worker_id, seq, outcomes.maybe_complete(conn, job_id, worker_id))
+            return _answer(conn, worker_id, seq, _nothing_leased(conn, job_id, worker_id))
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> bool:
         """Extend every lease the worker holds and note that it was seen; False if the job
@@ -216,6 +220,27 @@ class QueueStore(engine.BaseStore):
 
 
 # -- helpers that run inside a caller's transaction ---------------------------------------------
+
+
+def _draining(conn: Connection, worker_id: str) -> bool:
+    """Whether the worker must not take more batches: asked to drain, or its row has ended
+    (`pool.surplus`)."""
+    row = conn.execute(
+        sa.select(t.workers.c.draining, t.workers.c.state).where(t.workers.c.worker_id == worker_id)
+    ).first()
+    return row is not None and (bool(row.draining) or WorkerState(row.state).ended)
+
+
+def _nothing_leased(conn: Connection, job_id: str, worker_id: str) -> LeaseResult:
+    """Nothing was leased (under the job's exclusive lock): whether the job is complete and
+    who runs its hook; otherwise whether this worker should leave (asked to drain, or more
+    workers than batches left: `pool.surplus`), which ends its work like a done job does."""
+    result = outcomes.maybe_complete(conn, job_id, worker_id)
+    if result.done or result.run_hook or result.batches:
+        return result
+    if pool.surplus(conn, jobrows.get(conn, job_id), worker_id):
+        return LeaseResult(batches=[], done=True)
+    return result
 
 
 def _finish_hook(

@@ -62,6 +62,11 @@ class Job:
     max_failed_batches: int | None = None
     # {"path"} as submitted, with "files" and "errors" once the results are written there.
     output: dict[str, Any] | None = None
+    priority: int = 0
+    min_workers: int = 0
+    # Workers it wants and cannot have yet, and why (the scheduler's last pass).
+    pending_workers: int = 0
+    pending_reason: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -99,6 +104,10 @@ class Job:
             batch_timeout_s=m["batch_timeout_s"],
             max_failed_batches=m["max_failed_batches"],
             output=None if m["output_json"] is None else json.loads(m["output_json"]),
+            priority=m["priority"],
+            min_workers=m["min_workers"],
+            pending_workers=m["pending_workers"],
+            pending_reason=m["pending_reason"],
         )
 
 
@@ -118,6 +127,7 @@ class WorkerRecord:
     updated_at: float
     replica_id: str | None = None
     seen_at: float | None = None
+    draining: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

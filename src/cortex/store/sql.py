@@ -36,6 +36,7 @@ from cortex.store import (
     deadlines,
     jobrows,
     outbox,
+    pool,
     protocol,
     queue,
     resultrows,
@@ -69,6 +70,7 @@ class Store(
     protocol.ProtocolStore,
     batchrows.BatchStore,
     resultrows.ResultStore,
+    pool.PoolStore,
     retention.RetentionStore,
 ):
     """Every piece of state: APIs, jobs, the batch queue and workers."""

@@ -71,17 +71,19 @@ class SubmissionStore(engine.BaseStore):
         max_attempts: int,
         worker_token: str,
         payloads: Iterable[str],
-        replica_id: str,
+        replica_id: str | None,
         retry_of: str | None = None,
         extras: Extras = NO_EXTRAS,
         limits: JobLimits | None = None,
+        priority: int = 0,
+        min_workers: int = 0,
     ) -> Job:
         """Store a job, all of its batches and its workers' rows in one transaction, then mark
         it running (a retry of failed batches, whose payloads are already stored).
 
-        If the payloads iterator raises, nothing is written. Its `workers` rows are pending and
-        owned by `replica_id`, which starts them: if that replica dies before it does, the rows
-        are there for the leader to find (see `cluster.lost_workers`).
+        If the payloads iterator raises, nothing is written. The service leaves its workers to
+        the scheduler (`cortex.pool`), which places them as capacity allows; with `replica_id`,
+        rows for all of them are written here, owned by that replica, holding no capacity.
         """
         now = time.time()
         with self.write() as conn:
@@ -98,6 +100,8 @@ class SubmissionStore(engine.BaseStore):
                 retry_of=retry_of,
                 extras=extras,
                 **_limit_values(limits),
+                priority=priority,
+                min_workers=min_workers,
             )
             total = 0
             chunk: list[str] = []
@@ -119,7 +123,8 @@ class SubmissionStore(engine.BaseStore):
                     status=JobStatus.RUNNING.value,
                 )
             )
-            workerrows.insert(conn, job_id, range(workers), replica_id, now)
+            if replica_id is not None:
+                workerrows.insert(conn, job_id, range(workers), replica_id, now)
             job = jobrows.get(conn, job_id)
             outbox.record_event(conn, job, JobStatus.RUNNING)
             return job
@@ -138,6 +143,8 @@ class SubmissionStore(engine.BaseStore):
         replica_id: str,
         extras: Extras = NO_EXTRAS,
         limits: JobLimits | None = None,
+        priority: int = 0,
+        min_workers: int = 0,
     ) -> Job:
         """Store a job whose dataset (a file dataset, or an item list being written by the
         request) `replica_id` enqueues from now on (`append_batches`, then `finish_enqueue`).
@@ -157,6 +164,8 @@ class SubmissionStore(engine.BaseStore):
                 enqueue_owner=replica_id,
                 extras=extras,
                 **_limit_values(limits),
+                priority=priority,
+                min_workers=min_workers,
             )
             return jobrows.get(conn, job_id)
 

@@ -94,6 +94,14 @@ jobs = sa.Table(
     # webhook its status changes are sent to ({"url", "events"}), as JSON.
     sa.Column("metadata_json", sa.Text, nullable=True),
     sa.Column("webhook_json", sa.Text, nullable=True),
+    # Scheduling (`cortex.scheduling`): higher priorities get free capacity first; the job
+    # keeps at least `min_workers` while batches are left. `pending_workers` and
+    # `pending_reason`: the workers it wants and cannot have yet, and why, as of the
+    # scheduler's last pass.
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("min_workers", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("pending_workers", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("pending_reason", sa.Text, nullable=True),
     sa.Index("ix_jobs_api_start", "api_name", "start_time"),
     sa.Index("ix_jobs_status", "status"),
 )
@@ -194,6 +202,12 @@ workers = sa.Table(
     sa.Column("replica_id", sa.String(64), nullable=True),
     # The last time the worker was heard from (a heartbeat or a state report).
     sa.Column("seen_at", sa.Float, nullable=True),
+    # What the worker holds of the pool's capacity while it is alive (its API's compute).
+    sa.Column("cpu", sa.Float, nullable=False, server_default="0"),
+    sa.Column("mem", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("gpu", sa.Integer, nullable=False, server_default="0"),
+    # Asked to finish its current batch and exit (preempted, or no longer needed).
+    sa.Column("draining", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_workers_state", "state"),
 )
 

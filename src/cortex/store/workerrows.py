@@ -106,6 +106,7 @@ def worker_record(r: Any) -> WorkerRecord:
         updated_at=r.updated_at,
         replica_id=r.replica_id,
         seen_at=r.seen_at,
+        draining=bool(r.draining),
     )
 
 

@@ -115,6 +115,9 @@ class WorkerQueue:
         self.retry_s = retry_s
         # Bytes of the last answer, where the adapter knows them (the loop sizes its leases).
         self.last_response_bytes = 0
+        # Set once a heartbeat's answer asks this worker to drain: finish the batch it runs,
+        # report, and exit (the server answers its next lease with `done`).
+        self.draining = threading.Event()
         first = time.time_ns() // 1000
         self._numbers = {LOOP: itertools.count(first), LOGS: itertools.count(first)}
 
@@ -162,6 +165,8 @@ class WorkerQueue:
 
     def heartbeat(self) -> bool:
         result = self._request("heartbeat", {"worker_id": self.worker_id})
+        if result.get("drain"):
+            self.draining.set()
         return bool(result.get("ok"))
 
     def ship_logs(self, lines: list[list[Any]], dropped: int) -> None:

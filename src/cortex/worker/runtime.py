@@ -149,6 +149,11 @@ def work(
             continue
         idle_s = 0.01
         for batch in batches:
+            if queue.draining.is_set() and results:
+                # Asked to drain: the batches not started go back unused with the next lease
+                # (the server gives back what a worker holds and did not report).
+                log.info("asked to make room for other work: stopping after this batch")
+                break
             batch_id = batch["batch_id"]
             with logship.in_batch(batch_id):
                 if "payload_ref" in batch:
