@@ -8,9 +8,12 @@ The rules (docs/design.md, "Scheduling"):
    (queued or leased); while its dataset is still being enqueued, at least one. `min_workers`
    keeps that many while batches are left, even if fewer are leasable. A job with no batch left
    and no worker (its last batch ended with its worker's death) wants one, to complete it.
-2. Slow start: until one of a job's workers has loaded the predictor (reported `running`), the
-   job gets one worker. A predictor that cannot load costs one process, not `workers`; and jobs
-   submitted together each get their first worker before any gets a second.
+2. Slow start when the pool is tight: until one of a job's workers has loaded the predictor
+   (reported `running`), the job gets one worker, unless the free capacity holds all the
+   workers it wants and one more of their size besides. Jobs submitted together on a busy pool
+   each get their first worker before any gets a second, and there a predictor that cannot load
+   costs one process, not `workers`; a job alone on a roomy pool starts all its workers at once
+   (its first batch is not held up by a model load per worker in turn).
 3. Free capacity goes by `priority` (higher first); within one priority, level by level: every
    job gets its first worker before any gets a second, its second before any gets a third;
    within a level, the older job first. A job whose next worker does not fit does not hold up
@@ -43,18 +46,26 @@ class Demand:
     enqueue_done: bool
     live: int  # workers placed and alive, not draining
     loaded: int  # of those, workers that have loaded the predictor (`running`)
+    # Whether the free capacity holds every worker the job wants and one more (rule 2); set
+    # by `plan` from the capacity free when the pass begins.
+    roomy: bool = False
 
     @property
-    def wanted(self) -> int:
-        """How many live workers the job should have now (rules 1 and 2)."""
+    def target(self) -> int:
+        """How many live workers the job should have once it runs (rule 1)."""
         if self.backlog == 0 and self.enqueue_done:
             # Nothing left to lease. Its last results are on their way (their report decides
             # the completion), unless the last batch ended with its worker's death: then one
             # worker must ask, to complete the job and run its hook.
             return 1 if self.live == 0 else 0
         want = max(self.backlog, self.min_workers, 0 if self.enqueue_done else 1)
-        want = min(want, self.max_workers)
-        if self.loaded == 0:
+        return min(want, self.max_workers)
+
+    @property
+    def wanted(self) -> int:
+        """How many live workers the job should have now (rules 1 and 2)."""
+        want = self.target
+        if self.loaded == 0 and not self.roomy:
             want = min(want, 1)
         return want
 
@@ -88,6 +99,12 @@ def plan(capacity: Resources, held: list[Held], demands: list[Demand]) -> Plan:
         used += worker.resources
     free = capacity - used
     result = Plan()
+    demands = [
+        dataclasses.replace(
+            d, roomy=d.per_worker.times(max(0, d.target - d.live) + 1).fits_in(free)
+        )
+        for d in demands
+    ]
     order = sorted(demands, key=lambda d: (-d.priority, d.start_time, d.job_id))
     given = {d.job_id: 0 for d in order}
     reasons: dict[str, str] = {}

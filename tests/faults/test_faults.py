@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import threading
@@ -186,7 +187,7 @@ def test_a_server_killed_mid_job_picks_up_where_it_left(own_server: Server, tmp_
         api = deploy_fixture(client, "recorder", tmp_path)
         job_id = _submit(client, api.name, [{"sleep": 0.25, "n": i} for i in range(16)])
         wait_for(lambda: len(_attempts(api, job_id)) >= 3, 20, "batches to start")
-        # The second worker starts once the first has loaded the predictor (slow start).
+        # The pool has room for both (and one more): they start together, no slow start.
         wait_for(lambda: len(own_server.worker_processes(job_id)) == 2, 20, "both workers")
 
     own_server.process.send_signal(signal.SIGKILL)
@@ -210,7 +211,8 @@ def test_a_server_killed_mid_job_picks_up_where_it_left(own_server: Server, tmp_
     # The job's log survived the restart and goes on after it.
     with restarted.client() as client:
         text = "\n".join(client.logs(api.name, job_id, follow=True))
-    assert text.count("started 1 worker") == 2
+    # Two workers in all, started by the first server (in one pass or two).
+    assert sum(int(n) for n in re.findall(r"server INFO started (\d+) workers?", text)) == 2
     assert "job status: status_succeeded" in text
     assert text.count(" done ") == 16
 

@@ -80,6 +80,19 @@ def test_slow_start_one_worker_until_the_predictor_has_loaded() -> None:
     assert plan.starts == {}
 
 
+def test_no_slow_start_on_a_pool_with_room_for_every_worker_and_one_more() -> None:
+    small = Resources(cpu=0.2)  # the default compute: 10 such workers on 2 cores
+    job = demand("job1", max_workers=2, loaded=0, per_worker=small)
+    plan = scheduling.plan(Resources(cpu=2.0), [], [job])
+    assert plan.starts == {"job1": 2} and not plan.waiting
+    # Exactly room for all of them, none to spare: slow start again.
+    plan = scheduling.plan(Resources(cpu=0.4), [], [job])
+    assert plan.starts == {"job1": 1}
+    # What others hold counts: with 1.6 of 2 cores held, two more do not leave room for one.
+    plan = scheduling.plan(Resources(cpu=2.0), held("job0", 8, size=small), [job])
+    assert plan.starts == {"job1": 1}
+
+
 def test_higher_priority_first_and_a_blocked_job_keeps_its_room() -> None:
     jobs = [
         demand("job1", priority=0, max_workers=4, live=2),
