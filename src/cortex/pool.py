@@ -95,17 +95,21 @@ class Pool:
         ):
             self.schedule()
 
-    def schedule_now(self) -> None:
-        """A pass now (a job was just accepted here)."""
-        self.schedule()
+    def schedule_now(self, expected: dict[str, int] | None = None) -> None:
+        """A pass now (a job was just accepted here). `expected`: batches a job accepted here
+        is about to write (an item list's), counted as its backlog already, so that its
+        workers start together instead of one now and the rest once the batches are written."""
+        self.schedule(expected)
 
-    def schedule(self) -> None:
+    def schedule(self, expected: dict[str, int] | None = None) -> None:
         """One pass: place what fits, ask lower-priority workers to drain, start the placed
         workers, and say in each job's log what it waits for."""
         with self._lock:
             self._wanted.clear()
             self._last_pass = time.monotonic()
-            plan, placed = self.store.schedule(self.capacity(), self.replica_id, self.per_worker)
+            plan, placed = self.store.schedule(
+                self.capacity(), self.replica_id, self.per_worker, expected or {}
+            )
             # Each wait is said once in the job's log, not on every pass.
             new_waits = {j: w for j, w in plan.waiting.items() if j not in self._told}
             self._told = set(plan.waiting)

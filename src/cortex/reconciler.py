@@ -27,6 +27,8 @@ from cortex.worker import results as worker_results
 
 log = logging.getLogger("cortex.server")
 
+# SQLite's write-ahead log is copied into the database at most this often (`_checkpoint`).
+_CHECKPOINT_EVERY_S = 1.0
 # Workers of a job that completed normally exit by themselves, once they have shipped the log
 # lines they still hold (up to 30 s); they are only signalled if still there after this.
 _NATURAL_EXIT_GRACE_S = 40.0
@@ -75,8 +77,9 @@ class Reconciler:
             ("schedule", self.service.pool.tick),
             ("enqueuing", self._resume_enqueuing),
             ("stop_ended", self._stop_ended),
-            ("checkpoint", self.service.store.checkpoint),
+            ("checkpoint", self._checkpoint),
         ]
+        self._last_checkpoint = 0.0
         self._thread = threading.Thread(target=self._run, name="cortex-reconciler", daemon=True)
         # Pruning has a thread of its own: deleting a big job and giving its space back can
         # take seconds, which must not delay a tick (timeouts, worker exits).
@@ -133,6 +136,14 @@ class Reconciler:
                 task()
             except Exception:
                 log.exception("reconcile task %s failed", name)
+
+    def _checkpoint(self) -> None:
+        """SQLite's log copied into the database at most once a second: a tick that a burst
+        of events woke (a job's workers loading, its batches written) does not pay for one."""
+        now = time.monotonic()
+        if now - self._last_checkpoint >= _CHECKPOINT_EVERY_S:
+            self._last_checkpoint = now
+            self.service.store.checkpoint()
 
     def _record_exits(self) -> None:
         """Record each exit the launcher hands over, and acknowledge it once recorded: an exit

@@ -120,9 +120,9 @@ class Submissions:
                 f"partitioning {len(item_list.items)} items found in job submission into "
                 f"{len(payloads)} batches of size {item_list.batch_size}",
             )
-            # Its first worker starts while the batches are written (slow start: more once
-            # the predictor has loaded, up to the batches there are).
-            self.pool.schedule_now()
+            # Its workers start while the batches are written (on a tight pool one, and more
+            # once the predictor has loaded: `scheduling`, rule 2).
+            self.pool.schedule_now({job_id: len(payloads)})
             return self._write_items(job, payloads, len(item_list.items), item_list.batch_size)
         finally:
             with self._enqueuers_lock:

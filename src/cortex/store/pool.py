@@ -39,11 +39,17 @@ class PoolStore(engine.BaseStore):
     """`Store`'s side of the worker pool."""
 
     def schedule(
-        self, capacity: Resources, replica_id: str, per_worker: PerWorker
+        self,
+        capacity: Resources,
+        replica_id: str,
+        per_worker: PerWorker,
+        expected: dict[str, int] | None = None,
     ) -> tuple[scheduling.Plan, dict[str, list[str]]]:
         """One scheduling pass: decide (`scheduling.plan`) and write the decision. Returns
         the plan and the ids of the worker rows written for each job, owned by `replica_id`
-        (which starts their processes), each holding its job's compute."""
+        (which starts their processes), each holding its job's compute. `expected`: batches
+        of jobs being enqueued that are known to come, counted in their backlog."""
+        expected = expected or {}
         now = time.time()
         with self.write() as conn:
             if conn.dialect.name == "postgresql":
@@ -72,7 +78,10 @@ class PoolStore(engine.BaseStore):
                     per_worker=sizes[job.job_id],
                     max_workers=job.workers,
                     min_workers=job.min_workers,
-                    backlog=job.total_batch_count - job.succeeded - job.failed,
+                    backlog=max(
+                        job.total_batch_count - job.succeeded - job.failed,
+                        expected.get(job.job_id, 0),
+                    ),
                     enqueue_done=job.enqueue_done,
                     live=live.get(job.job_id, 0),
                     loaded=loaded.get(job.job_id, 0),
