@@ -106,12 +106,13 @@ def test_a_drained_worker_hands_back_what_it_did_not_start(store: Store) -> None
 def test_surplus_workers_leave_when_batches_run_out(store: Store) -> None:
     _job(store, "job1", batches=2, workers=4)
     capacity = Resources(cpu=8.0)
-    store.schedule(capacity, "r1", lambda _: CPU1)
-    _loaded(store, "job1-0")
+    # Never more workers than batches (the pool has room: both at once, no slow start).
     _, placed = store.schedule(capacity, "r1", lambda _: CPU1)
-    # Never more workers than batches.
-    assert placed == {"job1": ["job1-1"]}
+    assert placed == {"job1": ["job1-0", "job1-1"]}
+    _loaded(store, "job1-0")
     _loaded(store, "job1-1")
+    _, placed = store.schedule(capacity, "r1", lambda _: CPU1)
+    assert placed == {}
     first = store.lease("job1", "job1-0", [], 1, 30, seq=1)
     assert len(first.batches) == 1
     second = store.lease("job1", "job1-1", [], 1, 30, seq=1)
