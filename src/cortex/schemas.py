@@ -13,6 +13,7 @@ the answer as it came; numbers and `config` pass through unchanged (integers of 
 
 from __future__ import annotations
 
+from collections.abc import ItemsView, KeysView, ValuesView
 from typing import Any
 
 import pydantic
@@ -44,6 +45,16 @@ class Record(pydantic.BaseModel):
 
     def get(self, key: str, default: Any = None) -> Any:
         return getattr(self, key) if key in self else default
+
+    # Read like the JSON object it stands for (code written against dict answers keeps working).
+    def keys(self) -> KeysView[str]:
+        return self.to_json().keys()
+
+    def values(self) -> ValuesView[Any]:
+        return self.to_json().values()
+
+    def items(self) -> ItemsView[str, Any]:
+        return self.to_json().items()
 
     def __eq__(self, other: object) -> bool:
         """Equal to a record of the same class and fields, and to the JSON it stands for."""
