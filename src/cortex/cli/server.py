@@ -315,6 +315,10 @@ def serve(
         # response, as the log websockets refuse an unknown job or a missing token
         # (Kludex/uvicorn#3138).
         ws="wsproto",
+        # Idle connections outlive a worker's heartbeat period: with uvicorn's default of 5 s,
+        # equal to CORTEX_HEARTBEAT_S, a heartbeat often met its connection being closed
+        # (BrokenPipeError, then a retry on a new one).
+        timeout_keep_alive=max(5, int(settings.heartbeat_s * 3)),
     )
 
 
