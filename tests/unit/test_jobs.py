@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,6 +17,7 @@ from cortex.jobs import (
     can_move,
     can_transition,
     moves_to,
+    new_batch_ids,
     new_job_id,
 )
 
@@ -236,3 +238,13 @@ def test_moves_to_lists_the_states_a_report_may_apply_in() -> None:
         WorkerState.INITIALIZING,
         WorkerState.RUNNING,
     }
+
+
+def test_batch_ids_are_distinct_version_4_uuids() -> None:
+    ids = new_batch_ids(5000)
+    assert len(set(ids)) == 5000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text  # the canonical form: lowercase, 8-4-4-4-12
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert new_batch_ids(0) == []

@@ -48,13 +48,16 @@ class LocalLauncher:
         self._procs: dict[str, _Proc] = {}
         self._lock = threading.Lock()
         self.gpus = gpus.Pool(devices)
+        # This machine's size, read once (a submission asks for it, and reading the memory
+        # size from /proc costs milliseconds on a busy server).
+        self._capacity = capacity.local({}, len(self.gpus.devices))
 
     # This machine does not grow: a worker that does not fit it never will.
     fixed_capacity = True
 
     def capacity(self) -> capacity.Resources:
         """This machine: its CPUs, its memory, the GPUs this launcher hands out."""
-        return capacity.local({}, len(self.gpus.devices))
+        return self._capacity
 
     def start(self, launch: WorkerLaunch) -> int | None:
         env = {**os.environ, **launch.env, "PYTHONUNBUFFERED": "1"}

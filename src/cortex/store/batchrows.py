@@ -4,14 +4,13 @@ deleting the payloads that are no longer needed. Leasing them is `queue`'s."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from cortex.jobs import BatchState, JobStatus
+from cortex.jobs import BatchState, JobStatus, new_batch_ids
 from cortex.store import engine
 from cortex.store import tables as t
 
@@ -100,13 +99,14 @@ def insert(
 ) -> None:
     """Write queued batches `start`, `start + 1`, ... with these payloads (and sizes, where
     they are not the payloads' lengths: a reference's is that of the lines it names)."""
+    batch_ids = new_batch_ids(len(payloads))
     conn.execute(
         t.batches.insert(),
         [
             {
                 "job_id": job_id,
                 "seq": start + i,
-                "batch_id": str(uuid.uuid4()),
+                "batch_id": batch_ids[i],
                 "payload_size": len(payload) if sizes is None else sizes[i],
                 "state": BatchState.QUEUED.value,
             }
