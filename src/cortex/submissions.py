@@ -17,7 +17,7 @@ from cortex.lifecycle import Lifecycle
 from cortex.pool import Pool
 from cortex.settings import Settings
 from cortex.store import ApiRecord, Job, Store, engine
-from cortex.store.submissions import NO_EXTRAS, Extras, JobLimits
+from cortex.store.submissions import NO_EXTRAS, Extras
 
 log = logging.getLogger("cortex.server")
 
@@ -64,7 +64,10 @@ class Submissions:
         # An unknown API is reported before the items are checked.
         api = self.lifecycle.get_api(api_name)
         extras = dataclasses.replace(
-            extras, metadata=submission.metadata, webhook=self._webhook(api, submission)
+            extras,
+            metadata=submission.metadata,
+            webhook=self._webhook(api, submission),
+            **_limits(submission, api),
         )
         self._check_fits(api)
         if submission.file_dataset is not None:
@@ -148,7 +151,6 @@ class Submissions:
             dataset=dataset,
             replica_id=self.replica_id,
             extras=extras,
-            limits=_limits(submission, self.lifecycle.get_api(api_name)),
             priority=submission.priority,
             min_workers=submission.min_workers,
         )
@@ -364,11 +366,15 @@ class Submissions:
             payloads=self.store.failed_payloads(job_id),
             replica_id=None,  # its workers are the scheduler's to place
             retry_of=job_id,
-            # A retry is found and followed as the job it retries was.
-            extras=Extras(metadata=old.metadata, webhook=old.webhook),
-            # The retry keeps the limits; its results stay in the store (writing them to the
-            # old job's output would replace that job's files).
-            limits=JobLimits(old.batch_timeout_s, old.max_failed_batches),
+            # A retry is found and followed as the job it retries was, and keeps its limits;
+            # its results stay in the store (writing them to the old job's output would
+            # replace that job's files).
+            extras=Extras(
+                metadata=old.metadata,
+                webhook=old.webhook,
+                batch_timeout_s=old.batch_timeout_s,
+                max_failed_batches=old.max_failed_batches,
+            ),
             priority=old.priority,
             min_workers=old.min_workers,
         )
@@ -379,11 +385,11 @@ class Submissions:
         return job
 
 
-def _limits(submission: jobspec.Submission, api: ApiRecord) -> JobLimits:
-    """The job's limits: the submission's, else the API's `batch_timeout` from cortex.yaml."""
-    default_timeout = api.spec.get("batch_timeout")
-    return JobLimits(
-        batch_timeout_s=submission.batch_timeout or default_timeout,
-        max_failed_batches=submission.max_failed_batches,
-        output_path=None if submission.output is None else submission.output.path,
-    )
+def _limits(submission: jobspec.Submission, api: ApiRecord) -> dict[str, Any]:
+    """The job's limits and output (`Extras` fields): the submission's, else the API's
+    `batch_timeout` from cortex.yaml."""
+    return {
+        "batch_timeout_s": submission.batch_timeout or api.spec.get("batch_timeout"),
+        "max_failed_batches": submission.max_failed_batches,
+        "output_path": None if submission.output is None else submission.output.path,
+    }

@@ -14,7 +14,7 @@ from cortex.jobs import JobStatus
 from cortex.settings import Settings
 from cortex.store import Store
 from cortex.store import tables as t
-from cortex.store.submissions import JobLimits
+from cortex.store.submissions import NO_EXTRAS, Extras
 from cortex.store.workerqueue import StoreQueue
 from cortex.worker import results, runtime
 
@@ -53,7 +53,7 @@ class CountingQueue(StoreQueue):
         return super()._send(op, body)
 
 
-def _create(store: Store, payloads: list[str], limits: JobLimits | None) -> None:
+def _create(store: Store, payloads: list[str], extras: Extras | None) -> None:
     """Job "job1": one worker, one attempt a batch."""
     store.put_api("api", "spec1", API_SPEC, b"archive")
     store.create_job(
@@ -66,12 +66,12 @@ def _create(store: Store, payloads: list[str], limits: JobLimits | None) -> None
         worker_token="token",
         payloads=payloads,
         replica_id="r1",
-        limits=limits,
+        extras=extras or NO_EXTRAS,
     )
 
 
-def _run(store: Store, tmp_path: Path, payloads: list[str], limits: JobLimits | None) -> str:
-    _create(store, payloads, limits)
+def _run(store: Store, tmp_path: Path, payloads: list[str], extras: Extras | None) -> str:
+    _create(store, payloads, extras)
     project = tmp_path / "project"
     project.mkdir()
     (project / "predictor.py").write_text(PREDICTOR % RESULT_CHARS)
@@ -112,7 +112,7 @@ def test_big_results_go_early_and_every_batch_runs_once(store: Store, tmp_path: 
 
 def test_a_spent_failure_budget_leaves_the_rest_not_run(store: Store, tmp_path: Path) -> None:
     payloads = ['["fail"]', '["fail"]', *(f"[{i}]" for i in range(5))]
-    _run(store, tmp_path, payloads, JobLimits(max_failed_batches=1))
+    _run(store, tmp_path, payloads, Extras(max_failed_batches=1))
     job = store.get_job("job1")
     assert job is not None and job.status is JobStatus.COMPLETED_WITH_FAILURES
     assert job.error_kind == "batchapi.max_failed_batches_exceeded"
@@ -124,7 +124,7 @@ def test_a_spent_failure_budget_leaves_the_rest_not_run(store: Store, tmp_path: 
 
 def test_results_are_written_in_parts_in_the_jobs_order(store: Store, tmp_path: Path) -> None:
     folder = tmp_path / "out"
-    _create(store, [f"[{i}]" for i in range(40)], JobLimits(output_path=str(folder)))
+    _create(store, [f"[{i}]" for i in range(40)], Extras(output_path=str(folder)))
     lines = [f'{{"batch_id":"b{i}","index":0,"result":{i}}}\n' for i in range(40)]
     with store.engine.begin() as conn:
         conn.execute(

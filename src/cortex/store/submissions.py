@@ -24,37 +24,20 @@ IDEMPOTENCY_TTL_S = 86400.0
 
 @dataclasses.dataclass(frozen=True)
 class Extras:
-    """What a submission may add to its job: metadata, a webhook, an idempotency key with
-    the digest of the body it came with."""
+    """What a submission may add to its job beyond the spec's fields: metadata, a webhook,
+    an idempotency key with the digest of the body it came with, a time limit per batch, a
+    failure budget, and where its results go."""
 
     metadata: dict[str, str] | None = None
     webhook: dict[str, Any] | None = None
     idempotency_key: str | None = None
     body_digest: str = ""
-
-
-NO_EXTRAS = Extras()
-
-
-@dataclasses.dataclass(frozen=True)
-class JobLimits:
-    """What a submission may add to a job: a time limit per batch, a failure budget, and where
-    its results go."""
-
     batch_timeout_s: int | None = None
     max_failed_batches: int | None = None
     output_path: str | None = None
 
 
-def _limit_values(limits: JobLimits | None) -> dict[str, Any]:
-    if limits is None:
-        return {}
-    output = None if limits.output_path is None else {"path": limits.output_path}
-    return {
-        "batch_timeout_s": limits.batch_timeout_s,
-        "max_failed_batches": limits.max_failed_batches,
-        "output_json": None if output is None else json.dumps(output),
-    }
+NO_EXTRAS = Extras()
 
 
 class SubmissionStore(engine.BaseStore):
@@ -74,7 +57,6 @@ class SubmissionStore(engine.BaseStore):
         replica_id: str | None,
         retry_of: str | None = None,
         extras: Extras = NO_EXTRAS,
-        limits: JobLimits | None = None,
         priority: int = 0,
         min_workers: int = 0,
     ) -> Job:
@@ -99,7 +81,6 @@ class SubmissionStore(engine.BaseStore):
                 worker_token=worker_token,
                 retry_of=retry_of,
                 extras=extras,
-                **_limit_values(limits),
                 priority=priority,
                 min_workers=min_workers,
             )
@@ -142,7 +123,6 @@ class SubmissionStore(engine.BaseStore):
         dataset: dict[str, Any],
         replica_id: str,
         extras: Extras = NO_EXTRAS,
-        limits: JobLimits | None = None,
         priority: int = 0,
         min_workers: int = 0,
     ) -> Job:
@@ -163,7 +143,6 @@ class SubmissionStore(engine.BaseStore):
                 dataset_json=json.dumps(dataset),
                 enqueue_owner=replica_id,
                 extras=extras,
-                **_limit_values(limits),
                 priority=priority,
                 min_workers=min_workers,
             )
@@ -302,8 +281,8 @@ def _enqueuing_by(job: Job, owner: str) -> bool:
 def _insert_job(
     conn: Connection, now: float, *, api_name: str, extras: Extras, **values: Any
 ) -> None:
-    """A new job's row, enqueuing, running the API's spec as deployed now, with its metadata
-    rows and its idempotency key.
+    """A new job's row, enqueuing, running the API's spec as deployed now, with its extras:
+    metadata (and its rows), webhook, limits, output, idempotency key.
 
     FOR SHARE on the API row: a concurrent deploy cannot drop the spec this job names, nor a
     delete leave the job without its API."""
@@ -320,6 +299,11 @@ def _insert_job(
             start_time=now,
             metadata_json=None if extras.metadata is None else json.dumps(extras.metadata),
             webhook_json=None if extras.webhook is None else json.dumps(extras.webhook),
+            batch_timeout_s=extras.batch_timeout_s,
+            max_failed_batches=extras.max_failed_batches,
+            output_json=None
+            if extras.output_path is None
+            else json.dumps({"path": extras.output_path}),
             **values,
         )
     )
