@@ -191,6 +191,9 @@ class Capture:
         # Every thread's streams: (thread, stream name, text stream), stdout ones flushed first.
         self._streams: list[tuple[threading.Thread, str, io.TextIOWrapper]] = []
         self._streams_lock = threading.Lock()
+        # The same streams in flushing order (stdout ones first), a tuple replaced whole under
+        # the lock whenever `_streams` changes: a flush, three a batch, reads it without one.
+        self._flush_order: tuple[io.TextIOWrapper, ...] = ()
         self.stdout = _PerThread(self, "stdout")
         self.stderr = _PerThread(self, "stderr")
         self._handler = _ShipHandler(shipper, self.flush)
@@ -217,7 +220,15 @@ class Capture:
         )
         with self._streams_lock:
             self._streams.append((thread, stream, text))
+            self._reorder()
         return text
+
+    def _reorder(self) -> None:
+        """Rebuild `_flush_order` (under `_streams_lock`)."""
+        self._flush_order = tuple(
+            [text for _, name, text in self._streams if name == "stdout"]
+            + [text for _, name, text in self._streams if name != "stdout"]
+        )
 
     def _each(self, stream: str | None = None) -> list[io.TextIOWrapper]:
         with self._streams_lock:
@@ -230,8 +241,7 @@ class Capture:
 
     def flush(self) -> None:
         """Hand over what waits in every thread's buffers (stdout first)."""
-        self._flush_stdout()
-        for text in self._each("stderr"):
+        for text in self._flush_order:
             text.flush()
 
     def _flush_and_forget(self) -> None:
@@ -245,6 +255,7 @@ class Capture:
         if ended:
             with self._streams_lock:
                 self._streams = [entry for entry in self._streams if entry not in ended]
+                self._reorder()
 
     def install(self) -> None:
         global _installed
