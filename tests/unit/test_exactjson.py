@@ -42,6 +42,21 @@ def test_a_run_of_digits_across_a_scan_chunk_is_found() -> None:
     assert queue._loads(text)[1] == 2**64 + 1
 
 
+@pytest.mark.parametrize("piece", [1, 5, 18, 19, 20, 64])
+def test_a_body_scanned_as_it_arrives_finds_a_run_split_across_its_pieces(piece: int) -> None:
+    """The scan of a request body, fed a piece at a time (as `api.body.read_body` does),
+    finds what one scan of the whole finds, wherever the pieces cut a run of digits."""
+    for at in range(0, 40):
+        text = b'{"x": "' + b"y" * at + b'", "n": ' + str(2**64 + 1).encode() + b"}"
+        near = b'{"x": "' + b"y" * at + b'", "n": ' + str(2**63).encode()[:18] + b"}"
+        for document, big in ((text, True), (near, False)):
+            scan = exactjson.DigitRuns()
+            for start in range(0, len(document), piece):
+                scan.feed(document[start : start + piece])
+            assert scan.found is big is exactjson.may_change(document)
+            assert exactjson.loads(document, scan) == json.loads(document)
+
+
 def test_digits_in_a_string_take_the_exact_path_and_read_the_same() -> None:
     text = b'{"id": "12345678901234567890123", "n": 1.25}'
     assert exactjson.may_change(text)
