@@ -106,6 +106,9 @@ class BaseStore:
         # only truncated after the outermost one, never under an open transaction.
         self._depth = threading.local()
         self._truncate_after = 0.0
+        # When this process last committed a write (monotonic): the reconciler copies the log
+        # into the database while the store is quiet (`checkpoint`'s callers).
+        self.last_write_at = 0.0
         # SQLite answers a checkpoint that meets another one BUSY at once, without waiting:
         # the reconciler's PASSIVE checkpoint and a truncating one take turns here instead.
         self._checkpoint_lock = threading.Lock()
@@ -196,6 +199,7 @@ class BaseStore:
             finally:
                 self._depth.value = depth
             if depth == 0:
+                self.last_write_at = time.monotonic()
                 self._bound_wal()
 
     def _bound_wal(self) -> None:
