@@ -120,8 +120,14 @@ class JobStore(engine.BaseStore):
 # -- helpers that run inside a caller's transaction ---------------------------------------------
 
 
+# Every worker request reads its job (or locks it): built once.
+_GET = sa.select(t.jobs).where(t.jobs.c.job_id == sa.bindparam("j"))
+_LOCK = _GET.with_for_update()
+_KEY_SHARE = _GET.with_for_update(read=True, key_share=True)
+
+
 def get(conn: Connection, job_id: str) -> Job:
-    row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
+    row = conn.execute(_GET, {"j": job_id}).first()
     if row is None:
         raise errors.JobMissing(job_id)
     return Job.from_row(row)
@@ -142,12 +148,7 @@ def lock(
     for counter updates, while a status change waits for them (and they for it). SQLite
     ignores both; its writers are serial.
     """
-    query = sa.select(t.jobs).where(t.jobs.c.job_id == job_id)
-    if key_share:
-        query = query.with_for_update(read=True, key_share=True)
-    else:
-        query = query.with_for_update()
-    row = conn.execute(query).first()
+    row = conn.execute(_KEY_SHARE if key_share else _LOCK, {"j": job_id}).first()
     if row is None:
         if missing_ok:
             return None

@@ -12,6 +12,7 @@ from cortex.jobs import BatchState, JobStatus, WorkerState
 from cortex.store import batchrows, budget, engine, jobrows, pool, protocol
 from cortex.store import results as outcomes
 from cortex.store import tables as t
+from cortex.store.prepared import Prepared
 from cortex.store.records import BatchResult, HookResult, Job, LeasedBatch, LeaseResult
 
 _MAX_LEASE_BYTES = 4 << 20
@@ -225,9 +226,7 @@ class QueueStore(engine.BaseStore):
 def _draining(conn: Connection, worker_id: str) -> bool:
     """Whether the worker must not take more batches: asked to drain, or its row has ended
     (`pool.surplus`)."""
-    row = conn.execute(
-        sa.select(t.workers.c.draining, t.workers.c.state).where(t.workers.c.worker_id == worker_id)
-    ).first()
+    row = conn.execute(_DRAINING, {"w": worker_id}).first()
     return row is not None and (bool(row.draining) or WorkerState(row.state).ended)
 
 
@@ -307,26 +306,12 @@ def _replay(conn: Connection, job: Job, worker_id: str, kept: protocol.Reply) ->
 
 
 def _payloads(conn: Connection, job_id: str, seqs: list[int]) -> dict[int, bytes]:
-    return {
-        row.seq: row.payload
-        for row in conn.execute(
-            sa.select(t.batch_payloads.c.seq, batchrows.payload_bytes(conn)).where(
-                t.batch_payloads.c.job_id == job_id, t.batch_payloads.c.seq.in_(seqs)
-            )
-        )
-    }
+    return dict(_PAYLOADS[conn.dialect.name].run(conn, job_id, seqs).tuples().all())
 
 
 def _leasing_workers(conn: Connection, job_id: str) -> int:
     """How many of the job's workers lease batches now or are about to (at least 1)."""
-    count = conn.execute(
-        sa.select(sa.func.count())
-        .select_from(t.workers)
-        .where(
-            t.workers.c.job_id == job_id,
-            t.workers.c.state.in_([WorkerState.INITIALIZING.value, WorkerState.RUNNING.value]),
-        )
-    ).scalar_one()
+    count = conn.execute(_LEASING, {"j": job_id}).scalar_one()
     return max(1, int(count))
 
 
@@ -344,15 +329,7 @@ def _take_batches(
     now, plus a grace for the worker's own report.
     """
     job_id = job.job_id
-    candidates = conn.execute(
-        sa.select(
-            t.batches.c.seq, t.batches.c.batch_id, t.batches.c.attempts, t.batches.c.payload_size
-        )
-        .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.QUEUED.value)
-        .order_by(t.batches.c.seq)
-        .limit(max_batches)
-        .with_for_update(skip_locked=True)
-    ).all()
+    candidates = _CANDIDATES.run(conn, job_id, max_batches).all()
     if not candidates:
         return []
     # A lease answer holds at most about `_MAX_LEASE_BYTES` of payloads (always one batch):
@@ -365,29 +342,16 @@ def _take_batches(
             break
     candidates = candidates[:kept]
     seqs = [c.seq for c in candidates]
-    values = {
-        "state": BatchState.LEASED.value,
-        "lease_owner": worker_id,
-        "lease_expires_at": expires_at,
-        "attempts": t.batches.c.attempts + 1,
-    }
-    taken = t.batches.update().where(
-        t.batches.c.job_id == job_id,
-        t.batches.c.state == BatchState.QUEUED.value,
-    )
     if job.batch_timeout_s is None:
-        conn.execute(taken.where(t.batches.c.seq.in_(seqs)).values(**values))
+        _TAKE.run(conn, worker_id, expires_at, job_id, seqs)
     else:
-        conn.execute(
-            taken.where(t.batches.c.seq == sa.bindparam("s")).values(
-                **values, deadline_at=sa.bindparam("deadline")
-            ),
+        timeout = job.batch_timeout_s
+        deadlines = [now + (i + 1) * timeout + DEADLINE_GRACE_S for i in range(len(seqs))]
+        _TAKE_ONE.run_many(
+            conn,
             [
-                {
-                    "s": seq,
-                    "deadline": now + (i + 1) * job.batch_timeout_s + DEADLINE_GRACE_S,
-                }
-                for i, seq in enumerate(seqs)
+                (worker_id, expires_at, deadline, job_id, seq)
+                for deadline, seq in zip(deadlines, seqs, strict=True)
             ],
         )
     payloads = _payloads(conn, job_id, seqs)
@@ -403,17 +367,79 @@ def _release_lost(conn: Connection, job_id: str, worker_id: str) -> None:
     lease alive for ever, and the job would never end. The batch never ran: it goes back to
     the queue without using an attempt.
     """
-    conn.execute(
-        t.batches.update()
-        .where(
-            t.batches.c.job_id == job_id,
-            t.batches.c.state == BatchState.LEASED.value,
-            t.batches.c.lease_owner == worker_id,
-        )
-        .values(
-            state=BatchState.QUEUED.value,
-            lease_owner=None,
-            lease_expires_at=None,
-            attempts=t.batches.c.attempts - 1,
-        )
+    conn.execute(_RELEASE_LOST, {"j": job_id, "w": worker_id})
+
+
+# -- the statements of a lease, built once (the big ones run on the driver: see `prepared`) ----
+
+_DRAINING = sa.select(t.workers.c.draining, t.workers.c.state).where(
+    t.workers.c.worker_id == sa.bindparam("w")
+)
+_LEASING = (
+    sa.select(sa.func.count())
+    .select_from(t.workers)
+    .where(
+        t.workers.c.job_id == sa.bindparam("j"),
+        t.workers.c.state.in_([WorkerState.INITIALIZING.value, WorkerState.RUNNING.value]),
     )
+)
+_CANDIDATES = Prepared(
+    sa.select(t.batches.c.seq, t.batches.c.batch_id, t.batches.c.attempts, t.batches.c.payload_size)
+    .where(t.batches.c.job_id == sa.bindparam("j"), t.batches.c.state == BatchState.QUEUED.value)
+    .order_by(t.batches.c.seq)
+    .limit(sa.bindparam("n", type_=sa.Integer))
+    .with_for_update(skip_locked=True),
+    "j",
+    "n",
+)
+_TAKEN = {
+    "state": BatchState.LEASED.value,
+    "lease_owner": sa.bindparam("w"),
+    "lease_expires_at": sa.bindparam("e", type_=sa.Float),
+    "attempts": t.batches.c.attempts + 1,
+}
+_QUEUED = (t.batches.c.job_id == sa.bindparam("j"), t.batches.c.state == BatchState.QUEUED.value)
+_TAKE = Prepared(
+    t.batches.update()
+    .where(*_QUEUED, t.batches.c.seq.in_(sa.bindparam("s", expanding=True)))
+    .values(**_TAKEN),
+    "w",
+    "e",
+    "j",
+    "s",
+)
+_TAKE_ONE = Prepared(
+    t.batches.update()
+    .where(*_QUEUED, t.batches.c.seq == sa.bindparam("s"))
+    .values(**_TAKEN, deadline_at=sa.bindparam("deadline", type_=sa.Float)),
+    "w",
+    "e",
+    "deadline",
+    "j",
+    "s",
+)
+_PAYLOADS = {
+    dialect: Prepared(
+        sa.select(t.batch_payloads.c.seq, payload).where(
+            t.batch_payloads.c.job_id == sa.bindparam("j"),
+            t.batch_payloads.c.seq.in_(sa.bindparam("s", expanding=True)),
+        ),
+        "j",
+        "s",
+    )
+    for dialect, payload in batchrows.PAYLOAD_BYTES.items()
+}
+_RELEASE_LOST = (
+    t.batches.update()
+    .where(
+        t.batches.c.job_id == sa.bindparam("j"),
+        t.batches.c.state == BatchState.LEASED.value,
+        t.batches.c.lease_owner == sa.bindparam("w"),
+    )
+    .values(
+        state=BatchState.QUEUED.value,
+        lease_owner=None,
+        lease_expires_at=None,
+        attempts=t.batches.c.attempts - 1,
+    )
+)
