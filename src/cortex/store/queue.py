@@ -306,7 +306,8 @@ def _replay(conn: Connection, job: Job, worker_id: str, kept: protocol.Reply) ->
 
 
 def _payloads(conn: Connection, job_id: str, seqs: list[int]) -> dict[int, bytes]:
-    return dict(_PAYLOADS[conn.dialect.name].run(conn, job_id, seqs).tuples().all())
+    rows = _PAYLOADS[conn.dialect.name].run(conn, job_id, seqs).all()
+    return {seq: payload for seq, payload in rows}
 
 
 def _leasing_workers(conn: Connection, job_id: str) -> int:
