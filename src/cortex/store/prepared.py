@@ -28,13 +28,15 @@ from __future__ import annotations
 import functools
 import operator
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, CursorResult, Dialect
 from sqlalchemy.sql import visitors
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.visitors import ExternallyTraversible
 
 Arrange = Callable[[Sequence[Any]], tuple[Any, ...]]
 
@@ -73,6 +75,7 @@ class Prepared:
 
     def _compile(self, dialect: Dialect, expanded: int) -> tuple[str, Arrange | None]:
         compiled = self._statement.compile(dialect=_positional(dialect))
+        assert isinstance(compiled, SQLCompiler)
         # Expanding an IN list of `expanded` placeholders (and writing the constants in):
         # the values are stand-ins, only the SQL and the order of its placeholders are kept.
         stand_ins: dict[str, Any] = {}
@@ -98,15 +101,17 @@ def _splat(values: Sequence[Any]) -> tuple[Any, ...]:
     return (*values[:-1], *values[-1])
 
 
-def _arrange(places: tuple[Callable[[Sequence[Any]], Any], ...], values: Sequence[Any]) -> tuple:
+def _arrange(
+    places: tuple[Callable[[Sequence[Any]], Any], ...], values: Sequence[Any]
+) -> tuple[Any, ...]:
     return tuple(place(values) for place in places)
 
 
 def _place(
     names: tuple[str, ...],
-    expansion: dict[str, list[str]],
+    expansion: Mapping[str, list[str]],
     name: str,
-    parameters: dict[str, Any],
+    parameters: Mapping[str, Any],
 ) -> Callable[[Sequence[Any]], Any]:
     """Where the value of the SQL's placeholder `name` comes from in a row of values."""
     if name in names:
@@ -134,11 +139,12 @@ def _constants_inline(statement: sa.ClauseElement) -> sa.ClauseElement:
     """The statement with every value it carries (not a `bindparam` left to the caller)
     rendered as a literal in its SQL."""
 
-    def literal(element: Any) -> Any:
+    def literal(element: Any, **_kw: Any) -> Any:
         if isinstance(element, BindParameter) and not element.required:
             inline = element._clone()
             inline.literal_execute = True
             return inline
         return None
 
-    return visitors.replacement_traverse(statement, {}, literal)
+    inlined = visitors.replacement_traverse(cast(ExternallyTraversible, statement), {}, literal)
+    return cast(sa.ClauseElement, inlined)

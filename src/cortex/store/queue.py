@@ -306,8 +306,8 @@ def _replay(conn: Connection, job: Job, worker_id: str, kept: protocol.Reply) ->
 
 
 def _payloads(conn: Connection, job_id: str, seqs: list[int]) -> dict[int, bytes]:
-    rows = _PAYLOADS[conn.dialect.name].run(conn, job_id, seqs).all()
-    return {seq: payload for seq, payload in rows}
+    rows = _PAYLOADS[conn.dialect.name].run(conn, job_id, seqs)
+    return {row.seq: row.payload for row in rows.all()}
 
 
 def _leasing_workers(conn: Connection, job_id: str) -> int:
