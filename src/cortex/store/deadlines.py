@@ -10,7 +10,6 @@ import time
 
 import sqlalchemy as sa
 
-from cortex.jobs import BatchState
 from cortex.store import engine, jobrows
 from cortex.store import results as outcomes
 from cortex.store import tables as t
@@ -24,14 +23,11 @@ class DeadlineStore(engine.BaseStore):
         and a grace): its worker did not time its `predict` out itself, so it is wedged.
         Returns the (job, worker) pairs whose workers must be killed."""
         now = time.time()
-        overdue = (
-            t.batches.c.state == BatchState.LEASED.value,
-            t.batches.c.deadline_at < now,
-        )
+        overdue = (outcomes.IS_LEASED, t.batches.c.deadline_at < now)
         with self.read() as conn:
-            job_ids: list[str] = list(
-                conn.execute(sa.select(t.batches.c.job_id).where(*overdue).distinct()).scalars()
-            )
+            # Through the lease index (see `QueueStore.expire_leases`).
+            rows = conn.execute(sa.select(t.batches.c.job_id).where(*overdue)).scalars()
+            job_ids = list(dict.fromkeys(rows))
         wedged: list[tuple[str, str]] = []
         for job_id in job_ids:
             with self.write() as conn:

@@ -19,6 +19,10 @@ from cortex.store.records import BatchResult, Job, LeaseResult
 
 # A batch still to be done: queued, or leased to a worker.
 ACTIVE = (BatchState.QUEUED.value, BatchState.LEASED.value)
+# A leased batch, `'leased'` written into the SQL rather than bound: the sweeps over leases
+# of all jobs then go through the partial index `ix_batches_lease` (`state = 'leased'`) on
+# both engines, whose planners cannot match a bound value to it (PostgreSQL's generic plans).
+IS_LEASED = t.batches.c.state == sa.literal(BatchState.LEASED.value, literal_execute=True)
 
 
 def record_results(conn: Connection, job: Job, worker_id: str, results: list[BatchResult]) -> None:
