@@ -1,7 +1,7 @@
 """Batch deadlines (a job's `batch_timeout`): the server's backstop for a worker too wedged
 to time out its own `predict` (in C code that holds the interpreter's lock, its watchdog and
 heartbeat threads cannot run). A batch's deadline is set when it is leased
-(`queue._take_batches`); a batch still leased past it ends its attempt as `batch_timeout`,
+(`leasing.take`); a batch still leased past it ends its attempt as `batch_timeout`,
 and its worker is killed by the reconciler."""
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ class DeadlineStore(engine.BaseStore):
         overdue = (outcomes.IS_LEASED, t.batches.c.deadline_at < now)
         with self.read() as conn:
             # Through the lease index (see `QueueStore.expire_leases`).
-            rows = conn.execute(sa.select(t.batches.c.job_id).where(*overdue)).scalars()
-            job_ids = list(dict.fromkeys(rows))
+            found = conn.execute(sa.select(t.batches.c.job_id).where(*overdue)).scalars()
+            job_ids = list(dict.fromkeys(found))
         wedged: list[tuple[str, str]] = []
         for job_id in job_ids:
             with self.write() as conn:
