@@ -11,8 +11,9 @@ from cortex.jobs import JobStatus, WorkerState
 from cortex.lifecycle import Lifecycle
 from cortex.outputs import Outputs
 from cortex.settings import Settings
-from cortex.store import Job, LeaseResult, Store
+from cortex.store import LeaseResult, Store
 from cortex.store.records import BatchResult
+from cortex.store.tokens import WorkerJob
 
 
 class WorkerApi:
@@ -30,9 +31,13 @@ class WorkerApi:
         self.lifecycle = lifecycle
         self.preparation = preparation
 
-    def authorize_worker(self, job_id: str, token: str) -> Job:
-        """The job a worker token belongs to; the token is compared in constant time."""
-        job = self.store.get_job(job_id)
+    def authorize_worker(self, job_id: str, token: str, *, read: bool = True) -> WorkerJob | None:
+        """The job a worker token belongs to; the token is compared in constant time. Its
+        token is read once, then kept in memory (`cortex.store.tokens`); without `read`, None
+        unless it is there already."""
+        job = self.store.worker_job(job_id) if read else self.store.worker_jobs.get(job_id)
+        if job is None and not read:
+            return None
         if job is None:
             # Same answer as a wrong token: a worker token reveals nothing about other jobs.
             raise errors.Forbidden("this token is not valid for that job")
@@ -40,7 +45,11 @@ class WorkerApi:
             raise errors.Forbidden("this token is not valid for that job")
         return job
 
-    def worker_spec(self, job: Job) -> dict[str, Any]:
+    def worker_spec(self, worker_job: WorkerJob) -> dict[str, Any]:
+        # The job as it is now: its batch count grows while it is being enqueued.
+        job = self.store.get_job(worker_job.job_id)
+        if job is None:
+            raise errors.JobMissing(worker_job.job_id)
         api_spec = self.lifecycle.api_spec_for(job)
         parsed = spec.APISpec.model_validate(api_spec)
         ready = self.preparation.ready(job.spec_id, parsed)
@@ -58,7 +67,7 @@ class WorkerApi:
 
     def worker_state(
         self,
-        job: Job,
+        job: WorkerJob,
         worker_id: str,
         state: WorkerState,
         *,
@@ -89,7 +98,7 @@ class WorkerApi:
 
     def lease(
         self,
-        job: Job,
+        job: WorkerJob,
         worker_id: str,
         results: list[BatchResult],
         max_batches: int,
@@ -117,14 +126,14 @@ class WorkerApi:
             self.lifecycle.wake()
         return result
 
-    def stored_payload(self, job: Job, batch_id: str) -> bytes:
+    def stored_payload(self, job: WorkerJob, batch_id: str) -> bytes:
         """A batch's payload as stored (a JSON array, or a reference to lines in files)."""
         stored = self.store.stored_payload(job.job_id, batch_id)
         if stored is None:
             raise errors.NotFound(f"batch {batch_id} of job {job.job_id} has no stored payload")
         return stored
 
-    def summary(self, job: Job) -> dict[str, Any]:
+    def summary(self, job: WorkerJob) -> dict[str, Any]:
         """What `on_job_complete(job_summary)` is told: the counts (`succeeded`, `failed`,
         `not_run`, `total`), `job_id`, `api_name`, `start_time` (RFC 3339), `output` (where
         the results were written, or null), `any_failed`, and the `status` the job ends with
@@ -137,12 +146,12 @@ class WorkerApi:
         ).value
         return summary
 
-    def heartbeat(self, job: Job, worker_id: str) -> bool:
+    def heartbeat(self, job: WorkerJob, worker_id: str) -> bool:
         return self.store.heartbeat(job.job_id, worker_id, self.settings.lease_s)
 
     def ship_logs(
         self,
-        job: Job,
+        job: WorkerJob,
         worker_id: str,
         lines: list[list[Any]],
         dropped: int = 0,
@@ -156,7 +165,7 @@ class WorkerApi:
 
     def finish_hook(
         self,
-        job: Job,
+        job: WorkerJob,
         worker_id: str,
         error: str | None,
         traceback: str | None,

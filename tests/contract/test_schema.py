@@ -200,3 +200,27 @@ def test_log_chunks_written_before_0009_are_compressed_and_counted_both_ways(
             assert conn.execute(sa.text("SELECT lines FROM log_chunks")).scalar_one() == lines
     finally:
         store.close()
+
+
+def test_the_lease_index_holds_leased_batches_only(new_url: Any) -> None:
+    """0013: queued batches, written by the million, are not in the lease-expiry index, and
+    the reconciler's sweep over expired leases goes through it."""
+    store = Store(new_url())
+    try:
+        schema.upgrade(store)
+        with store.engine.connect() as conn:
+            (index,) = [
+                i
+                for i in sa.inspect(conn).get_indexes("batches")
+                if i["name"] == "ix_batches_lease"
+            ]
+            where = index["dialect_options"][f"{conn.dialect.name}_where"]
+            assert "leased" in str(where)
+            if conn.dialect.name == "sqlite":
+                plan = conn.exec_driver_sql(
+                    "EXPLAIN QUERY PLAN SELECT batches.job_id FROM batches "
+                    "WHERE batches.state = 'leased' AND batches.lease_expires_at < 1.0"
+                ).all()
+                assert "ix_batches_lease" in str(plan)
+    finally:
+        store.close()

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from cortex.client import Client
-from helpers import Server, deploy_fixture
+from helpers import Server, deploy_fixture, wait_for
 
 
 @pytest.fixture
@@ -238,6 +238,28 @@ def test_deploy_refuses_bad_specs_and_archives(http: httpx.Client) -> None:
         "request.invalid",
     )
     _error(http.post("/deploy"), 400, "request.invalid")
+
+
+def test_a_worker_token_kept_in_memory_is_still_checked(
+    http: httpx.Client, client: Client, server: Server, api_name: str
+) -> None:
+    """The server reads a job's worker token once: after that, a wrong token is still
+    refused, and so is the right one once the job has been deleted."""
+    job_id = client.submit(api_name, _body([{"sleep": 0.2}] * 50))["job_id"]
+
+    def token() -> str | None:
+        for worker in server.worker_processes(job_id):
+            return str(worker.environ()["CORTEX_WORKER_TOKEN"])
+        return None
+
+    right = {"Authorization": f"Bearer {wait_for(token, what='a worker of the job')}"}
+    path = f"/worker/v1/jobs/{job_id}/spec"
+    assert http.get(path, headers=right).json()["job_spec"]["job_id"] == job_id
+    assert http.get(path, headers=right).status_code == 200
+    _error(http.get(path, headers={"Authorization": "Bearer wrong"}), 403, "auth.forbidden")
+    _error(http.get(path), 401, "auth.unauthorized")
+    client.delete(api_name)  # stops the job, then deletes it with its API
+    _error(http.get(path, headers=right), 403, "auth.forbidden")
 
 
 def test_worker_api_requires_the_jobs_own_token(

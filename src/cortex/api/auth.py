@@ -110,9 +110,15 @@ async def _worker_job(scope: Scope, job_id: str, given: bytes) -> Any:
     scheme, _, token = given.decode("latin-1").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise errors.Unauthorized("a worker token is required (Authorization: Bearer <token>)")
-    service = scope["app"].state.service
-    # Every worker request reads its job: inline on SQLite, like the status route.
-    return await deps.read(service, lambda: service.workers.authorize_worker(job_id, token))
+    workers = scope["app"].state.service.workers
+    # The job's token is kept in memory once read: most requests read nothing. The first
+    # reads it inline on SQLite, like the status route.
+    job = workers.authorize_worker(job_id, token, read=False)
+    if job is None:
+        job = await deps.read(
+            scope["app"].state.service, lambda: workers.authorize_worker(job_id, token)
+        )
+    return job
 
 
 def _too_large(limit: int) -> errors.BodyTooLarge:

@@ -22,8 +22,8 @@ from cortex.api.body import read_body
 from cortex.api.metrics import MetricsDep
 from cortex.jobs import WorkerState
 from cortex.service import Service
-from cortex.store import Job
 from cortex.store.records import BatchResult
+from cortex.store.tokens import WorkerJob
 from cortex.worker import ranges
 from cortex.worker import results as worker_results
 
@@ -31,16 +31,16 @@ router = APIRouter(prefix="/worker/v1/jobs/{job_id}", include_in_schema=False)
 ServiceDep = Annotated[Service, Depends(deps.service)]
 
 
-async def _job(request: Request) -> Job:
+async def _job(request: Request) -> WorkerJob:
     """The job whose token the request carries: checked by the gate (`api.auth`) before the
     body was read, which a dependency here would come after."""
-    job: Job | None = request.scope.get(auth.WORKER_JOB)
+    job: WorkerJob | None = request.scope.get(auth.WORKER_JOB)
     if job is None:
         raise errors.Unauthorized("a worker token is required (Authorization: Bearer <token>)")
     return job
 
 
-JobDep = Annotated[Job, Depends(_job)]
+JobDep = Annotated[WorkerJob, Depends(_job)]
 
 
 # The worker's number for a request: unique and growing per worker and channel.
@@ -108,7 +108,7 @@ class HookBody(pydantic.BaseModel):
     traceback: str | None = None
 
 
-def _own_worker(job: Job, worker_id: str) -> None:
+def _own_worker(job: WorkerJob, worker_id: str) -> None:
     if not worker_id.startswith(f"{job.job_id}-"):
         raise errors.Forbidden(f"worker {worker_id} does not belong to job {job.job_id}")
 
@@ -213,7 +213,7 @@ async def logs(request: Request, job: JobDep, service: ServiceDep) -> dict[str, 
     return {"stored": stored}
 
 
-def _store_lines(service: Service, job: Job, raw: bytes) -> int:
+def _store_lines(service: Service, job: WorkerJob, raw: bytes) -> int:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:

@@ -147,12 +147,16 @@ class ApiStore(engine.BaseStore):
             if lock(conn, name) is None:
                 return
             # Lock its jobs first (job rows before batch rows, as every writer does).
-            conn.execute(
-                sa.select(t.jobs.c.job_id)
-                .where(t.jobs.c.api_name == name)
-                .order_by(t.jobs.c.job_id)
-                .with_for_update()
-            ).all()
+            deleted = (
+                conn.execute(
+                    sa.select(t.jobs.c.job_id)
+                    .where(t.jobs.c.api_name == name)
+                    .order_by(t.jobs.c.job_id)
+                    .with_for_update()
+                )
+                .scalars()
+                .all()
+            )
             job_ids = sa.select(t.jobs.c.job_id).where(t.jobs.c.api_name == name)
             conn.execute(t.batches.delete().where(t.batches.c.job_id.in_(job_ids)))
             conn.execute(t.batch_payloads.delete().where(t.batch_payloads.c.job_id.in_(job_ids)))
@@ -168,6 +172,7 @@ class ApiStore(engine.BaseStore):
             conn.execute(t.jobs.delete().where(t.jobs.c.api_name == name))
             conn.execute(t.api_specs.delete().where(t.api_specs.c.api_name == name))
             conn.execute(t.apis.delete().where(t.apis.c.name == name))
+        self.worker_jobs.forget(deleted)
 
 
 # -- helpers that run inside a caller's transaction ---------------------------------------------

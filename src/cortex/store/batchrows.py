@@ -3,6 +3,7 @@ deleting the payloads that are no longer needed. Leasing them is `queue`'s."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -13,6 +14,7 @@ from sqlalchemy.engine import Connection
 from cortex.jobs import BatchState, JobStatus, new_batch_ids
 from cortex.store import engine
 from cortex.store import tables as t
+from cortex.store.prepared import Prepared
 
 INSERT_CHUNK = 2000
 
@@ -90,6 +92,31 @@ class BatchStore(engine.BaseStore):
 # -- helpers that run inside a caller's transaction ---------------------------------------------
 
 
+# A job's batches are written 2,000 a statement, millions for a big submission: tuples
+# straight to the driver (see `prepared`).
+_INSERT_BATCHES = Prepared(
+    t.batches.insert().values(
+        job_id=sa.bindparam("j"),
+        seq=sa.bindparam("s"),
+        batch_id=sa.bindparam("b"),
+        state=BatchState.QUEUED.value,
+        payload_size=sa.bindparam("n"),
+    ),
+    "j",
+    "s",
+    "b",
+    "n",
+)
+_INSERT_PAYLOADS = Prepared(
+    t.batch_payloads.insert().values(
+        job_id=sa.bindparam("j"), seq=sa.bindparam("s"), payload=sa.bindparam("p")
+    ),
+    "j",
+    "s",
+    "p",
+)
+
+
 def insert(
     conn: Connection,
     job_id: str,
@@ -99,38 +126,28 @@ def insert(
 ) -> None:
     """Write queued batches `start`, `start + 1`, ... with these payloads (and sizes, where
     they are not the payloads' lengths: a reference's is that of the lines it names)."""
+    seqs = range(start, start + len(payloads))
+    jobs = itertools.repeat(job_id)
     batch_ids = new_batch_ids(len(payloads))
-    conn.execute(
-        t.batches.insert(),
-        [
-            {
-                "job_id": job_id,
-                "seq": start + i,
-                "batch_id": batch_ids[i],
-                "payload_size": len(payload) if sizes is None else sizes[i],
-                "state": BatchState.QUEUED.value,
-            }
-            for i, payload in enumerate(payloads)
-        ],
-    )
-    conn.execute(
-        t.batch_payloads.insert(),
-        [
-            {"job_id": job_id, "seq": start + i, "payload": payload}
-            for i, payload in enumerate(payloads)
-        ],
-    )
+    lengths = map(len, payloads) if sizes is None else sizes
+    _INSERT_BATCHES.run_many(conn, list(zip(jobs, seqs, batch_ids, lengths, strict=False)))
+    _INSERT_PAYLOADS.run_many(conn, list(zip(jobs, seqs, payloads, strict=False)))
+
+
+# A payload as UTF-8 bytes, as the database hands them over: a lease answer splices megabytes
+# of payloads, and decoding them to text only to encode them again cost a third of the
+# lease's time.
+PAYLOAD_BYTES: dict[str, sa.ColumnElement[bytes]] = {
+    "sqlite": sa.cast(t.batch_payloads.c.payload, sa.LargeBinary).label("payload"),
+    "postgresql": sa.func.convert_to(
+        t.batch_payloads.c.payload, "UTF8", type_=sa.LargeBinary
+    ).label("payload"),
+}
 
 
 def payload_bytes(conn: Connection) -> sa.ColumnElement[bytes]:
-    """A payload as UTF-8 bytes, as the database hands them over: a lease answer splices
-    megabytes of payloads, and decoding them to text only to encode them again cost a third of
-    the lease's time."""
-    if conn.dialect.name == "sqlite":
-        return sa.cast(t.batch_payloads.c.payload, sa.LargeBinary).label("payload")
-    return sa.func.convert_to(t.batch_payloads.c.payload, "UTF8", type_=sa.LargeBinary).label(
-        "payload"
-    )
+    """A payload as UTF-8 bytes (`PAYLOAD_BYTES`) in this connection's dialect."""
+    return PAYLOAD_BYTES[conn.dialect.name]
 
 
 payload_of_batch = sa.and_(

@@ -1,7 +1,7 @@
 """Batch deadlines (a job's `batch_timeout`): the server's backstop for a worker too wedged
 to time out its own `predict` (in C code that holds the interpreter's lock, its watchdog and
 heartbeat threads cannot run). A batch's deadline is set when it is leased
-(`queue._take_batches`); a batch still leased past it ends its attempt as `batch_timeout`,
+(`leasing.take`); a batch still leased past it ends its attempt as `batch_timeout`,
 and its worker is killed by the reconciler."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import time
 
 import sqlalchemy as sa
 
-from cortex.jobs import BatchState
 from cortex.store import engine, jobrows
 from cortex.store import results as outcomes
 from cortex.store import tables as t
@@ -24,14 +23,11 @@ class DeadlineStore(engine.BaseStore):
         and a grace): its worker did not time its `predict` out itself, so it is wedged.
         Returns the (job, worker) pairs whose workers must be killed."""
         now = time.time()
-        overdue = (
-            t.batches.c.state == BatchState.LEASED.value,
-            t.batches.c.deadline_at < now,
-        )
+        overdue = (outcomes.IS_LEASED, t.batches.c.deadline_at < now)
         with self.read() as conn:
-            job_ids: list[str] = list(
-                conn.execute(sa.select(t.batches.c.job_id).where(*overdue).distinct()).scalars()
-            )
+            # Through the lease index (see `QueueStore.expire_leases`).
+            found = conn.execute(sa.select(t.batches.c.job_id).where(*overdue)).scalars()
+            job_ids = list(dict.fromkeys(found))
         wedged: list[tuple[str, str]] = []
         for job_id in job_ids:
             with self.write() as conn:

@@ -26,6 +26,7 @@ import sqlalchemy.dialects.sqlite
 from sqlalchemy.engine import Connection
 
 from cortex import errors
+from cortex.store import tokens
 
 log = logging.getLogger("cortex.server")
 
@@ -112,6 +113,8 @@ class BaseStore:
         # SQLite answers a checkpoint that meets another one BUSY at once, without waiting:
         # the reconciler's PASSIVE checkpoint and a truncating one take turns here instead.
         self._checkpoint_lock = threading.Lock()
+        # Jobs' worker tokens, read once (`JobStore.worker_job`).
+        self.worker_jobs = tokens.WorkerJobs()
 
     def close(self) -> None:
         self.engine.dispose()

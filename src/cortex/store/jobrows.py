@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 
 from cortex import errors
 from cortex.jobs import BatchState, JobStatus, WorkerState, can_transition
-from cortex.store import budget, engine, outbox
+from cortex.store import budget, engine, outbox, tokens
 from cortex.store import tables as t
 from cortex.store.records import Job
 
@@ -27,6 +27,16 @@ class JobStore(engine.BaseStore):
         with self.read() as conn:
             row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
         return None if row is None else Job.from_row(row)
+
+    def worker_job(self, job_id: str) -> tokens.WorkerJob | None:
+        """The job's id, API and worker token (None if there is no such job), kept in memory
+        once read: they never change (`tokens`)."""
+        return self.worker_jobs.load(job_id, lambda: self._read_worker_job(job_id))
+
+    def _read_worker_job(self, job_id: str) -> tokens.WorkerJob | None:
+        with self.read() as conn:
+            row = conn.execute(_WORKER_JOB, {"j": job_id}).first()
+        return None if row is None else tokens.WorkerJob(row.job_id, row.api_name, row.worker_token)
 
     def list_jobs(
         self, api_name: str, limit: int = 100, metadata: dict[str, str] | None = None
@@ -120,8 +130,17 @@ class JobStore(engine.BaseStore):
 # -- helpers that run inside a caller's transaction ---------------------------------------------
 
 
+# Every worker request reads its job (or locks it): built once.
+_GET = sa.select(t.jobs).where(t.jobs.c.job_id == sa.bindparam("j"))
+_LOCK = _GET.with_for_update()
+_KEY_SHARE = _GET.with_for_update(read=True, key_share=True)
+_WORKER_JOB = sa.select(t.jobs.c.job_id, t.jobs.c.api_name, t.jobs.c.worker_token).where(
+    t.jobs.c.job_id == sa.bindparam("j")
+)
+
+
 def get(conn: Connection, job_id: str) -> Job:
-    row = conn.execute(sa.select(t.jobs).where(t.jobs.c.job_id == job_id)).first()
+    row = conn.execute(_GET, {"j": job_id}).first()
     if row is None:
         raise errors.JobMissing(job_id)
     return Job.from_row(row)
@@ -142,12 +161,7 @@ def lock(
     for counter updates, while a status change waits for them (and they for it). SQLite
     ignores both; its writers are serial.
     """
-    query = sa.select(t.jobs).where(t.jobs.c.job_id == job_id)
-    if key_share:
-        query = query.with_for_update(read=True, key_share=True)
-    else:
-        query = query.with_for_update()
-    row = conn.execute(query).first()
+    row = conn.execute(_KEY_SHARE if key_share else _LOCK, {"j": job_id}).first()
     if row is None:
         if missing_ok:
             return None

@@ -144,13 +144,8 @@ def claim(
     then finds its answer. Two first requests of a channel both insert its row: ON CONFLICT
     makes the second wait for the first, insert nothing and read the row as the first left it.
     """
-    replies = t.worker_replies.c
-    current = (
-        sa.select(replies.seq, replies.reply)
-        .where(replies.worker_id == worker_id, replies.channel == channel)
-        .with_for_update()
-    )
-    row = conn.execute(current).first()
+    current = {"w": worker_id, "c": channel}
+    row = conn.execute(_CURRENT, current).first()
     if row is None:
         inserted = conn.execute(
             engine.insert_ignore(conn, t.worker_replies).values(
@@ -159,7 +154,7 @@ def claim(
         )
         if inserted.rowcount == 1:
             return None
-        row = conn.execute(current).one()
+        row = conn.execute(_CURRENT, current).one()
     if seq < row.seq:
         raise errors.StaleRequest(
             f"request {seq} of worker {worker_id} ({channel}) comes after request {row.seq}: "
@@ -181,8 +176,24 @@ def record(
     conn: Connection, worker_id: str, channel: str, seq: int, reply: Reply, final: bool = False
 ) -> None:
     """Keep `reply` as the answer to request `seq` (its row was taken by `claim`)."""
-    conn.execute(
-        t.worker_replies.update()
-        .where(t.worker_replies.c.worker_id == worker_id, t.worker_replies.c.channel == channel)
-        .values(seq=seq, reply=json.dumps(reply, separators=(",", ":")), final=final)
+    answer = json.dumps(reply, separators=(",", ":"))
+    conn.execute(_RECORD, {"w": worker_id, "c": channel, "s": seq, "r": answer, "f": final})
+
+
+# A worker request's statements, built once.
+_CURRENT = (
+    sa.select(t.worker_replies.c.seq, t.worker_replies.c.reply)
+    .where(
+        t.worker_replies.c.worker_id == sa.bindparam("w"),
+        t.worker_replies.c.channel == sa.bindparam("c"),
     )
+    .with_for_update()
+)
+_RECORD = (
+    t.worker_replies.update()
+    .where(
+        t.worker_replies.c.worker_id == sa.bindparam("w"),
+        t.worker_replies.c.channel == sa.bindparam("c"),
+    )
+    .values(seq=sa.bindparam("s"), reply=sa.bindparam("r"), final=sa.bindparam("f"))
+)

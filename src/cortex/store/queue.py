@@ -9,15 +9,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cortex.jobs import BatchState, JobStatus, WorkerState
-from cortex.store import batchrows, budget, engine, jobrows, pool, protocol
+from cortex.store import budget, engine, jobrows, leasing, pool, protocol
 from cortex.store import results as outcomes
 from cortex.store import tables as t
 from cortex.store.records import BatchResult, HookResult, Job, LeasedBatch, LeaseResult
-
-_MAX_LEASE_BYTES = 4 << 20
-# With a batch_timeout, how long past it the server waits for the worker's own report before
-# it takes the worker for wedged (see `_take_batches`).
-DEADLINE_GRACE_S = 5.0
 
 
 class QueueStore(engine.BaseStore):
@@ -65,7 +60,7 @@ class QueueStore(engine.BaseStore):
             if results:
                 outcomes.record_results(conn, job, worker_id, results)
             if not hold:
-                _release_lost(conn, job_id, worker_id)
+                leasing.release_lost(conn, job_id, worker_id)
             # Workers lease while a file dataset is still being enqueued: they start on the
             # first durable batches. Completion waits for `enqueue_done` (outcomes.maybe_complete).
             if (
@@ -80,9 +75,7 @@ class QueueStore(engine.BaseStore):
                     # Near the end, a fair share of what is left: one worker's prefetch must
                     # not hold the last batches while the others stand idle.
                     max_batches = min(max_batches, -(-left // _leasing_workers(conn, job_id)))
-                leased = _take_batches(
-                    conn, job, worker_id, max(1, max_batches), now, now + lease_s
-                )
+                leased = leasing.take(conn, job, worker_id, max(1, max_batches), now, now + lease_s)
                 if leased:
                     return _answer(conn, worker_id, seq, LeaseResult(batches=leased))
             if hold or leaving:
@@ -160,14 +153,12 @@ class QueueStore(engine.BaseStore):
         """End the attempt of every batch whose lease ran out: it is queued again, or failed if
         it has used all its attempts (a batch that keeps killing its worker must not loop)."""
         now = time.time()
-        expired = (
-            t.batches.c.state == BatchState.LEASED.value,
-            t.batches.c.lease_expires_at < now,
-        )
+        expired = (outcomes.IS_LEASED, t.batches.c.lease_expires_at < now)
         with self.read() as conn:
-            job_ids: list[str] = list(
-                conn.execute(sa.select(t.batches.c.job_id).where(*expired).distinct()).scalars()
-            )
+            # (Not DISTINCT: SQLite would rather walk all of the job index in job order than
+            # the leased batches in the lease index. They are few; their jobs are fewer.)
+            found = conn.execute(sa.select(t.batches.c.job_id).where(*expired)).scalars()
+            job_ids = list(dict.fromkeys(found))
         ended = 0
         for job_id in job_ids:  # one transaction per job: its row first, then its batches
             with self.write() as conn:
@@ -225,9 +216,7 @@ class QueueStore(engine.BaseStore):
 def _draining(conn: Connection, worker_id: str) -> bool:
     """Whether the worker must not take more batches: asked to drain, or its row has ended
     (`pool.surplus`)."""
-    row = conn.execute(
-        sa.select(t.workers.c.draining, t.workers.c.state).where(t.workers.c.worker_id == worker_id)
-    ).first()
+    row = conn.execute(_DRAINING, {"w": worker_id}).first()
     return row is not None and (bool(row.draining) or WorkerState(row.state).ended)
 
 
@@ -301,119 +290,27 @@ def _replay(conn: Connection, job: Job, worker_id: str, kept: protocol.Reply) ->
             )
             .order_by(t.batches.c.seq)
         ).all()
-        payloads = _payloads(conn, job.job_id, [row.seq for row in rows])
+        payloads = leasing.payloads(conn, job.job_id, [row.seq for row in rows])
         held = [LeasedBatch(r.batch_id, payloads[r.seq], r.attempts, r.seq) for r in rows]
     return LeaseResult(batches=held, run_hook=bool(kept["run_hook"]), done=bool(kept["done"]))
 
 
-def _payloads(conn: Connection, job_id: str, seqs: list[int]) -> dict[int, bytes]:
-    return {
-        row.seq: row.payload
-        for row in conn.execute(
-            sa.select(t.batch_payloads.c.seq, batchrows.payload_bytes(conn)).where(
-                t.batch_payloads.c.job_id == job_id, t.batch_payloads.c.seq.in_(seqs)
-            )
-        )
-    }
-
-
 def _leasing_workers(conn: Connection, job_id: str) -> int:
     """How many of the job's workers lease batches now or are about to (at least 1)."""
-    count = conn.execute(
-        sa.select(sa.func.count())
-        .select_from(t.workers)
-        .where(
-            t.workers.c.job_id == job_id,
-            t.workers.c.state.in_([WorkerState.INITIALIZING.value, WorkerState.RUNNING.value]),
-        )
-    ).scalar_one()
+    count = conn.execute(_LEASING, {"j": job_id}).scalar_one()
     return max(1, int(count))
 
 
-def _take_batches(
-    conn: Connection, job: Job, worker_id: str, max_batches: int, now: float, expires_at: float
-) -> list[LeasedBatch]:
-    """Lease up to `max_batches` queued batches, oldest first.
+# -- statements built once --------------------------------------------------------------------
 
-    SKIP LOCKED passes over rows another lease is taking right now, and PostgreSQL re-checks
-    `state = queued` on a row that changed since the statement began, so two leases never
-    take the same batch and neither waits for the other.
-
-    With a `batch_timeout`, each batch gets a deadline: the worker runs them one after the
-    other, each for at most the timeout, so the i-th (from 0) ends by (i + 1) timeouts from
-    now, plus a grace for the worker's own report.
-    """
-    job_id = job.job_id
-    candidates = conn.execute(
-        sa.select(
-            t.batches.c.seq, t.batches.c.batch_id, t.batches.c.attempts, t.batches.c.payload_size
-        )
-        .where(t.batches.c.job_id == job_id, t.batches.c.state == BatchState.QUEUED.value)
-        .order_by(t.batches.c.seq)
-        .limit(max_batches)
-        .with_for_update(skip_locked=True)
-    ).all()
-    if not candidates:
-        return []
-    # A lease answer holds at most about `_MAX_LEASE_BYTES` of payloads (always one batch):
-    # many small batches travel together, a few big ones do not make one huge response.
-    kept, size = 0, 0
-    for candidate in candidates:
-        size += candidate.payload_size
-        kept += 1
-        if size >= _MAX_LEASE_BYTES:
-            break
-    candidates = candidates[:kept]
-    seqs = [c.seq for c in candidates]
-    values = {
-        "state": BatchState.LEASED.value,
-        "lease_owner": worker_id,
-        "lease_expires_at": expires_at,
-        "attempts": t.batches.c.attempts + 1,
-    }
-    taken = t.batches.update().where(
-        t.batches.c.job_id == job_id,
-        t.batches.c.state == BatchState.QUEUED.value,
+_DRAINING = sa.select(t.workers.c.draining, t.workers.c.state).where(
+    t.workers.c.worker_id == sa.bindparam("w")
+)
+_LEASING = (
+    sa.select(sa.func.count())
+    .select_from(t.workers)
+    .where(
+        t.workers.c.job_id == sa.bindparam("j"),
+        t.workers.c.state.in_([WorkerState.INITIALIZING.value, WorkerState.RUNNING.value]),
     )
-    if job.batch_timeout_s is None:
-        conn.execute(taken.where(t.batches.c.seq.in_(seqs)).values(**values))
-    else:
-        conn.execute(
-            taken.where(t.batches.c.seq == sa.bindparam("s")).values(
-                **values, deadline_at=sa.bindparam("deadline")
-            ),
-            [
-                {
-                    "s": seq,
-                    "deadline": now + (i + 1) * job.batch_timeout_s + DEADLINE_GRACE_S,
-                }
-                for i, seq in enumerate(seqs)
-            ],
-        )
-    payloads = _payloads(conn, job_id, seqs)
-    return [LeasedBatch(c.batch_id, payloads[c.seq], c.attempts + 1, c.seq) for c in candidates]
-
-
-def _release_lost(conn: Connection, job_id: str, worker_id: str) -> None:
-    """Give back what is still leased to a worker once its results are recorded.
-
-    A worker reports every batch it held before it asks for more, so a batch still leased to
-    it here was leased by a request whose answer never reached it: the server died before
-    answering, or the request was sent again after a time-out. Its heartbeats would keep that
-    lease alive for ever, and the job would never end. The batch never ran: it goes back to
-    the queue without using an attempt.
-    """
-    conn.execute(
-        t.batches.update()
-        .where(
-            t.batches.c.job_id == job_id,
-            t.batches.c.state == BatchState.LEASED.value,
-            t.batches.c.lease_owner == worker_id,
-        )
-        .values(
-            state=BatchState.QUEUED.value,
-            lease_owner=None,
-            lease_expires_at=None,
-            attempts=t.batches.c.attempts - 1,
-        )
-    )
+)

@@ -14,10 +14,15 @@ from sqlalchemy.engine import Connection
 from cortex.jobs import BatchState
 from cortex.store import budget, jobrows
 from cortex.store import tables as t
+from cortex.store.prepared import Prepared
 from cortex.store.records import BatchResult, Job, LeaseResult
 
 # A batch still to be done: queued, or leased to a worker.
 ACTIVE = (BatchState.QUEUED.value, BatchState.LEASED.value)
+# A leased batch, `'leased'` written into the SQL rather than bound: the sweeps over leases
+# of all jobs then go through the partial index `ix_batches_lease` (`state = 'leased'`) on
+# both engines, whose planners cannot match a bound value to it (PostgreSQL's generic plans).
+IS_LEASED = t.batches.c.state == sa.literal(BatchState.LEASED.value, literal_execute=True)
 
 
 def record_results(conn: Connection, job: Job, worker_id: str, results: list[BatchResult]) -> None:
@@ -29,41 +34,16 @@ def record_results(conn: Connection, job: Job, worker_id: str, results: list[Bat
     failures (rare) go one by one through `end_attempt`.
     """
     latest = {result.batch_id: result for result in results}  # a batch reported twice: once
-    held = {
-        row.batch_id: row
-        for row in conn.execute(
-            leased_rows()
-            .add_columns(t.batches.c.batch_id)
-            .where(
-                t.batches.c.job_id == job.job_id,
-                t.batches.c.state == BatchState.LEASED.value,
-                t.batches.c.lease_owner == worker_id,
-                t.batches.c.batch_id.in_(list(latest)),
-            )
-        )
-    }
+    rows = _HELD.run(conn, job.job_id, worker_id, list(latest)).all()
+    held = {row.batch_id: row for row in rows}
     succeeded = [(r, held[r.batch_id]) for r in latest.values() if r.ok and r.batch_id in held]
-    kept = [
-        {"job_id": job.job_id, "seq": row.seq, "lines": r.lines, "size": len(r.lines)}
-        for r, row in succeeded
-        if r.lines
-    ]
+    kept = [(job.job_id, row.seq, r.lines, len(r.lines)) for r, row in succeeded if r.lines]
     if kept:  # with the success itself: a report applied once writes its results once
-        conn.execute(t.batch_results.insert(), kept)
+        _INSERT_RESULTS.run_many(conn, kept)
     if succeeded:
-        conn.execute(
-            _SUCCEED,
-            [{"j": job.job_id, "s": row.seq, "d": r.duration_s} for r, row in succeeded],
-        )
-        conn.execute(
-            t.jobs.update()
-            .where(t.jobs.c.job_id == job.job_id)
-            .values(
-                succeeded=t.jobs.c.succeeded + len(succeeded),
-                succeeded_time_s=t.jobs.c.succeeded_time_s
-                + sum(r.duration_s for r, _ in succeeded),
-            )
-        )
+        _SUCCEED.run_many(conn, [(r.duration_s, job.job_id, row.seq) for r, row in succeeded])
+        seconds = sum(r.duration_s for r, _ in succeeded)
+        conn.execute(_COUNT, {"n": len(succeeded), "t": seconds, "j": job.job_id})
     for result in latest.values():
         if not result.ok and result.batch_id in held:
             end_attempt(
@@ -76,8 +56,46 @@ def record_results(conn: Connection, job: Job, worker_id: str, results: list[Bat
             )
 
 
+def leased_rows() -> sa.Select[Any]:
+    """Batch rows with what `end_attempt` needs to know."""
+    return sa.select(
+        t.batches.c.job_id,
+        t.batches.c.seq,
+        t.batches.c.attempts,
+        t.jobs.c.max_attempts,
+        t.jobs.c.max_failed_batches,
+    ).join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
+
+
+# A report's statements, over a few hundred batches each (see `prepared`): its batches still
+# leased to the worker, their results, and their success.
+_HELD = Prepared(
+    leased_rows()
+    .add_columns(t.batches.c.batch_id)
+    .where(
+        t.batches.c.job_id == sa.bindparam("j"),
+        t.batches.c.state == BatchState.LEASED.value,
+        t.batches.c.lease_owner == sa.bindparam("w"),
+        t.batches.c.batch_id.in_(sa.bindparam("ids", expanding=True)),
+    ),
+    "j",
+    "w",
+    "ids",
+)
+_INSERT_RESULTS = Prepared(
+    t.batch_results.insert().values(
+        job_id=sa.bindparam("j"),
+        seq=sa.bindparam("s"),
+        lines=sa.bindparam("l"),
+        size=sa.bindparam("n"),
+    ),
+    "j",
+    "s",
+    "l",
+    "n",
+)
 # The rows were just read under the job's lock, still leased to the reporting worker.
-_SUCCEED = (
+_SUCCEED = Prepared(
     t.batches.update()
     .where(
         t.batches.c.job_id == sa.bindparam("j"),
@@ -89,19 +107,19 @@ _SUCCEED = (
         lease_owner=None,
         lease_expires_at=None,
         duration_s=sa.bindparam("d"),
+    ),
+    "d",
+    "j",
+    "s",
+)
+_COUNT = (
+    t.jobs.update()
+    .where(t.jobs.c.job_id == sa.bindparam("j"))
+    .values(
+        succeeded=t.jobs.c.succeeded + sa.bindparam("n", type_=sa.Integer),
+        succeeded_time_s=t.jobs.c.succeeded_time_s + sa.bindparam("t", type_=sa.Float),
     )
 )
-
-
-def leased_rows() -> sa.Select[Any]:
-    """Batch rows with what `end_attempt` needs to know."""
-    return sa.select(
-        t.batches.c.job_id,
-        t.batches.c.seq,
-        t.batches.c.attempts,
-        t.jobs.c.max_attempts,
-        t.jobs.c.max_failed_batches,
-    ).join(t.jobs, t.jobs.c.job_id == t.batches.c.job_id)
 
 
 def end_attempt(

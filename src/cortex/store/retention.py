@@ -56,6 +56,7 @@ class RetentionStore(engine.BaseStore):
                         break
             if left <= 0:
                 break
+        self.worker_jobs.forget(gone)
         for api_name in sorted({api for job_id, api in old if job_id in gone}):
             with self.write() as conn:
                 _drop_unused_versions(conn, api_name)

@@ -127,7 +127,14 @@ batches = sa.Table(
     # backstop for a worker too wedged to time out its own `predict`).
     sa.Column("deadline_at", sa.Float, nullable=True),
     sa.Index("ix_batches_job_state_seq", "job_id", "state", "seq"),
-    sa.Index("ix_batches_lease", "state", "lease_expires_at"),
+    # Leased batches by expiry (the reconciler's sweeps): partial, so that writing queued
+    # batches, a job's millions of them, never touches it.
+    sa.Index(
+        "ix_batches_lease",
+        "lease_expires_at",
+        sqlite_where=sa.text("state = 'leased'"),
+        postgresql_where=sa.text("state = 'leased'"),
+    ),
 )
 
 # A batch's JSON payload, written once and read by each lease of the batch. It lives apart from
