@@ -32,8 +32,10 @@ log = logging.getLogger("cortex.server")
 
 # The write-ahead log is truncated once a write leaves it bigger than this: without it, readers
 # that always overlap keep SQLite from ever starting it over, and it grew to 457 MB under 200
-# submissions from 8 threads.
-WAL_MAX_BYTES = 64 << 20
+# submissions from 8 threads. The writer that meets the bound copies the log into the database
+# holding the write lock, so it is well above what the reconciler's checkpoints leave between
+# them (a 1M-item submission writes 16 MB of log: at 64 MB, back-to-back ones met it).
+WAL_MAX_BYTES = 128 << 20
 # How long a truncating checkpoint waits for readers still on the old log (it holds the write
 # lock meanwhile), and how long after a checkpoint that could not finish the next one is tried.
 _TRUNCATE_WAIT_MS = 500
