@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -179,25 +180,29 @@ async def submit(
 ) -> dict[str, Any] | Response:
     """Create a job. Besides the spec's fields, a submission may carry `metadata` and a
     `webhook` (see the request body's schema)."""
-    data = await read_json(request, service.settings.max_body_bytes)
-    try:
-        if idempotency_key is not None and not dry_run:
-            job, replayed = await run_in_threadpool(
-                service.idempotent.submit, api_name, data, idempotency_key
-            )
-            body = views.job_spec_json(job, service.lifecycle.api_spec_for(job))
-            if not replayed:
-                return body
-            return Response(
-                exactjson.dumps(body),
-                media_type="application/json",
-                headers={"Idempotent-Replayed": "true"},
-            )
-        result = await run_in_threadpool(service.submissions.submit, api_name, data, dry_run)
-    finally:
-        del data  # a big item list: what it leaves in the heap goes back to the system after
-        if request.state.body_bytes >= memory.TRIM_ABOVE_BYTES:
-            memory.trim_soon()
+    declared = request.headers.get("content-length", "")
+    big = declared.isdigit() and int(declared) >= memory.TRIM_ABOVE_BYTES
+    # A big item list's objects live only while this runs: no garbage collection over them.
+    with memory.gc_paused() if big else contextlib.nullcontext():
+        data = await read_json(request, service.settings.max_body_bytes)
+        try:
+            if idempotency_key is not None and not dry_run:
+                job, replayed = await run_in_threadpool(
+                    service.idempotent.submit, api_name, data, idempotency_key
+                )
+                body = views.job_spec_json(job, service.lifecycle.api_spec_for(job))
+                if not replayed:
+                    return body
+                return Response(
+                    exactjson.dumps(body),
+                    media_type="application/json",
+                    headers={"Idempotent-Replayed": "true"},
+                )
+            result = await run_in_threadpool(service.submissions.submit, api_name, data, dry_run)
+        finally:
+            del data  # a big item list: what it leaves in the heap goes back to the system after
+            if request.state.body_bytes >= memory.TRIM_ABOVE_BYTES:
+                memory.trim_soon()
     if isinstance(result, Job):
         return views.job_spec_json(result, service.lifecycle.api_spec_for(result))
     # Validation (and the first match) is done: stream the rest of the listing as it comes.
