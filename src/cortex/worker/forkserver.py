@@ -30,6 +30,7 @@ restarted server can still tell which worker a process is and its memory limit.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -85,6 +86,11 @@ class _Child(Exception):
 def main() -> int:
     # The point of this process: the worker's modules imported once, before any fork.
     from cortex.worker import runtime  # noqa: F401
+
+    # What is imported now is shared by every child: kept out of their collections, which
+    # would otherwise walk it and copy the pages they touch (as the `gc.freeze` docs advise
+    # for a server that forks workers).
+    gc.freeze()
 
     # The protocol gets file descriptors of its own; a stray print (a warning at import) goes
     # to stderr rather than into the replies, and stdin is /dev/null for the children.
