@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,14 +132,16 @@ def test_a_later_launcher_adopts_a_forked_worker_and_enforces_its_memory_limit(
     tmp_path: Path, silent_server: str
 ) -> None:
     first = _launcher(True)
+    # Found by its id alone below: an id no other process on the machine has.
+    worker_id = f"w-adopted-{uuid.uuid4().hex[:8]}"
     try:
         # A limit it is over from the start; only the launcher that polls enforces it.
-        pid = first.start(_launch(tmp_path, "w-adopted", silent_server, mem="1Mi"))
+        pid = first.start(_launch(tmp_path, worker_id, silent_server, mem="1Mi"))
         assert pid is not None and _forked(pid)
         later = LocalLauncher(fork_servers=False)
         assert not later.adopt(JOB, "w-someone-else", pid)
-        assert later.adopt(JOB, "w-adopted", None)  # found by its id alone
-        exit_ = _exit_of(later, "w-adopted")
+        assert later.adopt(JOB, worker_id, None)
+        exit_ = _exit_of(later, worker_id)
         assert exit_.oom, exit_
         assert "over its limit of 1 MiB" in exit_.detail
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

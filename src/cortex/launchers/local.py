@@ -67,6 +67,7 @@ class LocalLauncher:
         # By interpreter and worker modules folder (None: the server's own).
         self._fork_servers: dict[tuple[str, Path | None], ForkServer] = {}
         self._use_fork_servers = fork_servers
+        self._fork_lock = threading.Lock()
         self._warned = False
         self.gpus = gpus.Pool(devices)
         # This machine's size, read once (a submission asks for it, and reading the memory
@@ -74,7 +75,7 @@ class LocalLauncher:
         self._capacity = capacity.local({}, len(self.gpus.devices))
         if fork_servers:
             # It imports the worker's modules while the server starts.
-            self._fork_server(sys.executable, None, {})
+            self._fork_server_for(None)
 
     # This machine does not grow: a worker that does not fit it never will.
     fixed_capacity = True
@@ -121,10 +122,8 @@ class LocalLauncher:
         """The worker forked by its interpreter's fork server; None where it cannot be."""
         if not self._use_fork_servers:
             return None
-        python = python_for(launch)
-        server = self._fork_servers.get((python, launch.runtime_dir))
-        if server is None:
-            self._fork_server(python, launch.runtime_dir, environment_variables(launch, {}))
+        server, new = self._fork_server_for(launch)
+        if server is None or new:
             return None  # this one starts the old way while the fork server gets ready
         if server.dead:
             self._warn(f"its fork server {server.python} has exited")
@@ -138,19 +137,27 @@ class LocalLauncher:
             return None
         return _Proc(launch.job_id, launch.worker_id, None, pid, forked=server)
 
-    def _fork_server(self, python: str, runtime_dir: Path | None, env_vars: dict[str, str]) -> None:
-        """Start the fork server of an interpreter, with what every worker of it shares."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("PYTHONPATH", None)  # each worker has its own
-        if runtime_dir is not None:
-            env.update(env_vars)
-            env["PYTHONPATH"] = str(runtime_dir)  # the worker's modules only
-            env.pop("PYTHONHOME", None)
-        key = (python, runtime_dir)
-        try:
-            self._fork_servers[key] = ForkServer(python, env)
-        except OSError as err:
-            self._warn(f"its fork server {python} cannot start: {err}")
+    def _fork_server_for(self, launch: WorkerLaunch | None) -> tuple[ForkServer | None, bool]:
+        """The fork server of a worker's interpreter (None: the server's own), and whether it
+        was started just now. It runs with what every worker of that interpreter shares."""
+        python = sys.executable if launch is None else python_for(launch)
+        key = (python, None if launch is None else launch.runtime_dir)
+        with self._fork_lock:
+            server = self._fork_servers.get(key)
+            if server is not None:
+                return server, False
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env.pop("PYTHONPATH", None)  # each worker has its own
+            if launch is not None and launch.env_dir is not None:
+                # The environment's variables; its PYTHONPATH: the worker's modules only.
+                env.update(environment_variables(launch, env))
+                env.pop("PYTHONHOME", None)
+            try:
+                server = self._fork_servers[key] = ForkServer(python, env)
+            except OSError as err:
+                self._warn(f"its fork server {python} cannot start: {err}")
+                return None, True
+            return server, True
 
     def _warn(self, why: str) -> None:
         if not self._warned:
