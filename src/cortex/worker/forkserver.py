@@ -73,13 +73,10 @@ def _send(fd: int, message: dict[str, Any]) -> None:
 class _Child(Exception):
     """Raised in a freshly forked child: leave the server's loop and become the worker."""
 
-    def __init__(
-        self, request: dict[str, Any], log_fd: int, marker_fd: int, started: tuple[int, int]
-    ) -> None:
+    def __init__(self, request: dict[str, Any], log_fd: int, started: tuple[int, int]) -> None:
         super().__init__()
         self.request = request
         self.log_fd = log_fd
-        self.marker_fd = marker_fd
         self.started = started
 
 
@@ -167,25 +164,20 @@ def _fork(request: dict[str, Any]) -> int:
     fds: list[int] = []
     try:
         fds.append(os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666))
-        # The copy of its variables is there before its pid is known: whoever learns the pid
-        # can read them. The child keeps it open for its life (it is closed on exec).
-        fds.append(os.memfd_create(ENVIRON_MARKER))
-        env = request["env"].items()
-        os.write(fds[1], b"\0".join(f"{k}={v}".encode(errors="replace") for k, v in env))
         fds.extend(os.pipe())
         pid = os.fork()
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    log_fd, marker_fd, started_r, started_w = fds
+    log_fd, started_r, started_w = fds
     if pid == 0:
-        raise _Child(request, log_fd, marker_fd, (started_r, started_w))
+        raise _Child(request, log_fd, (started_r, started_w))
     # Its pid is handed out once the child is set up, as `Popen` returns once its child has
     # run `exec`: a stop at once must reach it by its process group, its variables be read.
     os.close(started_w)
     os.read(started_r, 1)  # end of file: the child closed its end, or died
-    for fd in (log_fd, marker_fd, started_r):
+    for fd in (log_fd, started_r):
         os.close(fd)
     return pid
 
@@ -201,10 +193,15 @@ def _become_worker(child: _Child) -> int:
     os.dup2(child.log_fd, 2)
     os.close(child.log_fd)
     os.chdir(child.request["cwd"])
+    env: dict[str, str] = child.request["env"]
     os.environ.clear()
-    os.environ.update(child.request["env"])
+    os.environ.update(env)
     time.tzset()
-    # (`child.marker_fd` stays open: the copy of its variables that `environ_of` reads.)
+    # The copy of its variables that `environ_of` reads, there before its pid is handed out
+    # (only the child ever holds one: the fork server is never taken for a worker). Open for
+    # the life of the process; closed on exec.
+    marker = os.memfd_create(ENVIRON_MARKER)
+    os.write(marker, b"\0".join(f"{k}={v}".encode(errors="replace") for k, v in env.items()))
     for fd in child.started:
         os.close(fd)  # the fork server hands out its pid now
     # The module search path `python -m` would build: the working folder, then PYTHONPATH,
