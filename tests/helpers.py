@@ -21,6 +21,7 @@ import psutil
 import yaml
 
 from cortex.client import Client
+from cortex.launchers.local import worker_environ
 
 FIXTURES = Path(__file__).parent / "fixtures" / "predictors"
 T = TypeVar("T")
@@ -69,7 +70,7 @@ class Server:
                 if (
                     child.status() != psutil.STATUS_ZOMBIE
                     and any("cortex.worker" in part for part in child.cmdline())
-                    and (job_id is None or child.environ().get("CORTEX_JOB_ID") == job_id)
+                    and _is_worker_of(child, job_id)
                 ):
                     alive.append(child)
             except psutil.Error:
@@ -78,6 +79,12 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def _is_worker_of(proc: psutil.Process, job_id: str | None) -> bool:
+    """A worker (of this job, if given); not a fork server, which has no job."""
+    job = worker_environ(proc).get("CORTEX_JOB_ID")
+    return job is not None and (job_id is None or job == job_id)
 
 
 def job_worker_processes(*job_ids: str) -> list[psutil.Process]:
@@ -89,7 +96,7 @@ def job_worker_processes(*job_ids: str) -> list[psutil.Process]:
             if (
                 proc.status() != psutil.STATUS_ZOMBIE
                 and any("cortex.worker" in part for part in proc.cmdline())
-                and proc.environ().get("CORTEX_JOB_ID") in job_ids
+                and worker_environ(proc).get("CORTEX_JOB_ID") in job_ids
             ):
                 found.append(proc)
         except psutil.Error:

@@ -37,6 +37,7 @@ _RUNTIME_MODULES = (
     "predictor.py",
     "worker/__init__.py",
     "worker/__main__.py",
+    "worker/forkserver.py",
     "worker/logship.py",
     "worker/models.py",
     "worker/queue.py",

@@ -190,7 +190,8 @@ class JobStatus(JobSpec):
     worker_counts: WorkerCounts | None = _field("workers by state; null unless in progress")
     pending_reason: str | None = _field("why workers of the job wait for capacity, if some do")
     dataset: dict[str, Any] | None = _field(
-        "the dataset as submitted: its kind, and a file dataset's paths, globs and batch size"
+        "the dataset as submitted: its kind, and a file dataset's paths, globs and batch size "
+        "(an item list's number of batches)"
     )
     error: JobError | None = _field("why the job failed; null if it did not")
     webhook: Webhook | None = _field("the job's webhook; null if none")

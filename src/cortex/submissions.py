@@ -117,7 +117,10 @@ class Submissions:
         with self._enqueuers_lock:
             self._enqueuers[job_id] = threading.current_thread()
         try:
-            job = self._create_enqueuing(job_id, api_name, submission, {"kind": ITEM_LIST}, extras)
+            # The number of batches is known before any is written: a predictor's job_spec
+            # has it final while they are (`workerapi`), as the spec has it.
+            dataset = {"kind": ITEM_LIST, "batches": len(payloads)}
+            job = self._create_enqueuing(job_id, api_name, submission, dataset, extras)
             self.lifecycle.job_event(
                 job_id,
                 f"partitioning {len(item_list.items)} items found in job submission into "

@@ -53,8 +53,14 @@ class WorkerApi:
         api_spec = self.lifecycle.api_spec_for(job)
         parsed = spec.APISpec.model_validate(api_spec)
         ready = self.preparation.ready(job.spec_id, parsed)
+        job_spec = views.job_spec_json(job, api_spec)
+        if job.status is JobStatus.ENQUEUING and job.dataset and "batches" in job.dataset:
+            # An item list whose batches are being written while its workers start (faster
+            # than a commit, forked): their predictors get the final count, as in Cortex,
+            # where workers start once every batch is enqueued.
+            job_spec["total_batch_count"] = job.dataset["batches"]
         return {
-            "job_spec": views.job_spec_json(job, api_spec),
+            "job_spec": job_spec,
             "api_spec": api_spec,
             # The models to load: where the server fetched them, or in the project folder.
             "models": ready.models

@@ -189,9 +189,17 @@ def test_a_server_killed_mid_job_picks_up_where_it_left(own_server: Server, tmp_
         wait_for(lambda: len(_attempts(api, job_id)) >= 3, 20, "batches to start")
         # The pool has room for both (and one more): they start together, no slow start.
         wait_for(lambda: len(own_server.worker_processes(job_id)) == 2, 20, "both workers")
+    # Forked by the server's fork server (ready long before the job), in sessions of their own.
+    workers = own_server.worker_processes(job_id)
+    [fork_server] = {worker.parent() for worker in workers}
+    assert fork_server is not None and "cortex.worker.forkserver" in fork_server.cmdline()
+    assert all(os.getsid(worker.pid) == worker.pid for worker in workers)
 
     own_server.process.send_signal(signal.SIGKILL)
     own_server.process.wait()
+    # The fork server ends with the server (end of file on its stdin); its workers do not.
+    fork_server.wait(10)
+    assert all(worker.is_running() for worker in workers)
     port = int(own_server.url.rsplit(":", 1)[1])
     restarted = start_server(own_server.data_dir, port=port)
     own_server.process = restarted.process  # so the fixture stops the new one

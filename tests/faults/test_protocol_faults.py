@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from cortex.client import Client
 from cortex.jobs import WorkerState
+from cortex.launchers.local import worker_environ
 from cortex.store import Store, WorkerRecord, schema
 from faultproxy import Fault, FaultProxy
 from helpers import (
@@ -329,7 +330,7 @@ def test_an_exit_is_not_lost_when_the_store_fails_while_it_is_recorded(
         out = api.out / job_id
         wait_for(lambda: len(_lines(out / "attempts.log")) >= 2, 20, "batches to start")
         victim = own_stack.server.worker_processes(job_id)[0]
-        victim_id = victim.environ()["CORTEX_WORKER_ID"]
+        victim_id = worker_environ(victim)["CORTEX_WORKER_ID"]
         _fail_worker_ends(own_stack, on=True)
         try:
             os.killpg(victim.pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from cortex.client import Client
+from cortex.launchers.local import worker_environ
 from helpers import (
     FIXTURES,
     Server,
@@ -177,7 +178,11 @@ def test_delete_stops_jobs_and_removes_the_api(
     # Deleting the API stopped its other job's workers too.
     wait_for(
         lambda: (
-            not [p for p in server.worker_processes() if p.environ().get("CORTEX_JOB_ID") == second]
+            not [
+                p
+                for p in server.worker_processes()
+                if worker_environ(p).get("CORTEX_JOB_ID") == second
+            ]
         ),
         5,
         "the deleted API's workers to stop",

@@ -66,7 +66,8 @@ def test_a_jobs_workers_are_listed(server: Server, client: Client, tmp_path: Pat
     job_id = client.submit(api.name, body)["job_id"]
     status = wait_for_status(client, api.name, job_id)
     assert status["status"] == "status_succeeded"
-    assert status["dataset"] == {"kind": "item_list"}  # additive: what was submitted
+    # Additive: what was submitted (an item list: its number of batches, not its items).
+    assert status["dataset"] == {"kind": "item_list", "batches": 4}
 
     def exited() -> dict[str, Any] | None:
         # The job ends with its last batch; its workers exit a moment later.

@@ -433,3 +433,52 @@ def test_a_running_job_keeps_its_environment_while_a_new_version_replaces_it(
             assert report["versions"]["humanize"][0] == "4.10.0"
     finally:
         stop_server(srv)
+
+
+def _forked_report(client: Client, tmp_path: Path, api: str) -> dict[str, Any] | None:
+    """Run a one-batch job; its worker's report if a fork server started the worker (an
+    environment's fork server starts with its first worker, a new interpreter)."""
+    job_id = run_job(client, api, [1])["job_id"]
+    [report] = [r for r in reports(tmp_path, api) if r["job_id"] == job_id]
+    return report if "cortex.worker.forkserver" in report["parent"] else None
+
+
+@pytest.mark.parametrize(
+    "requirements", [None, "humanize==4.9.0\n"], ids=["server-interpreter", "environment"]
+)
+def test_forked_workers_run_in_their_interpreter_with_their_own_variables(
+    client: Client, tmp_path: Path, requirements: str | None
+) -> None:
+    name = "forked-env" if requirements else "forked-plain"
+    folder = make_project(
+        tmp_path,
+        name,
+        requirements=requirements,
+        dotenv="GREETING=hello\n",
+        env={"FROM_YAML": "yes"},
+        config={
+            "vars": ["GREETING", "FROM_YAML", "CORTEX_JOB_ID", "CORTEX_WORKER_ID"],
+            "modules": ["humanize"],
+        },
+    )
+    deploy(client, folder)
+    forked = [
+        wait_for(lambda: _forked_report(client, tmp_path, name), 90, "a forked worker")
+        for _ in range(2)
+    ]
+    for report in forked:
+        # The fork server runs the interpreter the worker would have been started with.
+        assert report["parent"][0] == report["executable"]
+        assert report["vars"]["GREETING"] == "hello"
+        assert report["vars"]["FROM_YAML"] == "yes"
+        assert report["vars"]["CORTEX_JOB_ID"] == report["job_id"]
+        if requirements:
+            assert report["versions"]["humanize"][0] == "4.9.0"
+            assert report["server_modules"] == []
+            assert Path(report["prefix"]) != Path(sys.prefix)
+        else:
+            assert report["versions"]["humanize"][0] is None  # not in the server's interpreter
+            assert Path(report["prefix"]) == Path(sys.prefix)
+    # Each worker has its own variables, not the first one's nor its fork server's.
+    assert forked[0]["vars"]["CORTEX_WORKER_ID"] != forked[1]["vars"]["CORTEX_WORKER_ID"]
+    assert all(report["vars"]["CORTEX_WORKER_ID"] for report in forked)

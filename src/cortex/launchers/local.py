@@ -6,6 +6,14 @@ limit is killed with its whole session and reported as out of memory. A kernel c
 exact; this needs no privileges and works on any machine. The limit travels in the worker's
 environment, so a server restarted mid-job enforces it on the workers it adopts.
 
+Each worker interpreter (the server's own, and each API environment's) has a fork server
+(`cortex.worker.forkserver`, `cortex.launchers.forked`) that has imported the worker's modules
+and forks a worker in milliseconds, where a new interpreter takes 100-200 ms to poll for
+batches. The server's is started with the launcher; an environment's with its first worker,
+which is started the old way (`subprocess.Popen`) while it gets ready, as is any worker when
+a fork server is gone or fails. A forked worker is its own session as a Popen'd one is, and
+outlives the server as one does.
+
 `compute.gpu: N` gives each worker N devices of its own through `CUDA_VISIBLE_DEVICES`, taken
 from the server's GPUs (`cortex.gpus`) and given back when the worker's exit is seen; a worker
 of an API without GPUs sees none (`CUDA_VISIBLE_DEVICES=""`) where the server has some.
@@ -14,6 +22,7 @@ of an API without GPUs sees none (`CUDA_VISIBLE_DEVICES=""`) where the server ha
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -21,11 +30,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
 from cortex import capacity, gpus
 from cortex.launchers.base import WorkerExit, WorkerLaunch
+from cortex.launchers.forked import ForkServer
+from cortex.worker import forkserver
+
+log = logging.getLogger("cortex")
 
 # The worker's memory limit in its environment, for a later server that adopts it.
 _MEM_LIMIT_ENV = "CORTEX_MEM_LIMIT_BYTES"
@@ -34,9 +48,12 @@ _MEM_LIMIT_ENV = "CORTEX_MEM_LIMIT_BYTES"
 @dataclass
 class _Proc:
     job_id: str
+    worker_id: str
     popen: subprocess.Popen[bytes] | None
     pid: int
     mem_limit_bytes: int | None = None
+    # The fork server that started it, which reports its exit.
+    forked: ForkServer | None = None
     oom_detail: str = ""
     # Set once the process is seen to have ended (it is reaped then, so its pid is no longer
     # ours to signal); handed over by `poll` until acknowledged.
@@ -44,13 +61,21 @@ class _Proc:
 
 
 class LocalLauncher:
-    def __init__(self, devices: tuple[str, ...] = ()) -> None:
+    def __init__(self, devices: tuple[str, ...] = (), fork_servers: bool = True) -> None:
         self._procs: dict[str, _Proc] = {}
         self._lock = threading.Lock()
+        # By interpreter and worker modules folder (None: the server's own).
+        self._fork_servers: dict[tuple[str, Path | None], ForkServer] = {}
+        self._use_fork_servers = fork_servers
+        self._fork_lock = threading.Lock()
+        self._warned = False
         self.gpus = gpus.Pool(devices)
         # This machine's size, read once (a submission asks for it, and reading the memory
         # size from /proc costs milliseconds on a busy server).
         self._capacity = capacity.local({}, len(self.gpus.devices))
+        if fork_servers:
+            # It imports the worker's modules while the server starts.
+            self._fork_server_for(None)
 
     # This machine does not grow: a worker that does not fit it never will.
     fixed_capacity = True
@@ -74,18 +99,72 @@ class LocalLauncher:
         elif self.gpus.devices:
             env["CUDA_VISIBLE_DEVICES"] = ""
         try:
-            popen = self._popen(launch, env)
+            launch.log_path.parent.mkdir(parents=True, exist_ok=True)
+            proc = self._fork(launch, env)
+            if proc is None:
+                popen = self._popen(launch, env)
+                proc = _Proc(launch.job_id, launch.worker_id, popen, popen.pid)
         except BaseException:
             self.gpus.release(launch.worker_id)
             raise
+        proc.mem_limit_bytes = launch.compute.mem_bytes
         with self._lock:
-            self._procs[launch.worker_id] = _Proc(
-                launch.job_id, popen, popen.pid, launch.compute.mem_bytes
-            )
-        return popen.pid
+            self._procs[launch.worker_id] = proc
+        return proc.pid
+
+    def fork_server_ready(self, timeout_s: float = 0.0) -> bool:
+        """Whether the server interpreter's fork server is ready to start workers (waiting up
+        to `timeout_s` for it)."""
+        server = self._fork_servers.get((sys.executable, None))
+        return server is not None and server.wait_ready(timeout_s)
+
+    def _fork(self, launch: WorkerLaunch, env: dict[str, str]) -> _Proc | None:
+        """The worker forked by its interpreter's fork server; None where it cannot be."""
+        if not self._use_fork_servers:
+            return None
+        server, new = self._fork_server_for(launch)
+        if server is None or new:
+            return None  # this one starts the old way while the fork server gets ready
+        if server.dead:
+            self._warn(f"its fork server {server.python} has exited")
+            return None
+        if not server.usable(env):
+            return None  # not ready yet, or variables an interpreter reads as it starts
+        try:
+            pid = server.fork(launch.worker_id, env, launch.project_dir, launch.log_path)
+        except OSError as err:
+            self._warn(f"its fork server {server.python} failed: {err}")
+            return None
+        return _Proc(launch.job_id, launch.worker_id, None, pid, forked=server)
+
+    def _fork_server_for(self, launch: WorkerLaunch | None) -> tuple[ForkServer | None, bool]:
+        """The fork server of a worker's interpreter (None: the server's own), and whether it
+        was started just now. It runs with what every worker of that interpreter shares."""
+        python = sys.executable if launch is None else python_for(launch)
+        key = (python, None if launch is None else launch.runtime_dir)
+        with self._fork_lock:
+            server = self._fork_servers.get(key)
+            if server is not None:
+                return server, False
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env.pop("PYTHONPATH", None)  # each worker has its own
+            if launch is not None and launch.env_dir is not None:
+                # The environment's variables; its PYTHONPATH: the worker's modules only.
+                env.update(environment_variables(launch, env))
+                env.pop("PYTHONHOME", None)
+            try:
+                server = self._fork_servers[key] = ForkServer(python, env)
+            except OSError as err:
+                self._warn(f"its fork server {python} cannot start: {err}")
+                return None, True
+            return server, True
+
+    def _warn(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("a worker is started as a new interpreter: %s", why)
 
     def _popen(self, launch: WorkerLaunch, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        launch.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(launch.log_path, "ab") as log_file:
             return subprocess.Popen(
                 [python_for(launch), "-m", "cortex.worker"],
@@ -112,7 +191,7 @@ class LocalLauncher:
             ours = any("cortex.worker" in part for part in proc.cmdline())
             if not ours or proc.status() == psutil.STATUS_ZOMBIE:
                 return False
-            environ = proc.environ()
+            environ = worker_environ(proc)
             if environ.get("CORTEX_WORKER_ID") != worker_id:
                 return False
         except (psutil.Error, OSError):
@@ -120,7 +199,9 @@ class LocalLauncher:
         self.gpus.hold(worker_id, gpus.parse(environ.get("CUDA_VISIBLE_DEVICES", "")))
         limit = environ.get(_MEM_LIMIT_ENV, "")
         with self._lock:
-            self._procs[worker_id] = _Proc(job_id, None, pid, int(limit) if limit else None)
+            self._procs[worker_id] = _Proc(
+                job_id, worker_id, None, pid, int(limit) if limit else None
+            )
         return True
 
     def poll(self) -> list[WorkerExit]:
@@ -136,10 +217,12 @@ class LocalLauncher:
                     code = proc.popen.poll()
                     if code is None:
                         continue
-                elif _alive(proc.pid):
+                elif proc.forked is not None and _reaped(proc):
+                    code = proc.forked.exit_code(worker_id)[1]
+                elif (proc.forked is not None and not proc.forked.dead) or _alive(proc.pid):
                     continue
                 else:
-                    code = None
+                    code = None  # its fork server is gone, as is its exit code
                 proc.exit = WorkerExit(
                     proc.job_id, worker_id, code, oom=bool(proc.oom_detail), detail=proc.oom_detail
                 )
@@ -154,6 +237,8 @@ class LocalLauncher:
             proc = self._procs.get(worker_id)
             if proc is not None and proc.exit is not None:
                 del self._procs[worker_id]
+                if proc.forked is not None:
+                    proc.forked.forget(worker_id)
 
     def job_ids(self) -> set[str]:
         with self._lock:
@@ -177,6 +262,15 @@ class LocalLauncher:
             procs = [p for p in self._procs.values() if p.exit is None]
         _stop(procs, grace_s)
         self.poll()
+        for server in self._fork_servers.values():
+            server.close()
+
+
+def worker_environ(proc: psutil.Process) -> dict[str, str]:
+    """A worker process's variables: a forked worker's own (its `/proc/<pid>/environ` is its
+    fork server's), or those it was started with."""
+    forked = forkserver.environ_of(proc.pid)
+    return forked if forked is not None else proc.environ()
 
 
 def python_for(launch: WorkerLaunch) -> str:
@@ -234,7 +328,7 @@ def _find_worker(worker_id: str) -> int | None:
             if (
                 proc.status() != psutil.STATUS_ZOMBIE
                 and any("cortex.worker" in part for part in proc.cmdline())
-                and proc.environ().get("CORTEX_WORKER_ID") == worker_id
+                and worker_environ(proc).get("CORTEX_WORKER_ID") == worker_id
             ):
                 return int(proc.pid)
         except psutil.Error:
@@ -254,25 +348,39 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
+def _reaped(proc: _Proc) -> bool:
+    """A forked worker whose exit its fork server reported: its pid may be another's now."""
+    return proc.forked is not None and proc.forked.exit_code(proc.worker_id)[0]
+
+
+def _wait(proc: _Proc, timeout_s: float) -> None:
+    try:
+        if proc.popen is not None:
+            proc.popen.wait(timeout_s)
+        elif proc.forked is not None and not proc.forked.dead:
+            proc.forked.wait_exit(proc.worker_id, timeout_s)
+        else:
+            psutil.Process(proc.pid).wait(timeout_s)
+    except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+        pass
+    except psutil.Error:
+        pass
+
+
 def _stop(procs: list[_Proc], grace_s: float) -> None:
     for proc in procs:
-        _signal_group(proc.pid, signal.SIGTERM)
+        if not _reaped(proc):
+            _signal_group(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for proc in procs:
-        remaining = max(0.0, deadline - time.monotonic())
-        try:
-            if proc.popen is not None:
-                proc.popen.wait(remaining)
-            else:
-                psutil.Process(proc.pid).wait(remaining)
-        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
-            pass
-        except psutil.Error:
-            pass
+        _wait(proc, max(0.0, deadline - time.monotonic()))
     # Whatever is left in the worker's session, the worker included, is killed: a predictor's
     # own child processes must not outlive the job.
     for proc in procs:
-        _signal_group(proc.pid, signal.SIGKILL)
+        if not _reaped(proc):
+            _signal_group(proc.pid, signal.SIGKILL)
     for proc in procs:
         if proc.popen is not None:
             proc.popen.wait()
+        elif proc.forked is not None:
+            _wait(proc, 5.0)
