@@ -54,7 +54,7 @@ class Settings:
     # leader's to watch). A dead leader is replaced within about this time.
     leader_lease_s: float = 5.0
     # Most batches one lease request may take.
-    max_lease_batches: int = 256
+    max_lease_batches: int = 1024
     # Most workers one job may ask for: a typo must not start a thousand processes.
     max_workers: int = 64
     # Job logs are kept this long after a job ends, and at most this many lines per job (the

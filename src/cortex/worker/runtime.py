@@ -27,8 +27,10 @@ log = logging.getLogger("cortex")
 
 # Lease enough batches for about this much work per request: many cheap batches travel
 # together, while long batches go one at a time so idle workers are not starved at the end.
+# At most 1024 a request (each lease and report has a fixed cost on the server: W1, 2,000
+# trivial batches, took 0.31-0.32 s with 256, 0.25-0.27 s with 1024).
 _PREFETCH_WORK_S = 0.1
-_MAX_PREFETCH = 256
+_MAX_PREFETCH = 1024
 _PREFETCH_BYTES = 4 << 20
 _IDLE_POLL_MAX_S = 0.25
 
