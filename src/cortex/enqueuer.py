@@ -23,10 +23,6 @@ from cortex.store import Job, Store
 CHUNK_BATCHES = 1000
 CHUNK_BYTES = 16 << 20
 FLUSH_S = 0.5
-# The first chunk is smaller: workers that start in milliseconds (forked) lease from it while
-# the rest is written, instead of waiting for a whole chunk (W3: 76 batches of 220 kB, 30 ms).
-FIRST_CHUNK_BATCHES = 256
-FIRST_CHUNK_BYTES = 1 << 20
 
 NO_DATA = "unable to enqueue batches because no data was found; check the files with dryRun=true"
 
@@ -86,8 +82,6 @@ def write(
     sizes: list[int] = []
     chunk_items = chunk_bytes = 0
     last_flush = time.monotonic()
-    most_batches = min(chunk_batches, FIRST_CHUNK_BATCHES)
-    most_bytes = FIRST_CHUNK_BYTES
     for batch in batches:
         payload, count = batch[0], batch[1]
         chunk.append(payload)
@@ -95,8 +89,8 @@ def write(
         chunk_items += count
         chunk_bytes += len(payload)
         if (
-            len(chunk) >= most_batches
-            or chunk_bytes >= most_bytes
+            len(chunk) >= chunk_batches
+            or chunk_bytes >= CHUNK_BYTES
             or time.monotonic() - last_flush >= FLUSH_S
         ):
             written = store.append_batches(job_id, chunk, chunk_items, owner, sizes)
@@ -105,7 +99,6 @@ def write(
             on_chunk(written)
             chunk, sizes, chunk_items, chunk_bytes = [], [], 0, 0
             last_flush = time.monotonic()
-            most_batches, most_bytes = chunk_batches, CHUNK_BYTES
     if chunk:
         written = store.append_batches(job_id, chunk, chunk_items, owner, sizes)
         if written is None:
