@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from cortex.client import Client
+from cortex.launchers.local import worker_environ
 from helpers import Server, deploy_fixture, wait_for
 
 
@@ -249,7 +250,7 @@ def test_a_worker_token_kept_in_memory_is_still_checked(
 
     def token() -> str | None:
         for worker in server.worker_processes(job_id):
-            return str(worker.environ()["CORTEX_WORKER_TOKEN"])
+            return worker_environ(worker)["CORTEX_WORKER_TOKEN"]
         return None
 
     right = {"Authorization": f"Bearer {wait_for(token, what='a worker of the job')}"}
@@ -260,6 +261,40 @@ def test_a_worker_token_kept_in_memory_is_still_checked(
     _error(http.get(path), 401, "auth.unauthorized")
     client.delete(api_name)  # stops the job, then deletes it with its API
     _error(http.get(path, headers=right), 403, "auth.forbidden")
+
+
+def test_a_lease_with_a_bad_body_is_refused_with_what_is_wrong(
+    http: httpx.Client, client: Client, server: Server, api_name: str
+) -> None:
+    """The lease route parses its body itself (in the thread pool): bad bodies still get a
+    400 that says what is wrong, and change nothing."""
+    job_id = client.submit(api_name, _body([{"sleep": 0.2}] * 20))["job_id"]
+
+    def token() -> str | None:
+        for worker in server.worker_processes(job_id):
+            return worker_environ(worker)["CORTEX_WORKER_TOKEN"]
+        return None
+
+    right = {"Authorization": f"Bearer {wait_for(token, what='a worker of the job')}"}
+    path = f"/worker/v1/jobs/{job_id}/lease"
+    worker = f"{job_id}-0"
+    bad = [
+        (b"{not json", "json"),
+        (json.dumps({"max_batches": 1}).encode(), "worker_id"),
+        (json.dumps({"worker_id": worker, "max_batches": "many"}).encode(), "max_batches"),
+        (json.dumps({"worker_id": worker, "results": [{"ok": True}]}).encode(), "results.0"),
+        (json.dumps({"worker_id": worker, "seq": -1}).encode(), "seq"),
+    ]
+    for content, named in bad:
+        message = _error(http.post(path, content=content, headers=right), 400, "request.invalid")
+        assert named in message.lower(), message
+    # Another job's worker id is refused as before.
+    _error(
+        http.post(path, json={"worker_id": "other-0", "max_batches": 1}, headers=right),
+        403,
+        "auth.forbidden",
+    )
+    assert client.wait(api_name, job_id, timeout=60)["status"] == "status_succeeded"
 
 
 def test_worker_api_requires_the_jobs_own_token(
