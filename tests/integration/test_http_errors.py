@@ -241,6 +241,17 @@ def test_deploy_refuses_bad_specs_and_archives(http: httpx.Client) -> None:
     _error(http.post("/deploy"), 400, "request.invalid")
 
 
+def _worker_token(server: Server, job_id: str) -> str:
+    """The worker token of a job, as its first worker process was given it."""
+
+    def token() -> str | None:
+        for worker in server.worker_processes(job_id):
+            return worker_environ(worker)["CORTEX_WORKER_TOKEN"]
+        return None
+
+    return wait_for(token, what="a worker of the job")
+
+
 def test_a_worker_token_kept_in_memory_is_still_checked(
     http: httpx.Client, client: Client, server: Server, api_name: str
 ) -> None:
@@ -248,12 +259,7 @@ def test_a_worker_token_kept_in_memory_is_still_checked(
     refused, and so is the right one once the job has been deleted."""
     job_id = client.submit(api_name, _body([{"sleep": 0.2}] * 50))["job_id"]
 
-    def token() -> str | None:
-        for worker in server.worker_processes(job_id):
-            return worker_environ(worker)["CORTEX_WORKER_TOKEN"]
-        return None
-
-    right = {"Authorization": f"Bearer {wait_for(token, what='a worker of the job')}"}
+    right = {"Authorization": f"Bearer {_worker_token(server, job_id)}"}
     path = f"/worker/v1/jobs/{job_id}/spec"
     assert http.get(path, headers=right).json()["job_spec"]["job_id"] == job_id
     assert http.get(path, headers=right).status_code == 200
@@ -270,12 +276,7 @@ def test_a_lease_with_a_bad_body_is_refused_with_what_is_wrong(
     400 that says what is wrong, and change nothing."""
     job_id = client.submit(api_name, _body([{"sleep": 0.2}] * 20))["job_id"]
 
-    def token() -> str | None:
-        for worker in server.worker_processes(job_id):
-            return worker_environ(worker)["CORTEX_WORKER_TOKEN"]
-        return None
-
-    right = {"Authorization": f"Bearer {wait_for(token, what='a worker of the job')}"}
+    right = {"Authorization": f"Bearer {_worker_token(server, job_id)}"}
     path = f"/worker/v1/jobs/{job_id}/lease"
     worker = f"{job_id}-0"
     bad = [
