@@ -274,7 +274,7 @@ def test_a_lease_with_a_bad_body_is_refused_with_what_is_wrong(
 ) -> None:
     """The lease route parses its body itself (in the thread pool): bad bodies still get a
     400 that says what is wrong, and change nothing."""
-    job_id = client.submit(api_name, _body([{"sleep": 0.2}] * 20))["job_id"]
+    job_id = client.submit(api_name, _body([{"sleep": 0.2}] * 8))["job_id"]
 
     right = {"Authorization": f"Bearer {_worker_token(server, job_id)}"}
     path = f"/worker/v1/jobs/{job_id}/lease"
