@@ -20,7 +20,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketState
 
 from cortex import errors, launchers, replicas
-from cortex.api import logs, metrics, public, results, ui, worker
+from cortex.api import body, logs, metrics, public, results, ui, worker
 from cortex.api.auth import Gate
 from cortex.reconciler import Reconciler
 from cortex.service import Service
@@ -84,9 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def validation_error(
         conn: HTTPConnection, err: ValidationException
     ) -> JSONResponse | None:
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid request')}".strip(": ")
+        message = body.validation_message(err.errors())
         return await _reply(conn, {"kind": errors.InvalidRequest.kind, "message": message}, 400)
 
     @app.exception_handler(StarletteHTTPException)

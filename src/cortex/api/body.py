@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
@@ -43,3 +44,11 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         return exactjson.loads(body, scan)
     except ValueError as err:
         raise errors.InvalidRequest(f"the request body is not valid JSON: {err}") from None
+
+
+def validation_message(problems: Sequence[Any]) -> str:
+    """A body's first problem (pydantic's `errors()`), as every 400 for a bad body says it:
+    `where: what`, the path inside the body without FastAPI's leading "body"."""
+    first: Any = problems[0] if problems else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return f"{where}: {first.get('msg', 'invalid request')}".strip(": ")

@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from cortex import errors, exactjson
 from cortex.api import auth, deps
-from cortex.api.body import read_body
+from cortex.api.body import read_body, validation_message
 from cortex.api.metrics import Metrics, MetricsDep
 from cortex.jobs import WorkerState
 from cortex.service import Service
@@ -149,7 +149,7 @@ def _lease(raw: bytes, job: WorkerJob, service: Service, metrics: Metrics) -> Re
     try:
         body = LeaseBody.model_validate_json(raw)
     except pydantic.ValidationError as err:
-        raise errors.InvalidRequest(_first_error(err)) from None
+        raise errors.InvalidRequest(validation_message(err.errors())) from None
     _own_worker(job, body.worker_id)
     results = [r.record() for r in body.results]
     leased = service.workers.lease(
@@ -171,13 +171,6 @@ def _lease(raw: bytes, job: WorkerJob, service: Service, metrics: Metrics) -> Re
 
 
 _BOOL = {True: b"true", False: b"false"}
-
-
-def _first_error(err: pydantic.ValidationError) -> str:
-    """A body's first problem as the app's handler of FastAPI's validation errors says it."""
-    first: Any = err.errors()[0] if err.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()))
-    return f"{where}: {first.get('msg', 'invalid request')}".strip(": ")
 
 
 class PayloadBody(pydantic.BaseModel):
